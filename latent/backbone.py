@@ -1,0 +1,396 @@
+"""The shared diffusion backbone: a transformer read top to bottom in one file.
+
+Pre-norm blocks with RMSNorm, rotary positions (optionally NTK-scaled), grouped-query attention and a
+SwiGLU MLP. One forward denoises a token canvas (logits over the vocabulary) and, when `latent_dim` is
+set, a stream of continuous latents (a prediction in latent space), after optional prefix embeddings
+from modality adapters. The attention layout (bidirectional, causal, block_causal, prefix) is a config
+choice; docs/backbone-contract.md states the exact rules and the KV-cache semantics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+
+from .attention import BACKENDS, attention
+from .cache import KVCache
+from .masks import LAYOUTS, combine_masks, layout_mask
+
+
+@dataclass
+class BackboneOutput(BaseOutput):
+    logits: torch.Tensor | None = None  # [B, N, V] float32
+    latent_pred: torch.Tensor | None = None  # [B, M, C]
+    past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None  # [B, S, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; `rope_scaling={"type": "ntk", "factor": f}` stretches the base."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+        super().__init__()
+        if scaling:
+            if scaling.get("type", "ntk") != "ntk":
+                raise ValueError(f"rope_scaling type {scaling.get('type')!r} is unknown; use 'ntk'.")
+            # NTK-aware: raise the base so the lowest frequency spans `factor` times more positions.
+            theta = theta * float(scaling["factor"]) ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor):  # [B, S] -> cos, sin [B, 1, S, d]
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, backend: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.backend = backend
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cached: tuple | None, cache_position: int | None):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        new_kv = (k, v)
+        if cached is not None:
+            old_k, old_v = cached
+            if cache_position is None:
+                k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+            else:  # dual cache: fresh K/V of these slots replace the stale ones, in place
+                old_k[:, :, cache_position : cache_position + s] = k
+                old_v[:, :, cache_position : cache_position + s] = v
+                k, v = old_k, old_v
+            new_kv = (k, v)
+        y = attention(q, k, v, mask, self.backend)
+        return self.out(y.transpose(1, 2).reshape(b, s, -1)), new_kv
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, kv_heads, hidden, backend):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = Attention(dim, heads, kv_heads, backend)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x, cos, sin, mask, cached=None, cache_position=None):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, cached, cache_position)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of noise levels t in [0, 1] (any shape) -> [..., dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = t.float()[..., None] * 1000.0 * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class DiffusionTransformer(ModelMixin, ConfigMixin):
+    """Masked-diffusion (and optionally latent-diffusion) transformer. See docs/backbone-contract.md."""
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        num_kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+        mask_token_id: int = 0,
+        max_position_embeddings: int = 1024,
+        attention_layout: str = "bidirectional",
+        block_size: int = 32,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        latent_dim: int = 0,
+        attention_backend: str = "auto",
+        tie_word_embeddings: bool = True,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        kv_heads = num_kv_heads or num_heads
+        if hidden_size % num_heads or num_heads % kv_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) and num_heads by "
+                f"num_kv_heads ({kv_heads})."
+            )
+        if (hidden_size // num_heads) % 2:
+            raise ValueError(f"head size hidden_size/num_heads = {hidden_size // num_heads} must be even (rotary).")
+        if attention_layout not in LAYOUTS:
+            raise ValueError(f"attention_layout={attention_layout!r} is unknown; choose one of {LAYOUTS}.")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend={attention_backend!r} is unknown; choose one of {BACKENDS}.")
+        if not 0 <= mask_token_id < vocab_size:
+            raise ValueError(f"mask_token_id={mask_token_id} must be a token id in [0, vocab_size={vocab_size}).")
+        hidden = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
+
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.rotary = Rotary(hidden_size // num_heads, rope_theta, rope_scaling)
+        self.blocks = nn.ModuleList(
+            Block(hidden_size, num_heads, kv_heads, hidden, attention_backend) for _ in range(num_layers)
+        )
+        self.norm = RMSNorm(hidden_size, norm_eps)
+        # Tied output weights reuse the embedding (no second parameter: safetensors refuses shared storage).
+        self.lm_head = None if tie_word_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
+        if latent_dim:
+            self.latent_in = nn.Linear(latent_dim, hidden_size)
+            self.time_mlp = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
+            self.latent_out = nn.Linear(hidden_size, latent_dim)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style: residual projections shrink with depth
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * num_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- input assembly -------------------------------------------------------------------------
+    def _embed_inputs(self, input_ids, prefix_embeds, latents, timestep):
+        parts, cfg = [], self.config
+        if prefix_embeds is not None:
+            if prefix_embeds.ndim != 3 or prefix_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(
+                    f"prefix_embeds must be [B, P, hidden_size={cfg.hidden_size}], got {tuple(prefix_embeds.shape)}."
+                )
+            parts.append(prefix_embeds.to(self.embed.weight.dtype))
+        if input_ids is not None:
+            if input_ids.dtype != torch.long or input_ids.ndim != 2:
+                raise ValueError(
+                    f"input_ids must be a [B, N] int64 tensor, got dtype {input_ids.dtype} and shape "
+                    f"{tuple(input_ids.shape)}; use .long() and add a batch dimension."
+                )
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+                raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size}).")
+            parts.append(self.embed(input_ids))
+        if latents is not None:
+            if not cfg.latent_dim:
+                raise ValueError("latents were given but the model has latent_dim=0; set latent_dim in its config.")
+            if latents.ndim != 3 or latents.shape[-1] != cfg.latent_dim:
+                raise ValueError(f"latents must be [B, M, latent_dim={cfg.latent_dim}], got {tuple(latents.shape)}.")
+            if timestep is None:
+                raise ValueError("timestep is required with latents: a [B] or [B, M] noise level in [0, 1].")
+            t = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32)
+            t = t.expand(latents.shape[0]) if t.ndim == 0 else t
+            t = t[:, None].expand(-1, latents.shape[1]) if t.ndim == 1 else t
+            if t.shape != latents.shape[:2]:
+                raise ValueError(f"timestep must be [B] or [B, M]={tuple(latents.shape[:2])}, got {tuple(t.shape)}.")
+            temb = self.time_mlp(timestep_embedding(t, cfg.hidden_size).to(latents.dtype))
+            parts.append(self.latent_in(latents.to(self.latent_in.weight.dtype)) + temb.to(self.latent_in.weight.dtype))
+        if not parts:
+            raise ValueError("Give at least one of input_ids, prefix_embeds or latents.")
+        batch = {p.shape[0] for p in parts}
+        if len(batch) != 1:
+            raise ValueError(f"prefix_embeds, input_ids and latents disagree on batch size: {sorted(batch)}.")
+        return torch.cat(parts, dim=1)
+
+    def _positions(self, position_ids, slots, n_prefix, n_tokens, batch):
+        default = slots[None].expand(batch, -1)
+        if position_ids is None:
+            return default
+        if position_ids.ndim == 1:
+            position_ids = position_ids[None]
+        if position_ids.shape[-1] == slots.numel():
+            return position_ids.expand(batch, -1)
+        if position_ids.shape[-1] == n_tokens:
+            pos = default.clone()
+            pos[:, n_prefix : n_prefix + n_tokens] = position_ids
+            return pos
+        raise ValueError(
+            f"position_ids must be [B, {n_tokens}] (tokens) or [B, {slots.numel()}] (all new slots), "
+            f"got {tuple(position_ids.shape)}."
+        )
+
+    def _mask(self, attention_mask, query_slots, num_keys, batch, n_prefix, n_tokens, prefix_length, cache, cache_position):
+        cfg = self.config
+        n_new = query_slots.numel()
+        if attention_mask is not None and attention_mask.ndim == 4:
+            want = (num_keys, n_new)
+            if attention_mask.shape[-2:] != (n_new, num_keys) or attention_mask.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"A 4D attention_mask must be [B, 1, {want[1]}, {want[0]}] (queries x keys), "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+            if attention_mask.dtype == torch.bool:
+                return attention_mask, None
+            return attention_mask > -1e4, None  # additive float mask: 0 keeps, large negative drops
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
+                raise ValueError(
+                    f"attention_mask must be [B={batch}, {n_new}] (1 = keep) or 4D, got {tuple(attention_mask.shape)}."
+                )
+            keep = attention_mask.bool()
+            n_latent = n_new - n_prefix - n_tokens
+            # Accept a mask over all new slots, over prefix + tokens, or over the tokens alone;
+            # slots it does not cover (prefix embeddings, latents) are always valid.
+            if keep.shape[1] == n_tokens:
+                keep = torch.cat([keep.new_ones(batch, n_prefix), keep], dim=1)
+            if keep.shape[1] == n_prefix + n_tokens:
+                keep = torch.cat([keep, keep.new_ones(batch, n_latent)], dim=1)
+            if keep.shape[1] != n_new:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} slots; give [B, {n_tokens}] (tokens) or "
+                    f"[B, {n_new}] (prefix + tokens + latents)."
+                )
+        if cache is not None:
+            old = cache.key_mask
+            if keep is None:
+                keep = torch.ones(batch, n_new, dtype=torch.bool, device=query_slots.device)
+            if cache_position is None:
+                keep = torch.cat([old, keep], dim=1)
+            else:
+                old[:, cache_position : cache_position + n_new] = keep
+                keep = old
+        if prefix_length is None:
+            prefix_length = n_prefix
+        layout = layout_mask(cfg.attention_layout, query_slots, num_keys, batch, prefix_length, cfg.block_size)
+        return combine_masks(layout, keep, query_slots), keep
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        prefix_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        prefix_length: int | torch.Tensor | None = None,
+        cache_position: int | None = None,
+        return_dict: bool = True,
+        **unused,
+    ) -> BackboneOutput:
+        cfg = self.config
+        x = self._embed_inputs(input_ids, prefix_embeds, latents, timestep)
+        batch, n_new, _ = x.shape
+        n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+        n_tokens = 0 if input_ids is None else input_ids.shape[1]
+        cached = past_key_values.length if past_key_values is not None else 0
+        if past_key_values is not None and past_key_values.batch_size != batch:
+            raise ValueError(f"past_key_values hold {past_key_values.batch_size} rows; inputs have {batch}.")
+        if cache_position is not None:
+            if past_key_values is None or not 0 <= cache_position <= cached - n_new:
+                raise ValueError(
+                    f"cache_position={cache_position} needs past_key_values covering slots "
+                    f"[{cache_position}, {cache_position + n_new}); the cache has {cached}."
+                )
+            start, num_keys = cache_position, cached
+        else:
+            start, num_keys = cached, cached + n_new
+        if num_keys > cfg.max_position_embeddings:
+            raise ValueError(
+                f"The sequence has {num_keys} slots (cache + prefix + tokens + latents) but the model's context "
+                f"is max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or gen_length."
+            )
+        slots = torch.arange(start, start + n_new, device=x.device)
+        positions = self._positions(position_ids, slots, n_prefix, n_tokens, batch)
+        mask, key_mask = self._mask(
+            attention_mask, slots, num_keys, batch, n_prefix, n_tokens, prefix_length, past_key_values, cache_position
+        )
+        cos, sin = self.rotary(positions)
+
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+            if self.gradient_checkpointing and self.training:
+                x, (k, v) = torch.utils.checkpoint.checkpoint(
+                    block, x, cos, sin, mask, layer_cache, cache_position, use_reentrant=False
+                )
+            else:
+                x, (k, v) = block(x, cos, sin, mask, layer_cache, cache_position)
+            new_keys.append(k)
+            new_values.append(v)
+        h = self.norm(x)
+
+        logits = None
+        if n_tokens:
+            h_tok = h[:, n_prefix : n_prefix + n_tokens]
+            logits = (F.linear(h_tok, self.embed.weight) if self.lm_head is None else self.lm_head(h_tok)).float()
+        latent_pred = self.latent_out(h[:, n_prefix + n_tokens :]) if latents is not None else None
+        cache = None
+        if use_cache or cache_position is not None:
+            if key_mask is None:
+                key_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=x.device)
+            cache = KVCache(new_keys, new_values, key_mask)
+        out = BackboneOutput(logits=logits, latent_pred=latent_pred, past_key_values=cache, hidden_states=h)
+        return out if return_dict else out.to_tuple()
+
+    # ---- safe loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder of safetensors weights; pickled checkpoints are refused."""
+        path = os.fspath(pretrained_model_name_or_path)
+        sub = kwargs.get("subfolder") or ""
+        folder = os.path.join(path, sub)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder!r} is not a folder; give a directory written by save_pretrained().")
+        names = os.listdir(folder)
+        if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+            pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            hint = f" It holds pickled weights {pickled}, which are never loaded (they can run code)." if pickled else ""
+            raise ValueError(f"No safetensors weights in {folder!r}.{hint} Convert them to safetensors first.")
+        kwargs["use_safetensors"] = True
+        kwargs.setdefault("local_files_only", True)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:
+            if "safetensors" in str(err).lower() or "header" in str(err).lower():
+                raise ValueError(f"The safetensors weights in {folder!r} are corrupt or truncated: {err}") from err
+            raise
