@@ -1,0 +1,399 @@
+"""Training losses and likelihood bounds for masked (absorbing-state) diffusion language models.
+
+Every loss takes the model as a callable ``model(input_ids, attention_mask=..., position_ids=..., **kw)``
+returning an object with ``.logits`` ``[B, N, V]`` (a plain tensor is accepted too), so the same code
+drives :class:`latent.backbone.DiffusionTransformer`, a DDP/FSDP wrapper of it, or a toy model in a test.
+
+Randomness can be passed in explicitly: ``t`` (diffusion times) and ``noise`` (uniform numbers compared
+with the mask probability). The trainer draws both for the *global* batch from a generator seeded by
+the step, and each data-parallel rank slices its rows, so one process with the combined batch and N
+processes see exactly the same masks. Without them, ``generator`` (or the global RNG) is used.
+
+Objectives (reference: sampling-semantics.md §5):
+
+- :func:`masked_diffusion_loss` -- pre-training (LLaDA / MDLM): ``p = (1 - eps) t + eps``, each token
+  masked with probability ``p``, ``loss = sum_masked CE * w(p) / #tokens`` with ``w = 1 / p`` for the
+  linear schedule.
+- :func:`sft_loss` -- prompt never masked, each sample's loss divided by its answer length.
+- :func:`block_diffusion_loss` -- BD3-LM: noisy and clean copies in one forward under
+  :func:`block_diffusion_attention_mask`.
+- :func:`causal_lm_loss` -- next-token cross-entropy for the autoregressive baseline.
+- :func:`elbo_nll` / :func:`elbo_bits_per_token` -- Monte-Carlo estimate of the diffusion ELBO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latent.masks import block_diffusion_training_mask
+from latent.schedules import MaskingSchedule, get_schedule, sample_times
+
+__all__ = [
+    "LossOutput",
+    "ElboOutput",
+    "corrupt",
+    "masked_diffusion_loss",
+    "sft_loss",
+    "block_diffusion_attention_mask",
+    "block_diffusion_loss",
+    "causal_lm_loss",
+    "causal_nll",
+    "elbo_nll",
+    "elbo_bits_per_token",
+]
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class LossOutput:
+    """``loss``: scalar to back-propagate. ``num_tokens``: tokens in the denominator (for logging
+    throughput). ``num_masked``: tokens that received a cross-entropy term."""
+
+    loss: torch.Tensor
+    num_tokens: int
+    num_masked: int
+
+
+@dataclass
+class ElboOutput:
+    """``nll``: per-sequence negative log-likelihood bound in nats ``[B]``; ``num_tokens``: scored
+    tokens per sequence ``[B]``; ``bits_per_token``: ``sum nll / (sum num_tokens * ln 2)``."""
+
+    nll: torch.Tensor
+    num_tokens: torch.Tensor
+    bits_per_token: float
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must be a [B, N] padding mask like input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool()
+
+
+def _uniform(shape, generator, device) -> torch.Tensor:
+    # Drawn on the generator's device (CPU by default) so results do not depend on the accelerator.
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def corrupt(
+    input_ids: torch.Tensor,
+    mask_prob: torch.Tensor,
+    mask_token_id: int,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    maskable: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward process: replace each token by ``mask_token_id`` with probability ``mask_prob``.
+
+    ``mask_prob`` is ``[B]`` (one level per row) or ``[B, N]`` (per token). A token is masked when
+    ``noise < mask_prob`` and ``maskable`` allows it. Returns ``(noisy_ids, masked)``.
+    """
+    if mask_prob.dim() == 1:
+        mask_prob = mask_prob[:, None]
+    if noise is None:
+        noise = _uniform(input_ids.shape, generator, input_ids.device)
+    masked = noise.to(input_ids.device) < mask_prob.to(input_ids.device)
+    if maskable is not None:
+        masked = masked & maskable
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, masked
+
+
+def _times(t, shape, generator, low_discrepancy, device) -> torch.Tensor:
+    if t is not None:
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        if t.shape != torch.Size(shape):
+            raise ValueError(f"t must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        return t
+    n = math.prod(shape)
+    return sample_times(n, generator=generator, low_discrepancy=low_discrepancy).reshape(shape).to(device)
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) at the masked positions only, as a flat vector in ``masked``'s order."""
+    return F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+
+
+def masked_diffusion_loss(
+    model,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    schedule: str | MaskingSchedule = "linear",
+    eps: float = 1e-3,
+    attention_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    low_discrepancy: bool = True,
+    **model_kwargs,
+) -> LossOutput:
+    """Masked-diffusion pre-training loss (LLaDA / MDLM).
+
+    ``t ~ U(0, 1)`` per row (stratified across the batch), ``s = (1 - eps) t + eps``, each valid
+    token masked with probability ``mask_prob(s)``; the loss is ``sum_masked CE * weight(s)`` divided
+    by the number of valid tokens. With the linear schedule, ``mask_prob(s) = s = p`` and the weight is
+    ``1 / p``. Padding (``attention_mask == 0``) is never masked and not counted.
+    """
+    sched = get_schedule(schedule)
+    B, N = input_ids.shape
+    valid = _valid_mask(input_ids, attention_mask)
+    t = _times(t, (B,), generator, low_discrepancy, input_ids.device)
+    s = (1.0 - eps) * t + eps
+    noisy, masked = corrupt(input_ids, sched.mask_prob(s), mask_token_id, noise, generator, maskable=valid)
+    logits = _logits(model(noisy, attention_mask=attention_mask, **model_kwargs))
+    ce = _masked_ce(logits, input_ids, masked)
+    w = sched.weight(s)[:, None].expand(B, N)[masked]
+    num_tokens = int(valid.sum())
+    loss = (ce * w).sum() / max(num_tokens, 1)
+    return LossOutput(loss, num_tokens, int(masked.sum()))
+
+
+def sft_loss(
+    model,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    prompt_mask: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    schedule: str | MaskingSchedule = "linear",
+    eps: float = 1e-3,
+    attention_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    low_discrepancy: bool = True,
+    **model_kwargs,
+) -> LossOutput:
+    """Supervised fine-tuning loss on prompt/answer pairs (LLaDA SFT).
+
+    The prompt (``prompt_mask`` True, or the first ``prompt_lengths[b]`` tokens) is never masked.
+    Answers are expected to be padded with EOS up to the full length (see
+    :func:`latent.data.sft.collate_sft`), so the model learns to stop; those EOS tokens are part of
+    the answer. Each masked answer token contributes ``CE * weight(s)``; a row's sum is divided by its
+    answer length and the result is averaged over rows.
+    """
+    sched = get_schedule(schedule)
+    B, N = input_ids.shape
+    if (prompt_mask is None) == (prompt_lengths is None):
+        raise ValueError("pass exactly one of prompt_mask [B, N] and prompt_lengths [B]")
+    if prompt_mask is None:
+        prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
+        prompt_mask = torch.arange(N, device=input_ids.device)[None, :] < prompt_lengths[:, None]
+    prompt_mask = prompt_mask.bool()
+    valid = _valid_mask(input_ids, attention_mask)
+    answer = valid & ~prompt_mask
+    answer_len = answer.sum(1).clamp(min=1).float()
+    t = _times(t, (B,), generator, low_discrepancy, input_ids.device)
+    s = (1.0 - eps) * t + eps
+    noisy, masked = corrupt(input_ids, sched.mask_prob(s), mask_token_id, noise, generator, maskable=answer)
+    logits = _logits(model(noisy, attention_mask=attention_mask, **model_kwargs))
+    ce = _masked_ce(logits, input_ids, masked)
+    w = (sched.weight(s)[:, None] / answer_len[:, None]).expand(B, N)[masked]
+    loss = (ce * w).sum() / B
+    return LossOutput(loss, int(answer.sum()), int(masked.sum()))
+
+
+def block_diffusion_attention_mask(
+    seq_len: int,
+    block_size: int,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, 2N, 2N]`` mask (True = attend) for BD3-LM training in one forward.
+
+    Slots ``0..N-1`` hold the noisy sequence, ``N..2N-1`` the clean one; ``block(i) = (i mod N) //
+    block_size``. A noisy query of block b sees the noisy keys of block b and the clean keys of blocks
+    < b; a clean query of block b sees the clean keys of blocks <= b and no noisy key. An optional
+    ``[B, N]`` padding mask removes pad keys in both halves (a pad query then attends to itself).
+    """
+    allowed = block_diffusion_training_mask(seq_len, block_size, device=device)
+    if attention_mask is not None:
+        keep = attention_mask.bool().to(allowed.device)
+        keys = torch.cat([keep, keep], dim=1)  # [B, 2N]
+        # a pad query attends to itself, so no row is empty (no NaN); real queries are unaffected
+        eye = torch.eye(2 * seq_len, dtype=torch.bool, device=allowed.device)
+        allowed = (allowed & keys[:, None, None, :]) | eye
+    return allowed
+
+
+def block_diffusion_loss(
+    model,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    block_size: int,
+    schedule: str | MaskingSchedule = "linear",
+    eps: float = 1e-3,
+    attention_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    low_discrepancy: bool = True,
+    per_block_t: bool = True,
+    **model_kwargs,
+) -> LossOutput:
+    """Block-diffusion (BD3-LM) loss for the ``block_causal`` layout, in a single forward pass.
+
+    The model sees ``[noisy | clean]`` (length 2N) with :func:`block_diffusion_attention_mask` and the
+    rotary positions ``[0..N-1, 0..N-1]``, so every noisy block is denoised given the clean blocks
+    before it -- exactly what block-wise sampling with a KV cache of finished blocks sees. Each block
+    gets its own time ``t`` (``per_block_t``; shape ``[B, N // block_size]``, stratified across all
+    blocks of the batch) or each row one time (shape ``[B]``). Loss as in
+    :func:`masked_diffusion_loss`, over the noisy half's logits.
+    """
+    sched = get_schedule(schedule)
+    B, N = input_ids.shape
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    nb = -(-N // block_size)
+    valid = _valid_mask(input_ids, attention_mask)
+    t = _times(t, (B, nb) if per_block_t else (B,), generator, low_discrepancy, input_ids.device)
+    s = (1.0 - eps) * t + eps
+    if per_block_t:
+        s_tok = s.repeat_interleave(block_size, dim=1)[:, :N]
+    else:
+        s_tok = s[:, None].expand(B, N)
+    noisy, masked = corrupt(input_ids, sched.mask_prob(s_tok), mask_token_id, noise, generator, maskable=valid)
+    x = torch.cat([noisy, input_ids], dim=1)
+    pos = torch.arange(N, device=input_ids.device).repeat(2)[None, :].expand(B, 2 * N)
+    mask4d = block_diffusion_attention_mask(N, block_size, attention_mask, device=input_ids.device)
+    logits = _logits(model(x, attention_mask=mask4d, position_ids=pos, **model_kwargs))[:, :N]
+    ce = _masked_ce(logits, input_ids, masked)
+    w = sched.weight(s_tok)[masked]
+    num_tokens = int(valid.sum())
+    loss = (ce * w).sum() / max(num_tokens, 1)
+    return LossOutput(loss, num_tokens, int(masked.sum()))
+
+
+def _check_causal(model) -> None:
+    layout = getattr(getattr(_unwrap(model), "config", None), "attention_layout", None)
+    if layout is not None and layout != "causal":
+        raise ValueError(
+            f"causal_lm_loss needs a model with attention_layout='causal', this one is {layout!r}: "
+            "next-token training under bidirectional attention would let each position see its target"
+        )
+
+
+def _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs):
+    valid = _valid_mask(input_ids, attention_mask)
+    if bos_token_id is not None:
+        bos = torch.full_like(input_ids[:, :1], bos_token_id)
+        inputs = torch.cat([bos, input_ids[:, :-1]], dim=1)
+        in_mask = None if attention_mask is None else torch.cat([attention_mask[:, :1], attention_mask[:, :-1]], 1)
+        targets, scored = input_ids, valid
+    else:
+        inputs, in_mask = input_ids, attention_mask
+        targets, scored = input_ids[:, 1:], valid[:, 1:] & valid[:, :-1]
+    logits = _logits(model(inputs, attention_mask=in_mask, **model_kwargs))
+    if bos_token_id is None:
+        logits = logits[:, :-1]
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return ce.view(targets.shape) * scored, scored
+
+
+def causal_lm_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    bos_token_id: int | None = None,
+    **model_kwargs,
+) -> LossOutput:
+    """Next-token cross-entropy (mean over scored tokens) for the autoregressive baseline.
+
+    With ``bos_token_id`` the input is ``[bos, x_0 .. x_{N-2}]`` and every token ``x_0 .. x_{N-1}``
+    is predicted (same length and same scored tokens as the diffusion losses); without it, tokens
+    ``x_1 .. x_{N-1}`` are predicted from their prefixes. The model must use the ``causal`` layout.
+    """
+    _check_causal(model)
+    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs)
+    n = int(scored.sum())
+    return LossOutput(ce.sum() / max(n, 1), n, n)
+
+
+@torch.no_grad()
+def causal_nll(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    bos_token_id: int | None = None,
+    **model_kwargs,
+) -> ElboOutput:
+    """Exact negative log-likelihood of an autoregressive model, in the :class:`ElboOutput` format."""
+    _check_causal(model)
+    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs)
+    nll, n = ce.sum(1), scored.sum(1)
+    return ElboOutput(nll, n, float(nll.sum() / (n.sum().clamp(min=1) * LN2)))
+
+
+@torch.no_grad()
+def elbo_nll(
+    model,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    num_samples: int = 8,
+    schedule: str | MaskingSchedule = "linear",
+    attention_mask: torch.Tensor | None = None,
+    block_size: int | None = None,
+    generator: torch.Generator | None = None,
+    t_min: float = 1e-4,
+    **model_kwargs,
+) -> ElboOutput:
+    """Monte-Carlo estimate of the masked-diffusion ELBO (an upper bound on the NLL), per sequence.
+
+    ``-log p(x) <= E_t [ weight(t) * sum_masked CE ]``. Each row gets ``num_samples`` mask draws at
+    stratified times ``t_k = (u + k) / K`` (clamped to ``t_min``), and the estimate is their mean.
+    With ``block_size`` the block-diffusion bound is estimated instead (each block denoised given the
+    clean blocks before it, one time per block), which is the right bound for ``block_causal`` models.
+    """
+    sched = get_schedule(schedule)
+    B, N = input_ids.shape
+    valid = _valid_mask(input_ids, attention_mask)
+    total = torch.zeros(B, dtype=torch.float64, device=input_ids.device)
+    nb = 1 if block_size is None else -(-N // block_size)
+    # one offset per (row, block); draw k of K uses the k-th stratum
+    u = _uniform((B, nb), generator, input_ids.device).double()
+    for k in range(num_samples):
+        t = ((u + k) / num_samples).float().clamp(min=t_min, max=1.0)  # [B, nb]
+        if block_size is None:
+            t_tok = t.expand(B, N)
+        else:
+            t_tok = t.repeat_interleave(block_size, dim=1)[:, :N]
+        noisy, masked = corrupt(input_ids, sched.mask_prob(t_tok), mask_token_id, None, generator, maskable=valid)
+        if block_size is None:
+            logits = _logits(model(noisy, attention_mask=attention_mask, **model_kwargs))
+        else:
+            x = torch.cat([noisy, input_ids], dim=1)
+            pos = torch.arange(N, device=input_ids.device).repeat(2)[None, :].expand(B, 2 * N)
+            mask4d = block_diffusion_attention_mask(N, block_size, attention_mask, device=input_ids.device)
+            logits = _logits(model(x, attention_mask=mask4d, position_ids=pos, **model_kwargs))[:, :N]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), input_ids.reshape(-1), reduction="none")
+        ce = ce.view(B, N) * masked * sched.weight(t_tok)
+        total += ce.sum(1).double()
+    nll = (total / num_samples).float()
+    n = valid.sum(1)
+    return ElboOutput(nll, n, float(nll.sum() / (n.sum().clamp(min=1) * LN2)))
+
+
+def elbo_bits_per_token(model, input_ids, mask_token_id, **kwargs) -> float:
+    """Shortcut: :func:`elbo_nll` in bits per token."""
+    return elbo_nll(model, input_ids, mask_token_id, **kwargs).bits_per_token
+
