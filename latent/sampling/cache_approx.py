@@ -1,0 +1,47 @@
+"""Fast-dLLM's approximate caches for bidirectional models (sampling-semantics.md section 2).
+
+At every block start one full forward refreshes the cache; its logits serve the block's step 0.
+Later steps of the block reuse K/V that were computed before this block's commits, so they are
+stale: tokens can differ from the uncached run. That is the documented trade of speed for accuracy.
+"""
+
+from __future__ import annotations
+
+from .cache_exact import NoCache
+from .registry import register_cache
+
+
+@register_cache("prefix")
+class ApproxPrefixCache(NoCache):
+    """Keep the K/V of everything before the block; later steps run the block and all after it."""
+
+    layouts = ("bidirectional",)
+
+    def logits(self, state):
+        start = state.block_start
+        if state.block_step == 0:
+            out = state.forward(0, state.canvas_len, use_cache=True)
+            self.kv = out.past_key_values.crop(state.prefix_len + start)
+            return out.logits, 0
+        return state.forward(start, state.canvas_len, past_key_values=self.kv).logits, start
+
+    def select(self, index):
+        self.kv = self.kv.select(index)
+
+
+@register_cache("dual")
+class ApproxDualCache(ApproxPrefixCache):
+    """Keep the K/V of every position; later steps run only the block, write its fresh K/V in place
+    (cache_position) and attend to the stale prefix and suffix."""
+
+    def logits(self, state):
+        start, end = state.block_start, state.block_end
+        if state.block_step == 0:
+            out = state.forward(0, state.canvas_len, use_cache=True)
+            self.kv = out.past_key_values
+            return out.logits, 0
+        out = state.forward(
+            start, end, past_key_values=self.kv, cache_position=state.prefix_len + start, use_cache=True
+        )
+        self.kv = out.past_key_values
+        return out.logits, start

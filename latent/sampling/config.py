@@ -1,0 +1,138 @@
+"""The sampler's knobs: one flat, serialisable dataclass (configs and pipeline arguments map onto it).
+
+Part names are resolved here ("auto" choices), and every knob is checked with an error that names
+the argument and how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .registry import REGISTRIES, list_parts
+
+NOISE_SHAPES = ("canvas", "block")
+CONFIDENCE_DTYPES = ("auto", None, "float32", "float64")
+
+
+@dataclass
+class SamplerConfig:
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int | None = None  # total forwards of the schedule rule (LLaDA's `steps`); None = gen_length
+    # parts, by registered name (or a ready-made object)
+    proposal: Any = "auto"  # argmax at temperature 0, else gumbel
+    confidence: Any = "low_confidence"
+    commit: Any = "schedule"
+    stopping: Any = "block_full"
+    guidance: Any = "auto"  # cfg when cfg_scale > 0, else none
+    cache: Any = "none"
+    # proposal
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    noise_shape: str = "canvas"  # "canvas": LLaDA's full [B, T, V] draw; "block": only the block (cheaper)
+    # confidence: "auto" = the logits' dtype for the schedule rule (LLaDA), float64 otherwise (Fast-dLLM)
+    confidence_dtype: str | None = "auto"
+    # commit rules
+    threshold: float = 0.9
+    factor: float = 1.0
+    # guidance
+    cfg_scale: float = 0.0
+    # special tokens; mask_token_id defaults to model.config.mask_token_id
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    eot_token_id: int | None = None  # end of turn, for confidence_eos_eot_inf
+    logits_eos_inf: bool = False  # EOS logit -> -inf before everything: EOS is never proposed
+    confidence_eos_eot_inf: bool = False  # EOS/EOT logits -> -inf in the confidence: committed last
+    eos_early_stop: bool = False  # shorthand for stopping="eos_early_stop"
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def part_names(self) -> dict[str, Any]:
+        """The part chosen for each slot, "auto" and shorthands resolved."""
+        names = {slot: getattr(self, slot) for slot in REGISTRIES}
+        if names["proposal"] == "auto":
+            names["proposal"] = "argmax" if self.temperature == 0 else "gumbel"
+        if names["guidance"] == "auto":
+            names["guidance"] = "cfg" if self.cfg_scale > 0 else "none"
+        if self.eos_early_stop:
+            names["stopping"] = "eos_early_stop"
+        return names
+
+    def knobs(self) -> dict[str, Any]:
+        """Constructor arguments offered to every part (each takes the ones it names)."""
+        knobs = self.to_dict()
+        dtype = self.confidence_dtype
+        if dtype == "auto":
+            dtype = None if self.part_names()["commit"] == "schedule" else "float64"
+        knobs["confidence_dtype"] = dtype
+        steps = self.gen_length if self.steps is None else self.steps
+        knobs["steps_per_block"] = max(1, steps // max(1, self.num_blocks))
+        return knobs
+
+    def validate(self) -> SamplerConfig:
+        for name in ("gen_length", "block_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"`gen_length` ({self.gen_length}) must be a multiple of `block_length` ({self.block_length}); "
+                f"set block_length to a divisor of {self.gen_length} or round gen_length up to "
+                f"{-(-self.gen_length // self.block_length) * self.block_length}."
+            )
+        names = self.part_names()
+        if self.eos_early_stop and self.stopping not in ("block_full", "eos_early_stop"):
+            raise ValueError(
+                f"`eos_early_stop=True` selects stopping='eos_early_stop', but `stopping` is {self.stopping!r}; "
+                "set only one of them."
+            )
+        for slot, name in names.items():
+            if isinstance(name, str) and name not in REGISTRIES[slot]:
+                raise ValueError(
+                    f"Unknown {slot} {name!r}. Known {slot} names: {', '.join(list_parts(slot))}. "
+                    f"Pick one of these, or add yours with @register_{slot}({name!r})."
+                )
+        if names["commit"] == "schedule":
+            steps = self.gen_length if self.steps is None else self.steps
+            if not isinstance(steps, int) or steps <= 0:
+                raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
+            if steps % self.num_blocks:
+                raise ValueError(
+                    f"`steps` ({steps}) must be a multiple of the number of blocks gen_length/block_length = "
+                    f"{self.num_blocks} (the schedule rule runs steps/num_blocks steps per block); use steps="
+                    f"{max(1, steps // self.num_blocks) * self.num_blocks} or change block_length."
+                )
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 = argmax), got {self.temperature}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"`top_k` must be None or an int >= 0 (0 = off), got {self.top_k!r}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be None or in (0, 1], got {self.top_p}.")
+        if (self.top_k or (self.top_p is not None and self.top_p < 1)) and names["proposal"] == "argmax":
+            raise ValueError("`top_k`/`top_p` only act when sampling; set temperature > 0 (or proposal='gumbel').")
+        if self.noise_shape not in NOISE_SHAPES:
+            raise ValueError(f"`noise_shape` must be one of {NOISE_SHAPES}, got {self.noise_shape!r}.")
+        if self.confidence_dtype not in CONFIDENCE_DTYPES:
+            raise ValueError(f"`confidence_dtype` must be one of {CONFIDENCE_DTYPES}, got {self.confidence_dtype!r}.")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold}.")
+        if self.factor <= 0:
+            raise ValueError(f"`factor` must be > 0, got {self.factor}.")
+        if self.cfg_scale < 0:
+            raise ValueError(f"`cfg_scale` must be >= 0 (0 = off), got {self.cfg_scale}.")
+        if names["guidance"] == "cfg" and self.cfg_scale == 0:
+            raise ValueError("guidance='cfg' needs `cfg_scale` > 0.")
+        needs_eos = self.logits_eos_inf or self.confidence_eos_eot_inf or names["stopping"] == "eos_early_stop"
+        if needs_eos and self.eos_token_id is None:
+            raise ValueError(
+                "`eos_token_id` is required by logits_eos_inf, confidence_eos_eot_inf and eos_early_stop; "
+                "pass the tokenizer's eos_token_id."
+            )
+        return self
