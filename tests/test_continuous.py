@@ -1,0 +1,238 @@
+"""Gaussian diffusion / flow matching on latents, checked against formulae written out here and against
+diffusers' own schedulers driven by models whose output is known exactly (Gaussian data)."""
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+from latent.backbone import DiffusionTransformer
+from latent.continuous import (
+    GaussianDiffusion,
+    check_scheduler,
+    make_alphas_cumprod,
+    normalize_prediction_type,
+    sample_latents,
+    scheduler_prediction_type,
+)
+
+MU, STD = 1.5, 0.5  # data distribution N(MU, STD^2) per coordinate
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_match_diffusers(schedule):
+    ours = make_alphas_cumprod(schedule, 1000, 1e-4, 2e-2)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, beta_start=1e-4, beta_end=2e-2).alphas_cumprod
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_aliases():
+    assert [normalize_prediction_type(n) for n in ("eps", "x0", "v", "flow_prediction")] == [
+        "epsilon", "sample", "v_prediction", "flow"]
+    with pytest.raises(ValueError, match="prediction_type"):
+        normalize_prediction_type("score")
+
+
+def test_add_noise_formula_and_diffusers():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    d = GaussianDiffusion("epsilon", beta_schedule="linear")
+    abar = make_alphas_cumprod("linear")[t].float()[:, None, None]
+    want = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    torch.testing.assert_close(d.add_noise(x0, eps, t), want)
+    ref = DDPMScheduler(beta_schedule="linear").add_noise(x0, eps, t)
+    torch.testing.assert_close(d.add_noise(x0, eps, t), ref, atol=1e-6, rtol=1e-5)
+    # one timestep per latent ([B, M]) is the same formula per position
+    tm = torch.randint(0, 1000, (3, 5), generator=g)
+    abar_m = make_alphas_cumprod("linear")[tm].float()[..., None]
+    torch.testing.assert_close(d.add_noise(x0, eps, tm), abar_m.sqrt() * x0 + (1 - abar_m).sqrt() * eps)
+    # flow matching: (1 - sigma) x0 + sigma eps, as FlowMatchEulerDiscreteScheduler.scale_noise
+    f = GaussianDiffusion("flow")
+    fs = FlowMatchEulerDiscreteScheduler()
+    fs.set_timesteps(10)
+    tf = fs.timesteps[3]
+    sigma = float(tf) / 1000
+    torch.testing.assert_close(f.add_noise(x0, eps, tf.expand(3)), (1 - sigma) * x0 + sigma * eps)
+    torch.testing.assert_close(f.add_noise(x0, eps, tf.expand(3)), fs.scale_noise(x0, tf[None], eps), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "sample", "v_prediction", "flow"])
+def test_targets_and_inversions(pt):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 6, 3, generator=g), torch.randn(4, 6, 3, generator=g)
+    d = GaussianDiffusion(pt)
+    t = d.sample_timesteps(4, generator=g)
+    a = (1 - t / 1000) if pt == "flow" else d.alphas_cumprod[t.long()].float().sqrt()
+    b = (t / 1000) if pt == "flow" else (1 - d.alphas_cumprod[t.long()].float()).sqrt()
+    a, b = a[:, None, None].float(), b[:, None, None].float()
+    want = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0, "flow": eps - x0}[pt]
+    target = d.target(x0, eps, t)
+    torch.testing.assert_close(target, want)
+    x_t = d.add_noise(x0, eps, t)
+    torch.testing.assert_close(d.predict_x0(target, x_t, t), x0, atol=2e-4, rtol=1e-4)
+    if pt != "sample":  # x0-prediction cannot recover eps where b ~ 0 ... but it is exact here too
+        torch.testing.assert_close(d.predict_noise(target, x_t, t), eps, atol=2e-4, rtol=1e-4)
+    if pt == "v_prediction":  # v-target identities: v = a eps - b x0, x0 = a x_t - b v, eps = b x_t + a v
+        torch.testing.assert_close(a * x_t - b * target, x0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b * x_t + a * target, eps, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_mse_to_target_and_trains_backbone(tiny_config):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**tiny_config, latent_dim=6)
+    d = GaussianDiffusion("v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 6, generator=g)
+    ids = torch.randint(0, 60, (2, 5), generator=g)
+    out = d.loss(model, x0, generator=g, input_ids=ids)
+    torch.testing.assert_close(out.loss, ((out.pred - out.target) ** 2).mean())
+    out.loss.backward()
+    assert model.latent_in.weight.grad is not None and model.time_mlp[0].weight.grad.abs().sum() > 0
+    # per-latent timesteps and a mask over scored latents
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    out = d.loss(model, x0, generator=g, input_ids=ids, latent_mask=mask, per_latent_timesteps=True)
+    assert out.timesteps.shape == (2, 3)
+    per = ((out.pred - out.target) ** 2).mean(-1)
+    torch.testing.assert_close(out.loss, per[mask].mean())
+
+
+def test_timestep_conditions_latent_slots_only(tiny_config):
+    """Under a causal layout tokens precede latents, so token logits ignore the latent noise level."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**{**tiny_config, "attention_layout": "causal"}, latent_dim=4).eval()
+    ids = torch.randint(0, 60, (2, 5))
+    z = torch.randn(2, 3, 4)
+    o1 = model(ids, latents=z, timestep=torch.tensor([0.1, 0.2]))
+    o2 = model(ids, latents=z, timestep=torch.tensor([0.9, 0.7]))
+    torch.testing.assert_close(o1.logits, o2.logits)
+    assert not torch.allclose(o1.latent_pred, o2.latent_pred)
+
+
+# ---- exact Gaussian models ------------------------------------------------------------------------
+def exact_output(d: GaussianDiffusion, x, t_model):
+    """Model output of the Bayes-optimal denoiser for data N(MU, STD^2), any prediction type."""
+    timestep = t_model * d.num_train_timesteps
+    if d.is_flow:
+        sigma = t_model.double()
+        a, b = 1 - sigma, sigma
+    else:
+        abar = d.alphas_cumprod[timestep.round().long().clamp(0, 999)]
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+    x = x.double()
+    var = a**2 * STD**2 + b**2
+    x0 = MU + a * STD**2 / var * (x - a * MU)
+    eps = b / var * (x - a * MU)
+    out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0, "flow": eps - x0}[d.prediction_type]
+    return out.float()
+
+
+def test_ddim_step_by_hand():
+    d = GaussianDiffusion("epsilon")
+    sched = d.make_scheduler("ddim")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, generator=g)
+    seen = []
+
+    def fn(x, t):
+        seen.append(float(t))
+        return exact_output(d, x, t)
+
+    out = sample_latents(fn, sched, latents=z, num_inference_steps=2, diffusion=d)
+    # trailing spacing with 2 steps: timesteps 999, 499; then abar_prev = 1 (set_alpha_to_one)
+    assert seen == pytest.approx([0.999, 0.499])
+    ac = d.alphas_cumprod.float()
+    x = z
+    for k, k_prev in ((999, 499), (499, None)):
+        eps = exact_output(d, x, torch.tensor(k / 1000))
+        x0 = (x - (1 - ac[k]).sqrt() * eps) / ac[k].sqrt()
+        ap = torch.tensor(1.0) if k_prev is None else ac[k_prev]
+        x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pt,kind,steps,tol",  # first-order DDIM/Euler error ~ 1/steps; DPM-Solver++ (2nd order) is tighter
+    [("epsilon", "ddim", 50, 0.08), ("sample", "ddim", 50, 0.08), ("v_prediction", "ddim", 50, 0.08),
+     ("epsilon", "dpm", 20, 0.015), ("v_prediction", "dpm", 20, 0.015), ("flow", "flow_euler", 200, 0.025)],
+)
+def test_sampler_transports_noise_to_gaussian_data(pt, kind, steps, tol):
+    """With the exact model, the deterministic sampler maps z to ~ MU + STD z (the ODE map is affine)."""
+    d = GaussianDiffusion(pt)
+    sched = d.make_scheduler(kind)
+    z = torch.randn(64, 4, 2, generator=torch.Generator().manual_seed(0))
+    out = sample_latents(lambda x, t: exact_output(d, x, t), sched, latents=z, num_inference_steps=steps,
+                         prediction_type=pt)
+    torch.testing.assert_close(out, MU + STD * z, atol=tol, rtol=0)
+    assert abs(out.mean().item() - MU) < 0.1 and abs(out.std().item() - STD) < 0.05
+
+
+def test_flow_matching_euler_by_hand():
+    d = GaussianDiffusion("flow")
+    sched = FlowMatchEulerDiscreteScheduler()
+    z = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(3))
+    out = sample_latents(lambda x, t: exact_output(d, x, t), sched, latents=z, num_inference_steps=4,
+                         prediction_type="flow")
+    # shift=1: sigmas evenly spaced from 1 down to 1/T, then 0; Euler steps dx = (s' - s) u
+    sigmas = torch.cat([torch.linspace(1000, 1, 4) / 1000, torch.zeros(1)])
+    x = z
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * exact_output(d, x, s)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
+def test_callback_sees_and_replaces_latents():
+    d = GaussianDiffusion("epsilon")
+    calls = []
+
+    def cb(i, t, lat):
+        calls.append((i, int(t), lat.clone()))
+        return lat * 0 if i == 2 else None
+
+    out = sample_latents(lambda x, t: torch.zeros_like(x), d.make_scheduler("ddim"), shape=(1, 2, 3),
+                         num_inference_steps=3, diffusion=d, callback_on_step_end=cb,
+                         generator=torch.Generator().manual_seed(0))
+    assert [c[0] for c in calls] == [0, 1, 2] and torch.equal(out, torch.zeros(1, 2, 3))
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def test_scheduler_prediction_type_mismatch():
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*expects prediction_type='epsilon'"):
+        check_scheduler(DDIMScheduler(), "v_prediction")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'.*expects prediction_type='flow'"):
+        sample_latents(lambda x, t: x, FlowMatchEulerDiscreteScheduler(), shape=(1, 1, 1), prediction_type="eps")
+    assert scheduler_prediction_type(DPMSolverMultistepScheduler(prediction_type="sample")) == "sample"
+    assert scheduler_prediction_type(EulerDiscreteScheduler(prediction_type="v_prediction")) == "v_prediction"
+
+    class NoType:
+        config = {}
+
+    with pytest.raises(ValueError, match="no config.prediction_type"):
+        scheduler_prediction_type(NoType())
+
+
+def test_schedule_and_clip_warnings():
+    d = GaussianDiffusion("epsilon", beta_schedule="squaredcos_cap_v2")
+    with pytest.warns(UserWarning, match="beta_schedule"):
+        d.check_scheduler(DDIMScheduler(beta_schedule="linear", clip_sample=False))
+    with pytest.warns(UserWarning, match="clip_sample"):
+        d.check_scheduler(DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
+
+
+def test_nan_latents_and_outputs_are_named():
+    d = GaussianDiffusion("epsilon")
+    bad = torch.zeros(1, 2, 3)
+    bad[0, 1, 2] = math.nan
+    with pytest.raises(ValueError, match="latents contains 1 NaN"):
+        sample_latents(lambda x, t: x, d.make_scheduler("ddim"), latents=bad, diffusion=d)
+    with pytest.raises(ValueError, match="latent_pred .*step 0"):
+        sample_latents(lambda x, t: x * math.nan, d.make_scheduler("ddim"), shape=(1, 2, 3), diffusion=d)
+    with pytest.raises(ValueError, match="x0"):
+        d.loss(lambda **kw: kw["latents"], bad)
