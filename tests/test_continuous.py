@@ -236,3 +236,101 @@ def test_nan_latents_and_outputs_are_named():
         sample_latents(lambda x, t: x * math.nan, d.make_scheduler("ddim"), shape=(1, 2, 3), diffusion=d)
     with pytest.raises(ValueError, match="x0"):
         d.loss(lambda **kw: kw["latents"], bad)
+
+
+# ---- CCDD joint mode --------------------------------------------------------------------------------
+from latent.joint import joint_loss, joint_sample  # noqa: E402
+from latent.schedules import get_schedule  # noqa: E402
+
+
+def test_joint_loss_matches_direct_computation(tiny_config):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**tiny_config, latent_dim=4)
+    d = GaussianDiffusion("epsilon")
+    g = torch.Generator().manual_seed(0)
+    B, N, M, C = 3, 6, 2, 4
+    ids = torch.randint(0, 60, (B, N), generator=g)
+    z0 = torch.randn(B, M, C, generator=g)
+    prompt = torch.zeros(B, N, dtype=torch.bool)
+    prompt[:, :2] = True
+    t = torch.tensor([0.2, 0.5, 0.9])
+    u = torch.rand(B, N, generator=g)
+    k = torch.tensor([10, 400, 900])
+    e = torch.randn(B, M, C, generator=g)
+    out = joint_loss(model, ids, z0, 63, d, lam=0.5, schedule="cosine", prompt_mask=prompt, t=t, noise=u,
+                     timesteps=k, latent_noise=e)
+    # by hand
+    sched = get_schedule("cosine")
+    s = (1 - 1e-3) * t + 1e-3
+    masked = (u < sched.mask_prob(s)[:, None]) & ~prompt
+    noisy = torch.where(masked, torch.full_like(ids, 63), ids)
+    abar = d.alphas_cumprod[k].float()[:, None, None]
+    x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * e
+    ref = model(noisy, latents=x_t, timestep=k / 1000)
+    ce = torch.nn.functional.cross_entropy(ref.logits.transpose(1, 2), ids, reduction="none")
+    ce = (ce * masked * sched.weight(s)[:, None]).sum() / (~prompt).sum()
+    mse = ((ref.latent_pred - e) ** 2).mean()
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.mse, mse)
+    torch.testing.assert_close(out.loss, ce + 0.5 * mse)
+    assert out.num_masked == int(masked.sum())
+    out.loss.backward()
+    assert model.embed.weight.grad is not None and model.latent_out.weight.grad is not None
+
+
+def test_joint_loss_bad_input(tiny_config):
+    model = DiffusionTransformer(**tiny_config, latent_dim=4)
+    ids = torch.randint(0, 60, (2, 5))
+    with pytest.raises(ValueError, match="latent_dim is 4"):
+        joint_loss(model, ids, torch.randn(2, 3, 8), 63, GaussianDiffusion())
+    z = torch.randn(2, 3, 4)
+    z[1, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="latents contains 1 NaN"):
+        joint_loss(model, ids, z, 63, GaussianDiffusion())
+
+
+class OracleJoint:
+    """Puts all probability on `target` tokens (more confident on the left) and returns the exact
+    Gaussian-data model output for the latents; records what each step saw."""
+
+    def __init__(self, target, d):
+        self.target, self.d, self.seen = target, d, []
+
+    def __call__(self, ids, latents=None, timestep=None, **kw):
+        from latent.backbone import BackboneOutput
+
+        self.seen.append(ids.clone())
+        B, N = ids.shape
+        logits = torch.full((B, N, 64), -10.0)
+        logits.scatter_(-1, self.target[..., None], (10.0 - torch.arange(N).float() * 0.1).expand(B, N)[..., None])
+        pred = None if latents is None else exact_output(self.d, latents, timestep[0])
+        return BackboneOutput(logits=logits, latent_pred=pred)
+
+
+def test_joint_sample_evolves_both_streams():
+    d = GaussianDiffusion("v_prediction")
+    target = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    prompt = target[:, :3]
+    model = OracleJoint(target, d)
+    z = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1))
+    seen = []
+    out = joint_sample(model, prompt, 6, 63, num_steps=20, diffusion=d, scheduler=d.make_scheduler("dpm"),
+                       latents=z, callback_on_step_end=lambda i, t, kw: seen.append(int((kw["sequences"] == 63).sum())))
+    assert torch.equal(out.sequences, target) and out.nfe == 20
+    torch.testing.assert_close(out.latents, MU + STD * z, atol=0.015, rtol=0)
+    # LLaDA quota: 6 tokens over 20 steps -> one per step for the first 6 steps, left to right
+    assert seen[:7] == [10, 8, 6, 4, 2, 0, 0]
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        joint_sample(model, prompt, 6, 63, 4, latent_shape=(3, 2), diffusion=d, scheduler=DDIMScheduler())
+
+
+def test_discrete_only_sample_with_backbone(tiny_config):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**tiny_config, latent_dim=4).eval()
+    prompt = torch.randint(0, 60, (2, 3))
+    out = joint_sample(model, prompt, 8, 63, num_steps=4)
+    assert out.latents is None and not (out.sequences == 63).any()
+    d = GaussianDiffusion("flow")
+    out = joint_sample(model, prompt, 8, 63, num_steps=4, latent_shape=(2, 4), diffusion=d,
+                       scheduler=FlowMatchEulerDiscreteScheduler(), generator=torch.Generator().manual_seed(0))
+    assert out.latents.shape == (2, 2, 4) and not (out.sequences == 63).any()

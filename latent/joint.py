@@ -1,0 +1,189 @@
+"""CCDD joint mode: one forward of the backbone denoises the masked tokens and the noisy latents of the
+same sequence; ``loss = CE + lam * MSE``; sampling evolves both streams, each on its own schedule.
+
+Token stream: absorbing (masked) diffusion with a masking schedule from :mod:`latent.schedules`; the
+corruption and the masked cross-entropy come from :mod:`latent.losses`. Latent stream: Gaussian
+diffusion / flow matching from :mod:`latent.continuous`. The two streams draw independent noise
+levels, so the model learns every combination (clean tokens + noisy latents, and the reverse), which
+is what joint sampling meets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+
+from latent.continuous import GaussianDiffusion, _step_kwargs, check_finite, masked_mse
+from latent.losses import _logits, _masked_ce, _valid_mask, corrupt
+from latent.sampling.commit import confidence_rank, transfer_schedule
+from latent.schedules import get_schedule, sample_times
+
+__all__ = ["JointLossOutput", "joint_loss", "JointSampleOutput", "joint_sample"]
+
+
+@dataclass
+class JointLossOutput:
+    """``loss = ce + lam * mse``; ``ce``: weighted masked-token cross-entropy per scored token;
+    ``mse``: latent regression error; ``num_masked``: tokens with a CE term."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    mse: torch.Tensor
+    num_masked: int
+
+
+def joint_loss(
+    model,
+    input_ids: torch.Tensor,
+    latents: torch.Tensor,
+    mask_token_id: int,
+    diffusion: GaussianDiffusion,
+    lam: float = 1.0,
+    schedule: str = "linear",
+    eps: float = 1e-3,
+    prompt_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    latent_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    latent_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    per_latent_timesteps: bool = False,
+    **model_kwargs,
+) -> JointLossOutput:
+    """CCDD loss on token ids ``[B, N]`` and clean latents ``[B, M, C]`` of the same sequences.
+
+    Tokens: ``s = (1 - eps) t + eps`` per row, each maskable token (valid and not in ``prompt_mask``)
+    masked with probability ``mask_prob(s)``; CE weighted by the schedule's ELBO weight, summed and
+    divided by the number of maskable tokens (as :func:`latent.losses.masked_diffusion_loss`).
+    Latents: timesteps from ``diffusion`` (``[B]``, or ``[B, M]`` with ``per_latent_timesteps``), MSE
+    to ``diffusion.target``. ``model`` is called once as
+    ``model(noisy_ids, latents=x_t, timestep=t/T, attention_mask=..., **model_kwargs)``.
+    """
+    if lam < 0:
+        raise ValueError(f"lam (the MSE weight) must be >= 0, got {lam}")
+    check_finite(latents, "latents")
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    want_c = getattr(cfg, "latent_dim", None) if cfg is not None else None
+    if want_c is not None and want_c != latents.shape[-1]:
+        raise ValueError(
+            f"latents have {latents.shape[-1]} channels but the backbone's config.latent_dim is {want_c}."
+        )
+    sched = get_schedule(schedule)
+    B, N = input_ids.shape
+    if latents.shape[0] != B:
+        raise ValueError(f"latents have batch {latents.shape[0]}, input_ids {B}.")
+    valid = _valid_mask(input_ids, attention_mask)
+    maskable = valid if prompt_mask is None else valid & ~prompt_mask.bool()
+    if t is None:
+        t = sample_times(B, generator=generator).to(input_ids.device)
+    s = (1.0 - eps) * t + eps
+    noisy, masked = corrupt(input_ids, sched.mask_prob(s), mask_token_id, noise, generator, maskable=maskable)
+
+    M = latents.shape[1]
+    if timesteps is None:
+        timesteps = diffusion.sample_timesteps((B, M) if per_latent_timesteps else (B,), generator, latents.device)
+    if latent_noise is None:
+        latent_noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    x_t = diffusion.add_noise(latents, latent_noise, timesteps)
+
+    out = model(noisy, latents=x_t, timestep=diffusion.model_time(timesteps).to(latents.device),
+                attention_mask=attention_mask, **model_kwargs)
+    logits = _logits(out)
+    ce_terms = _masked_ce(logits, input_ids, masked) * sched.weight(s)[:, None].expand(B, N)[masked]
+    ce = ce_terms.sum() / max(int(maskable.sum()), 1)
+    mse = masked_mse(out.latent_pred, diffusion.target(latents, latent_noise, timesteps), latent_mask)
+    return JointLossOutput(ce + lam * mse, ce, mse, int(masked.sum()))
+
+
+@dataclass
+class JointSampleOutput(BaseOutput):
+    """``sequences``: ``[B, P + L]`` prompt + generated tokens; ``latents``: ``[B, M, C]`` or None;
+    ``nfe``: forwards of the backbone."""
+
+    sequences: torch.Tensor
+    latents: torch.Tensor | None
+    nfe: int
+
+
+@torch.no_grad()
+def joint_sample(
+    model,
+    prompt_ids: torch.Tensor,
+    gen_length: int,
+    mask_token_id: int,
+    num_steps: int,
+    latent_shape: tuple[int, int] | None = None,
+    diffusion: GaussianDiffusion | None = None,
+    scheduler=None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    callback_on_step_end: Callable | None = None,
+    progress_bar: bool = False,
+    **model_kwargs,
+) -> JointSampleOutput:
+    """Generate ``gen_length`` tokens after ``prompt_ids`` and (with ``latent_shape=(M, C)``) ``M``
+    latents together, one backbone forward per step.
+
+    Tokens follow LLaDA's linear transfer schedule (``floor(L / steps)`` committed per step, the most
+    confident first; argmax, or Gumbel-max with ``temperature > 0``); latents follow ``scheduler``'s
+    timesteps (any diffusers scheduler whose prediction type matches ``diffusion``). Without
+    ``latent_shape`` this is plain masked diffusion with the same loop and step count (the
+    discrete-only baseline). ``callback_on_step_end(step, timestep, {"sequences", "latents"})``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    B, device = prompt_ids.shape[0], prompt_ids.device
+    P = prompt_ids.shape[1]
+    seq = torch.cat([prompt_ids, torch.full((B, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
+    quota = transfer_schedule(torch.full((B,), gen_length, device=device), num_steps)  # [B, steps]
+    joint = latent_shape is not None or latents is not None
+    timesteps, T = None, None
+    if joint:
+        if diffusion is None or scheduler is None:
+            raise ValueError("joint sampling needs diffusion= (what the model predicts) and scheduler=.")
+        diffusion.check_scheduler(scheduler)
+        if latents is None:
+            latents = torch.randn((B, *latent_shape), generator=generator).to(device)
+            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+        check_finite(latents, "latents")
+        scheduler.set_timesteps(num_steps, device=device)
+        timesteps, T = scheduler.timesteps, scheduler.config.num_train_timesteps
+        if len(timesteps) != num_steps:
+            raise ValueError(f"{type(scheduler).__name__} made {len(timesteps)} timesteps for num_steps={num_steps}.")
+        step_kw = _step_kwargs(scheduler, generator, None)
+    steps = range(num_steps)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="joint diffusion", leave=False)
+    for i in steps:
+        kw = dict(model_kwargs)
+        if joint:
+            t = timesteps[i]
+            x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            kw.update(latents=x_in, timestep=(t.float() / T).expand(B).to(device))
+        out = model(seq, **kw)
+        logits = _logits(out)[:, P:].float()
+        logits[..., mask_token_id] = -torch.inf  # never propose the mask itself
+        masked = seq[:, P:] == mask_token_id
+        if temperature > 0:
+            g = torch.rand(logits.shape, generator=generator).to(device).clamp_min(1e-20)
+            proposal = (logits / temperature - torch.log(-torch.log(g))).argmax(-1)
+        else:
+            proposal = logits.argmax(-1)
+        conf = logits.softmax(-1).gather(-1, proposal[..., None]).squeeze(-1)
+        conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
+        commit = masked & (confidence_rank(conf) < quota[:, i : i + 1])
+        seq[:, P:] = torch.where(commit, proposal, seq[:, P:])
+        if joint:
+            pred = check_finite(out.latent_pred, f"latent_pred (model output at step {i})")
+            latents = scheduler.step(pred, timesteps[i], latents, **step_kw).prev_sample
+        if callback_on_step_end is not None:
+            callback_on_step_end(i, None if timesteps is None else timesteps[i], {"sequences": seq, "latents": latents})
+    return JointSampleOutput(sequences=seq, latents=latents, nfe=num_steps)
