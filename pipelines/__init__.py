@@ -1,0 +1,21 @@
+"""Task pipelines (diffusers `DiffusionPipeline`s), batch jobs and the `mmdlm` command line.
+
+Pipelines are imported lazily, so `import pipelines` stays cheap and one task's extra dependencies
+never break another's import.
+"""
+
+import importlib
+
+_LAZY = {
+    "TextDiffusionPipeline": "pipelines.text",
+    "TextDiffusionPipelineOutput": "pipelines.text",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,159 @@
+"""TextDiffusionPipeline: equals the sampler it wraps, save/load round trip, diffusers' LLaDA2Pipeline
+on the same backbone, tokenizer checks and bad input."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from latent import DiffusionTransformer
+from latent.losses import masked_diffusion_loss
+from latent.sampling import generate
+from latent.scheduler import MaskedDiffusionScheduler
+from pipelines import TextDiffusionPipeline
+
+WORDS = "the a cat dog sat on mat ran to house big small red blue and with".split()
+
+
+def make_tokenizer(mask=True):
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS, "<mask>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    if mask:
+        special["mask_token"] = "<mask>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def briefly_train(model, steps=40):
+    """A few masked-diffusion steps on word salad: enough that the mask token is never the argmax
+    (it is never a target), as in any trained model."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, 3 + len(WORDS), (8, 16), generator=g)
+        loss = masked_diffusion_loss(model, ids, model.config.mask_token_id, generator=g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def make_pipe(layout="bidirectional", block_size=4, train=False, **sched):
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = DiffusionTransformer(
+        vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, mask_token_id=tok.mask_token_id,
+        max_position_embeddings=64, attention_layout=layout, block_size=block_size,
+    ).eval()
+    if train:
+        briefly_train(model)
+    pipe = TextDiffusionPipeline(model=model, tokenizer=tok, scheduler=MaskedDiffusionScheduler(block_length=4, **sched))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_equals_sampler_with_left_padding():
+    pipe = make_pipe()
+    out = pipe(["the cat sat", "a dog"], gen_length=8, block_length=4, steps=8, output_type="ids")
+    ids, mask = pipe.encode_prompt(["the cat sat", "a dog"])
+    assert mask[1, 0] == 0  # left padded
+    ref = generate(pipe.model, ids, mask, gen_length=8, block_length=4, steps=8)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.sequences.shape == (2, 3 + 8)
+    assert torch.equal(out.sequences[:, :3], ids)  # the canvas keeps the prompt, like LLaDA
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    pipe = make_pipe()
+    runs = [pipe("the cat", gen_length=8, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(s),
+                 output_type="ids").sequences for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_threshold_uses_fewer_forwards_and_texts_are_decoded():
+    pipe = make_pipe()
+    slow = pipe("the cat", gen_length=8, steps=8)
+    fast = pipe("the cat", gen_length=8, threshold=1e-9)  # tiny threshold: the whole block in one step
+    assert slow.nfe == 8 and fast.nfe == 2
+    assert isinstance(slow.texts[0], str)
+    gen = slow.sequences[0, 2:].tolist()
+    eos = pipe.tokenizer.eos_token_id
+    want = pipe.tokenizer.decode(gen[: gen.index(eos)] if eos in gen else gen, skip_special_tokens=True)
+    assert slow.texts[0] == want
+
+
+def test_exact_cache_by_default_gives_same_tokens(tmp_path):
+    pipe = make_pipe(layout="prefix")
+    auto = pipe("the cat sat on", gen_length=8, steps=8, output_type="ids")
+    none = pipe("the cat sat on", gen_length=8, steps=8, cache="none", output_type="ids")
+    assert torch.equal(auto.sequences, none.sequences)
+
+
+def test_callback_sees_every_step():
+    pipe = make_pipe()
+    seen = []
+    pipe("the cat", gen_length=8, steps=8, callback_on_step_end=lambda p, s, b, kw: seen.append((s, b, kw["sequences"].clone())))
+    assert [s for s, _, _ in seen] == list(range(8))
+    assert [b for _, b, _ in seen] == [0] * 4 + [1] * 4
+    masks = [int((c == pipe.tokenizer.mask_token_id).sum()) for _, _, c in seen]
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = make_pipe(layout="block_causal", commit="threshold", threshold=0.5)
+    pipe.save_pretrained(tmp_path)
+    index = (tmp_path / "model_index.json").read_text()
+    assert '"latent.backbone"' in index and "MaskedDiffusionScheduler" in index
+    loaded = TextDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.commit == "threshold"
+    a = pipe("the big dog", gen_length=8, output_type="ids").sequences
+    b = loaded("the big dog", gen_length=8, output_type="ids").sequences
+    assert torch.equal(a, b)
+
+
+def test_tokenizer_without_mask_token_is_refused():
+    with pytest.raises(ValueError, match="mask token"):
+        TextDiffusionPipeline(model=make_pipe().model, tokenizer=make_tokenizer(mask=False),
+                              scheduler=MaskedDiffusionScheduler())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt="the cat", gen_length=10, block_length=4), "gen_length"),
+        (dict(prompt="the cat", gen_length=8, block_length=4, steps=3), "steps"),
+        (dict(prompt=""), "empty"),
+        (dict(prompt="the cat", gen_length=80), "max_position_embeddings"),
+        (dict(input_ids=torch.zeros(1, 3)), "input_ids"),
+        (dict(prompt="the", output_type="pil"), "output_type"),
+        (dict(), "exactly one"),
+        (dict(prompt="the", remasking="loudest"), "Known confidence"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_pipe()(**kwargs)
+
+
+def test_llada2_pipeline_runs_our_backbone_with_equal_tokens():
+    """diffusers' LLaDA2Pipeline + BlockRefinementScheduler drive the backbone unchanged; with matching
+    settings (block_causal model, prompt of one block, pure top-k schedule, no editing, argmax) they
+    give our pipeline's tokens."""
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    ours = make_pipe(layout="block_causal", block_size=4, train=True)
+    prompt = "the cat sat on"  # 4 tokens = one block
+    ids, _ = ours.encode_prompt(prompt)
+    assert ids.shape[1] == 4
+    theirs = LLaDA2Pipeline(model=ours.model, scheduler=BlockRefinementScheduler(block_length=4), tokenizer=ours.tokenizer)
+    theirs.set_progress_bar_config(disable=True)
+    ref = theirs(input_ids=ids, gen_length=12, block_length=4, num_inference_steps=2, threshold=2.0,
+                 editing_threshold=None, eos_early_stop=False, temperature=0.0, output_type="seq",
+                 use_chat_template=False)
+    out = ours(input_ids=ids, gen_length=12, block_length=4, steps=6, output_type="ids")
+    assert torch.equal(out.sequences[:, 4:], ref.sequences)
+    assert not (ref.sequences == ours.tokenizer.mask_token_id).any()
