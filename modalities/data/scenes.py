@@ -176,7 +176,7 @@ def attribute_accuracy(predictions: list[str], attributes: list[dict]) -> dict:
         raise ValueError(f"{len(predictions)} predictions for {len(attributes)} references.")
     keys = ("count", "size", "colour", "shape", "position")
     hits = {k: 0 for k in (*keys, "colour+shape", "all")}
-    for pred, ref in zip(predictions, attributes):
+    for pred, ref in zip(predictions, attributes, strict=True):
         got = parse_caption(pred)
         ok = {k: got[k] == ref[k] for k in keys}
         for k in keys:
