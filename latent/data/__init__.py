@@ -1,0 +1,1 @@
+"""Text data: the offline English corpus, tokenizers, packed streaming datasets and SFT pairs."""
