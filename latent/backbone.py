@@ -334,13 +334,15 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
             start, num_keys = cache_position, cached
         else:
             start, num_keys = cached, cached + n_new
-        if num_keys > cfg.max_position_embeddings:
-            raise ValueError(
-                f"The sequence has {num_keys} slots (cache + prefix + tokens + latents) but the model's context "
-                f"is max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or gen_length."
-            )
         slots = torch.arange(start, start + n_new, device=x.device)
         positions = self._positions(position_ids, slots, n_prefix, n_tokens, batch)
+        # The context limit is on rotary positions (BD3-LM training feeds 2N slots at positions 0..N-1).
+        longest = max(num_keys, 0) if position_ids is None else int(positions.max()) + 1
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(
+                f"The sequence reaches position {longest} (cache + prefix + tokens + latents) but the model's "
+                f"context is max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or gen_length."
+            )
         mask, key_mask = self._mask(
             attention_mask, slots, num_keys, batch, n_prefix, n_tokens, prefix_length, past_key_values, cache_position
         )

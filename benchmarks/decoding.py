@@ -1,0 +1,201 @@
+"""Decoding speed at equal quality: LLaDA 1 token/step, threshold decoding, Fast-dLLM caches, the exact
+block cache, and diffusers' LLaDA2Pipeline, all on trained models, on CPU (or a GPU when given).
+
+The task has a verifiable answer so quality is exact-match accuracy: the prompt is a random sequence
+of `--prompt` symbols and the answer repeats it up to `--gen` tokens. Two small models learn it first
+(a few minutes on 2 CPU cores): a bidirectional one (SFT loss) and a block_causal one (BD3-LM loss).
+Every configuration then runs in its own process, so its peak memory (max RSS) is its own.
+
+    python benchmarks/decoding.py                      # train, measure, write benchmarks/results/decoding-cpu.json
+    python benchmarks/decoding.py --gen 256 --batch 4  # the defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from latent import DiffusionTransformer
+from latent.losses import block_diffusion_loss, sft_loss
+from latent.sampling import generate
+
+SYMBOLS = 48  # answer/prompt symbols are ids 0..47; the mask id is SYMBOLS
+
+
+def make_batch(n: int, prompt: int, gen: int, generator: torch.Generator) -> torch.Tensor:
+    p = torch.randint(0, SYMBOLS, (n, prompt), generator=generator)
+    reps = -(-(prompt + gen) // prompt)
+    return p.repeat(1, reps)[:, : prompt + gen]
+
+
+def build_model(layout: str, args) -> DiffusionTransformer:
+    torch.manual_seed(0)
+    return DiffusionTransformer(
+        vocab_size=SYMBOLS + 1, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
+        mask_token_id=SYMBOLS, max_position_embeddings=args.prompt + args.gen, attention_layout=layout,
+        block_size=args.block,
+    )
+
+
+def train(layout: str, args, out_dir: Path) -> Path:
+    path = out_dir / layout
+    if (path / "config.json").exists():
+        return path
+    model = build_model(layout, args).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    start = time.time()
+    for step in range(args.train_steps):
+        lr = args.lr * min(1.0, (step + 1) / 50)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = make_batch(args.train_batch, args.prompt, args.gen, g)
+        if layout == "block_causal":  # the prompt is exactly one block: it is the clean first block
+            loss = block_diffusion_loss(model, x, SYMBOLS, block_size=args.block, generator=g).loss
+        else:
+            loss = sft_loss(model, x, SYMBOLS, prompt_lengths=torch.full((x.shape[0],), args.prompt), generator=g).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.train_steps - 1:
+            print(f"[{layout}] step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def _llada2(model, prompts, args, threshold):
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    pipe = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=args.block), tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    calls = {"n": 0}
+    forward = model.forward
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    model.forward = counted
+    out = pipe(input_ids=prompts, gen_length=args.gen, block_length=args.block, num_inference_steps=args.block,
+               threshold=threshold, editing_threshold=None, eos_early_stop=False, mask_token_id=SYMBOLS,
+               output_type="seq", use_chat_template=False)
+    model.forward = forward
+    return torch.cat([prompts, out.sequences], dim=1), calls["n"]
+
+
+def run_config(spec: dict, queue) -> None:
+    """One configuration in a fresh process: decode the evaluation prompts, report speed/quality/RSS."""
+    torch.set_num_threads(spec["threads"])
+    args = argparse.Namespace(**spec["args"])
+    model = DiffusionTransformer.from_pretrained(spec["model"]).eval()
+    g = torch.Generator().manual_seed(123)
+    data = make_batch(args.batch * args.rounds, args.prompt, args.gen, g)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    correct = total = nfe = 0
+    elapsed = 0.0
+    for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+        batch = data[(r % args.rounds) * args.batch : (r % args.rounds + 1) * args.batch]
+        prompts = batch[:, : args.prompt]
+        start = time.perf_counter()
+        with torch.no_grad():
+            if spec["engine"] == "llada2":
+                seq, calls = _llada2(model, prompts, args, spec["knobs"].get("threshold", 2.0))
+            else:
+                out = generate(model, prompts, gen_length=args.gen, block_length=args.block, **spec["knobs"])
+                seq, calls = out.sequences, out.nfe
+        took = time.perf_counter() - start
+        if r == 0:
+            continue
+        elapsed += took
+        nfe += calls
+        correct += int((seq[:, args.prompt :] == batch[:, args.prompt :]).sum())
+        total += batch[:, args.prompt :].numel()
+    queue.put(dict(
+        name=spec["name"], tokens_per_s=total / elapsed, nfe_per_batch=nfe / args.rounds, accuracy=correct / total,
+        seconds=elapsed, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_before_decoding_mib=rss0 / 1024,
+    ))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--train-steps", type=int, default=600)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="runs/bench_decoding", help="where the trained models are kept")
+    ap.add_argument("--out", default="benchmarks/results/decoding-cpu.json")
+    args = ap.parse_args(argv)
+    if args.prompt != args.block:
+        sys.exit("--prompt must equal --block: the block_causal model is trained with the prompt as block 0")
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    models = {layout: str(train(layout, args, work)) for layout in ("bidirectional", "block_causal")}
+    steps = args.gen  # 1 token per step
+    th = args.threshold
+    configs = [
+        ("llada_1tok_per_step", "bidirectional", "ours", dict(steps=steps)),
+        ("threshold", "bidirectional", "ours", dict(commit="threshold", threshold=th)),
+        ("threshold+prefix_cache", "bidirectional", "ours", dict(commit="threshold", threshold=th, cache="prefix")),
+        ("threshold+dual_cache", "bidirectional", "ours", dict(commit="threshold", threshold=th, cache="dual")),
+        ("block_causal_1tok_no_cache", "block_causal", "ours", dict(steps=steps, cache="none")),
+        ("block_causal_1tok_exact_cache", "block_causal", "ours", dict(steps=steps, cache="block_exact")),
+        ("block_causal_threshold_exact_cache", "block_causal", "ours",
+         dict(commit="threshold", threshold=th, cache="block_exact")),
+        ("diffusers_llada2_1tok", "block_causal", "llada2", dict(threshold=2.0)),
+        ("diffusers_llada2_threshold", "block_causal", "llada2", dict(threshold=th)),
+    ]
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name, layout, engine, knobs in configs:
+        queue = ctx.Queue()
+        spec = dict(name=name, model=models[layout], engine=engine, knobs=knobs, args=vars(args), threads=args.threads)
+        proc = ctx.Process(target=run_config, args=(spec, queue))
+        proc.start()
+        row = queue.get()
+        proc.join()
+        row["layout"] = layout
+        rows.append(row)
+        print(f"{name:36s} {row['tokens_per_s']:9.1f} tok/s  nfe/batch {row['nfe_per_batch']:7.1f}  "
+              f"acc {row['accuracy']:.4f}  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    by = {r["name"]: r for r in rows}
+    ratios = {
+        "threshold_vs_1tok": by["threshold"]["tokens_per_s"] / by["llada_1tok_per_step"]["tokens_per_s"],
+        "threshold_dual_vs_1tok": by["threshold+dual_cache"]["tokens_per_s"] / by["llada_1tok_per_step"]["tokens_per_s"],
+        "exact_block_cache_vs_none_1tok": by["block_causal_1tok_exact_cache"]["tokens_per_s"]
+        / by["block_causal_1tok_no_cache"]["tokens_per_s"],
+        "ours_vs_llada2_1tok": by["block_causal_1tok_exact_cache"]["tokens_per_s"]
+        / by["diffusers_llada2_1tok"]["tokens_per_s"],
+        "ours_vs_llada2_threshold": by["block_causal_threshold_exact_cache"]["tokens_per_s"]
+        / by["diffusers_llada2_threshold"]["tokens_per_s"],
+    }
+    for k, v in ratios.items():
+        print(f"{k:36s} {v:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
+        command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
+        torch=torch.__version__, threads=args.threads, args=vars(args), rows=rows, ratios=ratios,
+    ), indent=2))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
