@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
+
+# diffusers' pipeline loader finds the loading method by looking base classes up in this module's namespace.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from PIL import Image, ImageOps
 
 from .base import ModalityAdapter, PrefixEmbeds, register_adapter
