@@ -355,6 +355,7 @@ def elbo_nll(
     block_size: int | None = None,
     generator: torch.Generator | None = None,
     t_min: float = 1e-4,
+    target_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> ElboOutput:
     """Monte-Carlo estimate of the masked-diffusion ELBO (an upper bound on the NLL), per sequence.
@@ -363,10 +364,14 @@ def elbo_nll(
     stratified times ``t_k = (u + k) / K`` (clamped to ``t_min``), and the estimate is their mean.
     With ``block_size`` the block-diffusion bound is estimated instead (each block denoised given the
     clean blocks before it, one time per block), which is the right bound for ``block_causal`` models.
+    ``target_mask`` ``[B, N]`` restricts the masked and scored tokens (e.g. the answers of SFT pairs,
+    the prompt staying clean): the bound is then on ``-log p(answer | prompt)``.
     """
     sched = get_schedule(schedule)
     B, N = input_ids.shape
     valid = _valid_mask(input_ids, attention_mask)
+    if target_mask is not None:
+        valid = valid & target_mask.bool()
     total = torch.zeros(B, dtype=torch.float64, device=input_ids.device)
     nb = 1 if block_size is None else -(-N // block_size)
     # one offset per (row, block); draw k of K uses the k-th stratum

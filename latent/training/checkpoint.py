@@ -1,0 +1,272 @@
+"""Checkpoints in safetensors + JSON only (nothing is ever pickled or ``torch.load``-ed), written atomically.
+
+Layout of ``<run>/checkpoints/step_00000100/``::
+
+    model/config.json, model/diffusion_pytorch_model.safetensors   (diffusers save format)
+    state.safetensors + state.json    optimizer, LR scheduler, data position, step, metrics
+    rng_rank<r>.safetensors + .json   each rank's torch / CUDA / Python RNG states
+    COMPLETE                          written last
+
+Nested state (the optimizer's ``state_dict``, the data stream's state, ...) is flattened by
+:func:`flatten`: tensors go to the safetensors file under their path, everything else stays in a JSON
+skeleton with ``{"__tensor__": key}`` placeholders. A checkpoint is built in ``.tmp-step_...``, every
+file is fsync-ed, and the folder is renamed into place; :func:`latest_checkpoint` only ever returns
+folders that were renamed and carry ``COMPLETE``, so a run killed at any moment resumes from its last
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "flatten", "unflatten", "write_state", "read_state", "latest_checkpoint", "list_checkpoints",
+    "CheckpointWriter", "rng_state", "set_rng_state", "check_model_compatible", "MODEL_WEIGHTS",
+]
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+# ------------------------------------------------------------------------------ flatten / unflatten
+def flatten(obj, tensors: dict | None = None, prefix: str = "s"):
+    """Split a nested structure into (skeleton JSON, {key: tensor})."""
+    if tensors is None:
+        tensors = {}
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}, tensors
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: flatten(v, tensors, f"{prefix}.{k}")[0] for k, v in obj.items()}, tensors
+        items = [[flatten(k, tensors, f"{prefix}.k{i}")[0], flatten(v, tensors, f"{prefix}.v{i}")[0]]
+                 for i, (k, v) in enumerate(obj.items())]
+        return {"__dict__": items}, tensors
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)]}, tensors
+    if isinstance(obj, list):
+        return [flatten(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)], tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).replace("torch.", "")}, tensors
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {prefix})")
+
+
+def unflatten(skel, tensors: dict):
+    if isinstance(skel, list):
+        return [unflatten(v, tensors) for v in skel]
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            return tensors[skel["__tensor__"]]
+        if "__tuple__" in skel:
+            return tuple(unflatten(v, tensors) for v in skel["__tuple__"])
+        if "__dict__" in skel:
+            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in skel["__dict__"]}
+        if "__dtype__" in skel:
+            return getattr(torch, skel["__dtype__"])
+        return {k: unflatten(v, tensors) for k, v in skel.items()}
+    return skel
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_state(folder: Path, name: str, obj) -> None:
+    """``name.safetensors`` + ``name.json`` holding ``obj`` (fsync-ed)."""
+    skel, tensors = flatten(obj)
+    st, js = folder / f"{name}.safetensors", folder / f"{name}.json"
+    save_file(tensors, str(st), metadata={"format": "pt"})
+    js.write_text(json.dumps(skel))
+    _fsync_file(st)
+    _fsync_file(js)
+
+
+def read_state(folder: Path, name: str):
+    folder = Path(folder)
+    skel = json.loads((folder / f"{name}.json").read_text())
+    tensors = {}
+    with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return unflatten(skel, tensors)
+
+
+# ------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached": float(cached)}
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+
+
+# ------------------------------------------------------------------------------ finding checkpoints
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = STEP_RE.match(d.name)
+            if m and d.is_dir() and (d / "COMPLETE").is_file():
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def check_model_compatible(model_dir: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Raise a clear ValueError when the saved weights do not fit ``model`` (other shape or names)."""
+    model_dir = Path(model_dir)
+    weights = model_dir / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {MODEL_WEIGHTS} in {model_dir}")
+    problems = []
+    cfg_path = model_dir / "config.json"
+    if cfg_path.is_file() and hasattr(model, "config"):
+        from latent.training.models import SHAPE_KEYS
+
+        saved = json.loads(cfg_path.read_text())
+        for k in SHAPE_KEYS:
+            if k in saved and saved[k] != getattr(model.config, k, saved[k]):
+                problems.append(f"{k}: checkpoint {saved[k]} vs model {getattr(model.config, k)}")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        saved_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for k, shape in saved_shapes.items():
+        if k not in own:
+            problems.append(f"{k}: in the checkpoint, not in the model")
+        elif own[k] != shape:
+            problems.append(f"{k}: checkpoint {list(shape)} vs model {list(own[k])}")
+    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
+    for k in own:
+        if k not in saved_shapes and k not in tied:
+            problems.append(f"{k}: in the model, not in the checkpoint")
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise ValueError(f"the checkpoint {model_dir} was saved from a different model shape:\n  {shown}")
+
+
+def load_model_weights(model_dir: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load safetensors weights (after :func:`check_model_compatible`) into ``model`` in place."""
+    check_model_compatible(model_dir, model)
+    sd = {}
+    with safe_open(str(Path(model_dir) / MODEL_WEIGHTS), framework="pt") as f:
+        for k in f.keys():
+            sd[k] = f.get_tensor(k)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"weights in {model_dir} do not match: missing {missing}, unexpected {unexpected}")
+
+
+# ------------------------------------------------------------------------------ writing
+class CheckpointWriter:
+    """Writes ``step_<n>`` folders atomically under ``root``; in a distributed run every rank calls
+    :meth:`begin`, :meth:`write_rank` and :meth:`commit` (with barriers between them), and only the
+    main process writes the shared files and renames."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, is_main: bool = True, barrier=None):
+        self.root = Path(root)
+        self.keep = keep
+        self.is_main = is_main
+        self.barrier = barrier or (lambda: None)
+
+    def cleanup_partial(self) -> None:
+        """Remove half-written folders left by a killed run (main process only)."""
+        if self.is_main and self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.name.startswith(".tmp-") or d.name.startswith(".old-"):
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f".tmp-step_{step:08d}"
+
+    def save(self, step: int, write_main, rank: int = 0) -> Path | None:
+        """``write_main(folder)`` writes the shared files (main process only); every rank writes its RNG."""
+        tmp = self.tmp_dir(step)
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        write_state(tmp, f"rng_rank{rank}", rng_state())
+        self.barrier()
+        final = self.root / f"step_{step:08d}"
+        if self.is_main:
+            write_main(tmp)
+            (tmp / "COMPLETE").write_text(f"{step}\n")
+            _fsync_file(tmp / "COMPLETE")
+            for sub in tmp.rglob("*"):
+                if sub.is_dir():
+                    _fsync_dir(sub)
+            _fsync_dir(tmp)
+            old = None
+            if final.exists():  # the same step saved again (e.g. a resume that stops at once)
+                old = self.root / f".old-step_{step:08d}"
+                os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep <= 0:
+            return
+        ckpts = list_checkpoints(self.root)
+        for _, d in ckpts[: -self.keep]:
+            trash = self.root / f".old-{d.name}"
+            os.rename(d, trash)  # atomic: a half-deleted folder is never taken for a checkpoint
+            shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Validation bound (bits per token) and text samples for a trained backbone.
+
+- ``mdm``: Monte-Carlo masked-diffusion ELBO (:func:`latent.losses.elbo_nll`).
+- ``block_diffusion``: the block-diffusion bound (each block given the clean blocks before it).
+- ``sft``: the ELBO of the answers given the prompts.
+- ``causal``: the exact autoregressive NLL (BOS = EOS prepended, so every token is scored, as in the
+  diffusion bounds).
+
+All are upper bounds on (or, for AR, equal to) the negative log-likelihood in bits per token, so the
+numbers are comparable across objectives on the same validation sequences. Each validation batch
+uses its own generator seeded by (seed, batch index): the value does not depend on the number of
+processes that share the work.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from latent.losses import causal_nll, elbo_nll
+
+__all__ = ["validation_bound", "sample_texts", "ar_generate", "build_text_pipeline"]
+
+
+def _raw(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def validation_bound(model, ids: torch.Tensor, objective: str, mask_token_id: int, eos_token_id: int | None,
+                     num_samples: int = 8, batch_size: int = 16, schedule: str = "linear",
+                     prompt_lengths: torch.Tensor | None = None, seed: int = 0, rank: int = 0,
+                     world_size: int = 1, device=None, autocast=None, reduce=None, block_size: int | None = None) -> dict:
+    """Returns ``{"bits_per_token", "nll_per_token", "tokens"}`` over all of ``ids``."""
+    was_training = model.training
+    model.eval()
+    device = device or ids.device
+    n_batches = math.ceil(len(ids) / batch_size)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    per_rank = math.ceil(n_batches / world_size)
+    for j in range(per_rank):
+        i = j * world_size + rank
+        real = i < n_batches
+        i = min(i, n_batches - 1)  # ranks without work repeat the last batch (FSDP needs every rank) and drop it
+        x = ids[i * batch_size : (i + 1) * batch_size].to(device)
+        g = torch.Generator().manual_seed(int(seed) * 100_003 + i)
+        ctx = autocast() if autocast is not None else nullcontext()
+        with ctx:
+            if objective == "causal":
+                out = causal_nll(model, x, bos_token_id=eos_token_id)
+            else:
+                target = None
+                if prompt_lengths is not None:
+                    pl = prompt_lengths[i * batch_size : (i + 1) * batch_size].to(device)
+                    target = torch.arange(x.shape[1], device=device)[None] >= pl[:, None]
+                out = elbo_nll(model, x, mask_token_id, num_samples=num_samples, schedule=schedule,
+                               block_size=block_size if objective == "block_diffusion" else None,
+                               generator=g, target_mask=target)
+        if real:
+            nll += out.nll.double().sum()
+            tokens += out.num_tokens.double().sum()
+    if reduce is not None:
+        nll, tokens = reduce(nll), reduce(tokens)
+    model.train(was_training)
+    per_tok = float(nll / tokens.clamp(min=1))
+    return {"bits_per_token": per_tok / math.log(2), "nll_per_token": per_tok, "tokens": int(tokens)}
+
+
+@torch.no_grad()
+def ar_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                eos_token_id: int | None = None, generator: torch.Generator | None = None, top_k: int | None = 50):
+    """Plain ancestral sampling from a causal backbone (greedy at temperature 0), one row."""
+    x = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(x).logits[:, -1].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, -1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(x.device)
+        x = torch.cat([x, nxt], dim=1)
+        if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+            break
+    return x
+
+
+def build_text_pipeline(model, tokenizer, block_length: int = 32):
+    """``pipelines.text.TextDiffusionPipeline`` around a backbone and tokenizer (None if not installed)."""
+    try:
+        from latent.scheduler import MaskedDiffusionScheduler
+        from pipelines.text import TextDiffusionPipeline
+    except ImportError:
+        return None
+    return TextDiffusionPipeline(model=model, tokenizer=tokenizer,
+                                 scheduler=MaskedDiffusionScheduler(block_length=block_length))
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, objective: str, prompts, gen_length: int = 64, steps: int = 64,
+                 block_length: int = 32, temperature: float = 0.0, seed: int = 0, device=None,
+                 pipeline=None) -> list[dict]:
+    """One continuation per prompt: through the text pipeline (``pipeline``, or one built around the
+    model) for the diffusion objectives, with :func:`ar_generate` for the autoregressive baseline. Each
+    prompt is preceded by EOS (documents follow an EOS in training), so an empty prompt is allowed."""
+    if pipeline is not None:
+        model = pipeline.model
+    model = _raw(model)
+    model.eval()
+    device = device or next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    max_ctx = model.config.max_position_embeddings
+    if objective == "block_diffusion":
+        block_length = model.config.block_size
+    bl = min(block_length, gen_length)
+    gl = max(bl, (gen_length // bl) * bl)
+    nb = gl // bl
+    st = max(nb, (steps // nb) * nb)
+    if objective != "causal" and pipeline is None:
+        pipeline = build_text_pipeline(model, tokenizer, bl)
+    out = []
+    for k, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        ids = ([eos] + ids) if eos is not None else ids
+        g = torch.Generator().manual_seed(int(seed) + k)
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        if objective == "causal":
+            seq = ar_generate(model, x, min(gen_length, max_ctx - x.shape[1]), temperature, eos, g)[0, x.shape[1]:]
+        elif pipeline is not None:
+            res = pipeline(input_ids=x, gen_length=gl, block_length=bl, steps=st, temperature=temperature,
+                           generator=g)
+            out.append({"prompt": prompt, "text": res.texts[0]})
+            continue
+        else:  # no pipeline package: the sampler's generate function
+            from latent.sampling import generate
+
+            res = generate(model, x, gen_length=gl, block_length=bl, steps=st, temperature=temperature,
+                           generator=g, eos_token_id=eos)
+            seq = res.sequences[0, x.shape[1]:]
+        seq = seq.tolist()
+        if eos is not None and eos in seq:
+            seq = seq[: seq.index(eos)]
+        out.append({"prompt": prompt, "text": tokenizer.decode(seq, skip_special_tokens=True)})
+    return out

@@ -1,0 +1,273 @@
+"""train.py and latent/training: recipes, objectives, exact resume, atomic checkpoints, bad input."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train as train_cli
+from latent.data.corpus import build_corpus, missing_sources
+from latent.data.tokenizer import train_tokenizer
+from latent.training.checkpoint import flatten, latest_checkpoint, read_state, unflatten, write_state
+from latent.training.config import ConfigError, load_config
+from latent.training.optim import warmup_cosine
+from latent.training.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+needs_corpus = pytest.mark.skipif(bool(missing_sources()), reason=f"missing {missing_sources()} (.ci/run installs them)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "english-300"
+    build_corpus(out, max_docs=300, progress=False)
+    tok = out / "tok-320"
+    if not (tok / "tokenizer.json").exists():
+        train_tokenizer([out / "train.jsonl"], tok, vocab_size=320)
+    return out
+
+
+def tiny_overrides(corpus, out):
+    return [
+        f"run.output_dir={out}", f"data.corpus_dir={corpus}", f"tokenizer.path={corpus / 'tok-320'}",
+        "data.seq_len=32", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+        "model.max_position_embeddings=64", "model.block_size=8",
+        "trainer.batch_size=4", "trainer.max_steps=4", "trainer.progress=false", "trainer.tensorboard=false",
+        "trainer.plot=false", "trainer.log_every=1", "trainer.save_every=0", "trainer.eval_every=0",
+        "optim.warmup_steps=2", "optim.lr=3e-3",
+        "eval.valid_sequences=4", "eval.batch_size=4", "eval.elbo_samples=2", "eval.num_samples=0",
+        "eval.sample_length=8", "eval.sample_steps=8", "eval.sample_block_length=8",
+    ]
+
+
+def tiny(corpus, out, *extra, recipe="text_tiny.yaml"):
+    """A config small enough for a few CPU steps per second."""
+    return load_config(REPO / "configs" / recipe, tiny_overrides(corpus, out) + list(extra))
+
+
+def losses(run_dir):
+    with open(Path(run_dir) / "train.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def evals(run_dir):
+    with open(Path(run_dir) / "eval.csv") as f:
+        return [(int(r["step"]), float(r["val_bits_per_token"])) for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_config_overrides_presets_and_near_matches(tmp_path):
+    cfg = load_config(REPO / "configs/text_tiny.yaml", ["trainer.max_steps=200", "model.hidden_size=256"])
+    assert cfg.trainer.max_steps == 200 and cfg.model.hidden_size == 256
+    assert cfg.model.num_layers == 4 and cfg.model.name == "diffusion_transformer"  # from configs/model/tiny.yaml
+    assert cfg.tokenizer.train_dir == "data/english/tokenizer-bpe4096"  # interpolation resolved
+    with pytest.raises(ConfigError, match=r"trainer\.max_step\b.*did you mean trainer\.max_steps"):
+        load_config(REPO / "configs/text_tiny.yaml", ["trainer.max_step=3"])
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        load_config(REPO / "configs/text_tiny.yaml", ["model.hiden_size=3"])
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(REPO / "configs/text_tiny.yaml", ["trainr.max_steps=3"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_config(REPO / "configs/text_tiny.yaml", ["trainer.max_steps=many"])
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(REPO / "configs/text_tiny.yaml", ["model.preset=tinny"])
+    with pytest.raises(ConfigError, match="objective.name"):
+        load_config(REPO / "configs/text_tiny.yaml", ["objective.name=diffusion"])
+    # every shipped recipe loads
+    for recipe in sorted((REPO / "configs").glob("text_*.yaml")):
+        load_config(recipe)
+
+
+def test_cli_reports_config_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_cli.main([str(REPO / "configs/text_tiny.yaml"), "trainer.max_step=3"])
+    assert e.value.code == 2 and "did you mean trainer.max_steps" in capsys.readouterr().err
+    train_cli.main([str(REPO / "configs/text_tiny.yaml"), "--print-config", "trainer.max_steps=9"])
+    assert "max_steps: 9" in capsys.readouterr().out
+
+
+def test_warmup_cosine_shape():
+    lr = [warmup_cosine(s, 10, 100, 0.1) for s in range(101)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert lr[100] == pytest.approx(0.1) and all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+
+
+def test_flatten_roundtrip(tmp_path):
+    obj = {"state": {3: {"step": torch.tensor(2.0), "m": torch.randn(2, 3)}}, "groups": [{"betas": (0.9, 0.95),
+           "params": ["a", "b"], "lr": 1e-3, "none": None}], "py": (3, tuple(range(5)), None)}
+    write_state(tmp_path, "x", obj)
+    back = read_state(tmp_path, "x")
+    assert back["groups"] == obj["groups"] and back["py"] == obj["py"]
+    assert torch.equal(back["state"][3]["m"], obj["state"][3]["m"])
+    skel, tensors = flatten(obj)
+    json.dumps(skel)
+    assert unflatten(skel, tensors)["groups"][0]["betas"] == (0.9, 0.95)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@needs_corpus
+def test_train_mdm_learns_and_writes_everything(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny(corpus, out, "trainer.max_steps=20", "trainer.tensorboard=true", "trainer.plot=true",
+               "eval.num_samples=1", "eval.elbo_samples=4", "trainer.save_every=10", "trainer.keep_checkpoints=2", "optim.lr=1e-2")
+    res = train(cfg)
+    assert res.completed and res.step == 20
+    ls = [v for _, v in losses(out)]
+    assert len(ls) == 20 and all(math.isfinite(v) for v in ls)
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5  # it learns
+    ev = evals(out)
+    assert [s for s, _ in ev] == [0, 20] and ev[1][1] < ev[0][1]
+    assert abs(ev[0][1] - math.log2(320)) < 2.0  # untrained ~ uniform over the vocabulary
+    for name in ("config.yaml", "loss.png", "result.json", "samples.txt", "final/backbone/config.json",
+                 "pipeline/model_index.json",
+                 "final/tokenizer/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tb").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    assert OmegaConf.load(out / "config.yaml").trainer.max_steps == 20
+    assert res.samples and isinstance(res.samples[0]["text"], str)
+    from latent.backbone import DiffusionTransformer
+
+    model = DiffusionTransformer.from_pretrained(str(out / "final/backbone"))
+    assert model.config.hidden_size == 32
+
+
+@needs_corpus
+@pytest.mark.parametrize("recipe,extra", [
+    ("text_tiny_ar.yaml", []),
+    ("text_tiny_bd3.yaml", ["model.block_size=8"]),
+    ("text_tiny_sft.yaml", []),
+])
+def test_other_objectives_train(corpus, tmp_path, recipe, extra):
+    out = tmp_path / "run"
+    res = train(tiny(corpus, out, *extra, "eval.num_samples=1", recipe=recipe))
+    assert res.completed and all(math.isfinite(v) for _, v in losses(out))
+    assert math.isfinite(res.final_bits_per_token) and res.samples
+
+
+@needs_corpus
+def test_exact_resume_and_half_written_checkpoints(corpus, tmp_path):
+    """2N steps straight == N steps, stop, resume, N steps -- in every logged loss and eval."""
+    n = 3
+    common = ["trainer.max_steps=6", "trainer.eval_every=2", "trainer.save_every=3", "trainer.grad_accum=2"]
+    straight = tmp_path / "straight"
+    train(tiny(corpus, straight, *common))
+    split = tmp_path / "split"
+    first = train(tiny(corpus, split, *common, f"trainer.stop_at_step={n}"))
+    assert not first.completed and first.step == n
+    # a killed run: a half-written folder, a folder never marked complete, and log rows after the checkpoint
+    (split / "checkpoints" / ".tmp-step_00000004").mkdir()
+    shutil.copytree(split / "checkpoints" / "step_00000003", split / "checkpoints" / "step_00000005")
+    (split / "checkpoints" / "step_00000005" / "COMPLETE").unlink()
+    with open(split / "train.csv", "a") as f:
+        f.write("4,123.0,0,0,0,0,0\n")
+    assert latest_checkpoint(split / "checkpoints").name == "step_00000003"
+    second = train(tiny(corpus, split, *common))
+    assert second.completed and second.step == 6
+    assert losses(split) == losses(straight)
+    assert evals(split) == evals(straight)
+    assert not (split / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+@needs_corpus
+def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
+    a = train(tiny(corpus, tmp_path / "a", "trainer.max_steps=3", "eval.final=false", "trainer.eval_at_start=false"))
+    b = train(tiny(corpus, tmp_path / "b", "trainer.max_steps=3", "trainer.grad_accum=2", "eval.final=false",
+                   "trainer.eval_at_start=false"))
+    for x, y in zip(a.losses, b.losses, strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
+@needs_corpus
+def test_frozen_parameters_have_no_optimizer_state(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "f", "optim.freeze=[embed.*,blocks.0.*]", "trainer.max_steps=2",
+               "trainer.eval_at_start=false", "eval.final=false")
+    tr = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.fit()
+    frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
+    assert "embed.weight" in frozen and any(n.startswith("blocks.0.") for n in frozen)
+    state_params = {id(p) for p in tr.inner_opt.state}
+    for n, p in tr.model.named_parameters():
+        if n in frozen:
+            assert id(p) not in state_params and torch.equal(p, before[n])
+        else:
+            assert id(p) in state_params
+    with pytest.raises(ValueError, match="match no parameter"):
+        Trainer(tiny(corpus, tmp_path / "g", "optim.freeze=[encoder.*]"))
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@needs_corpus
+def test_bad_input_fails_before_training(corpus, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Trainer(tiny(corpus, out, f"data.train_files=[{tmp_path / 'nope.jsonl'}]",
+                     f"data.valid_files=[{corpus / 'valid.jsonl'}]"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(tiny(corpus, out, f"data.train_files=[{empty}]", f"data.valid_files=[{corpus / 'valid.jsonl'}]"))
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        Trainer(tiny(corpus, out, "data.seq_len=128"))
+    with pytest.raises(ConfigError, match="2 x seq_len"):
+        Trainer(tiny(corpus, out, "data.seq_len=40", "model.block_size=8", recipe="text_tiny_bd3.yaml"))
+    with pytest.raises(ConfigError, match="attention_layout"):
+        Trainer(tiny(corpus, out, "model.attention_layout=bidirectional", recipe="text_tiny_ar.yaml"))
+    assert not (out / "train.csv").exists()
+    # a checkpoint from a different model shape
+    ok = tmp_path / "ok"
+    train(tiny(corpus, ok, "trainer.max_steps=1", "trainer.eval_at_start=false", "eval.final=false"))
+    with pytest.raises(ValueError, match=r"(?s)different model shape.*hidden_size: checkpoint 32 vs model 48"):
+        Trainer(tiny(corpus, ok, "model.hidden_size=48"))
+    with pytest.raises(ValueError, match="different model shape"):
+        Trainer(tiny(corpus, tmp_path / "x", "model.hidden_size=48", f"model.init_from={ok / 'final'}"))
+
+
+# ------------------------------------------------------------------------------------ distributed
+
+
+@needs_corpus
+def test_two_gloo_processes_match_one_process(corpus, tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo), global batch 4 = 2 x 2 rows: the same logged losses
+    and validation bounds as one process with the whole batch."""
+    extra = ["trainer.max_steps=3", "trainer.save_every=2"]
+    single = tmp_path / "single"
+    train(tiny(corpus, single, *extra))
+    ddp = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(REPO / "train.py"),
+           str(REPO / "configs/text_tiny.yaml"), *tiny_overrides(corpus, ddp), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(single), losses(ddp)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
+    for (s1, x), (s2, y) in zip(evals(single), evals(ddp), strict=True):
+        assert s1 == s2 and x == pytest.approx(y, rel=1e-5)
+    assert (ddp / "checkpoints" / "step_00000002" / "rng_rank1.json").exists()
