@@ -14,7 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "TASKS"]
+
+# Recipes with a top-level `task:` other than "text" are trained by their task's own loop, which takes
+# the same command line (recipe, dot-list overrides, --print-config): "module" or "module:function".
+TASKS = {
+    "caption": "pipelines.caption_training:main",
+}
+
+
+def _task_of(config_path: str) -> str:
+    from omegaconf import OmegaConf
+
+    try:
+        recipe = OmegaConf.load(config_path)
+    except Exception:  # unreadable recipes are reported by load_config below
+        return "text"
+    return str(recipe.get("task", "text")) if hasattr(recipe, "get") else "text"
 
 
 def main(argv=None):
@@ -26,6 +42,21 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. trainer.max_steps=200")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = ap.parse_intermixed_args(argv)
+
+    task = _task_of(args.config)
+    if task != "text":
+        if task not in TASKS:
+            known = ", ".join(["text", *TASKS])
+            print(f"config error: task={task!r} is unknown; known tasks: {known}", file=sys.stderr)
+            raise SystemExit(2)
+        import importlib
+
+        module, _, fn = TASKS[task].partition(":")
+        argv_task = [args.config, *args.overrides] + (["--print-config"] if args.print_config else [])
+        code = getattr(importlib.import_module(module), fn or "main")(argv_task)
+        if code:
+            raise SystemExit(code)
+        return None
 
     from omegaconf import OmegaConf
 

@@ -105,6 +105,19 @@ def test_cli_reports_config_errors(capsys):
     assert "max_steps: 9" in capsys.readouterr().out
 
 
+def test_cli_dispatches_other_tasks(tmp_path, capsys):
+    """A recipe with `task: caption` goes to that task's own loop, with the same command line."""
+    recipe = tmp_path / "cap.yaml"
+    recipe.write_text("task: caption\nrun:\n  name: cap\n")
+    train_cli.main([str(recipe), "--print-config", "run.seed=7"])
+    out = capsys.readouterr().out
+    assert "task: caption" in out and "seed: 7" in out
+    recipe.write_text("task: juggling\n")
+    with pytest.raises(SystemExit):
+        train_cli.main([str(recipe)])
+    assert "known tasks" in capsys.readouterr().err
+
+
 def test_warmup_cosine_shape():
     lr = [warmup_cosine(s, 10, 100, 0.1) for s in range(101)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)

@@ -115,6 +115,7 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "text"  # other tasks (e.g. caption) are dispatched by train.py to their own loop
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -234,6 +235,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 _CHOICES = {
+    "task": ("text",),
     "data.format": ("text", "sft"),
     "objective.name": ("mdm", "sft", "block_diffusion", "causal"),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
