@@ -1,0 +1,160 @@
+"""LatentReasoningPipeline with tiny random modules: the attention layout, the training loss, block-wise
+generation with several diffusers schedulers, callbacks, save/load and clear errors."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+from autoencoders.thought_vae import ThoughtVAE
+from experiments.latent_tasks import make_tokenizer
+from latent.backbone import DiffusionTransformer
+from latent.continuous import GaussianDiffusion
+from pipelines.latent_reasoning import LatentReasoningPipeline, latent_reasoning_loss, reasoning_layout
+
+Q, A, K, k, C = 6, 3, 2, 2, 4
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = DiffusionTransformer(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+                                 mask_token_id=tok.mask_token_id, max_position_embeddings=64, latent_dim=C).eval()
+    vae = ThoughtVAE(vocab_size=len(tok), max_length=6, num_latents=k, latent_dim=C, hidden_size=32, num_layers=1,
+                     num_heads=2, pad_token_id=tok.pad_token_id).eval()
+    sched = GaussianDiffusion("v_prediction").make_scheduler("ddim")
+    return model, vae, tok, sched
+
+
+def make_pipe(parts, **kw):
+    model, vae, tok, sched = parts
+    return LatentReasoningPipeline(model, vae, tok, sched, question_length=Q, answer_length=A,
+                                   num_thought_blocks=K, prediction_type="v_prediction", **kw)
+
+
+def test_layout_matches_rules():
+    # slots: q0 q1 | a0 | c0 c0 c1 c1 | n0 n0 n1 n1   (k = 2)
+    mask, pos = reasoning_layout(1, 2, 1, 2, 2, 2, [0, 1])
+    kind = ["q", "q", "a", "c", "c", "c", "c", "n", "n", "n", "n"]
+    blk = [-1, -1, -1, 0, 0, 1, 1, 0, 0, 1, 1]
+    want = torch.zeros(11, 11, dtype=torch.bool)
+    for i in range(11):
+        for j in range(11):
+            if kind[j] == "q":
+                want[i, j] = True
+            elif kind[i] == "a":
+                want[i, j] = kind[j] in ("c", "a")
+            elif kind[i] == "c":
+                want[i, j] = kind[j] == "c" and blk[j] <= blk[i]
+            elif kind[i] == "n":
+                want[i, j] = (kind[j] == "c" and blk[j] < blk[i]) or (kind[j] == "n" and blk[j] == blk[i])
+    assert torch.equal(mask[0, 0], want)
+    assert pos[0].tolist() == [0, 1, 6, 2, 3, 4, 5, 2, 3, 4, 5]
+
+
+def test_loss_respects_block_causality(parts):
+    model = parts[0]
+    g = torch.Generator().manual_seed(0)
+    qi = torch.randint(5, 23, (2, Q), generator=g)
+    ai = torch.randint(5, 23, (2, A), generator=g)
+    z = torch.randn(2, K, k, C, generator=g)
+    d = GaussianDiffusion("v_prediction")
+    out = latent_reasoning_loss(model, qi, ai, z, parts[2].mask_token_id, d, lam=0.5, generator=g)
+    torch.testing.assert_close(out.loss, out.ce + 0.5 * out.mse)
+    # the forward it uses: a noisy block-0 prediction ignores clean block 1 and the noisy block 1
+    mask, pos = reasoning_layout(2, Q, A, k, K, K, range(K))
+    ids = torch.cat([qi, ai], 1)
+    t = torch.cat([torch.zeros(2, K * k), torch.full((2, K * k), 0.5)], 1)
+    lat = torch.cat([z.reshape(2, -1, C), torch.randn(2, K * k, C, generator=g)], 1)
+    o1 = model(ids, latents=lat, timestep=t, attention_mask=mask, position_ids=pos)
+    lat2 = lat.clone()
+    lat2[:, k : 2 * k] += 1.0  # clean block 1
+    lat2[:, K * k + k :] += 1.0  # noisy block 1
+    o2 = model(ids, latents=lat2, timestep=t, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(o1.latent_pred[:, K * k : K * k + k], o2.latent_pred[:, K * k : K * k + k])
+    assert not torch.allclose(o1.latent_pred[:, -k:], o2.latent_pred[:, -k:])
+    # the question never sees thoughts or answer
+    lat3 = lat + 1.0
+    o3 = model(ids, latents=lat3, timestep=t, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(o1.hidden_states[:, :Q], o3.hidden_states[:, :Q])
+
+
+@pytest.mark.parametrize("sched", ["ddim", "dpm"])
+def test_pipeline_runs_with_schedulers_and_callback(parts, sched):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler = {"ddim": DDIMScheduler(prediction_type="v_prediction", clip_sample=False,
+                                       beta_schedule="squaredcos_cap_v2"),
+                 "dpm": DPMSolverMultistepScheduler(prediction_type="v_prediction",
+                                                    beta_schedule="squaredcos_cap_v2")}[sched]
+    seen = []
+
+    def cb(p, step, t, kw):
+        seen.append((step, kw["block"], tuple(kw["latents"].shape)))
+        return {}
+
+    out = pipe(["12+3", "4*5-1"], num_thought_blocks=2, num_inference_steps=3, scheduler=scheduler,
+               generator=torch.Generator().manual_seed(0), callback_on_step_end=cb)
+    assert out.thought_latents.shape == (2, 2, k, C)
+    assert len(out.answers) == 2 and all(len(t) == 2 for t in out.thoughts)
+    assert isinstance(out.thoughts[0][0], str)
+    assert [s[0] for s in seen] == list(range(6)) and [s[1] for s in seen] == [0, 0, 0, 1, 1, 1]
+    assert seen[0][2] == (2, k, C)
+    assert out.nfe == 2 * 3 + A
+
+
+def test_first_block_does_not_depend_on_later_blocks_and_guidance(parts):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 3, k, C, generator=torch.Generator().manual_seed(1))
+    o1 = pipe("7+8", num_thought_blocks=1, num_inference_steps=2, latents=noise[:, :1])
+    o3 = pipe("7+8", num_thought_blocks=3, num_inference_steps=2, latents=noise)
+    torch.testing.assert_close(o1.thought_latents[:, 0], o3.thought_latents[:, 0])
+    og = pipe("7+8", num_thought_blocks=1, num_inference_steps=2, latents=noise[:, :1], guidance_scale=3.0)
+    assert not torch.allclose(og.thought_latents, o1.thought_latents)
+
+
+def test_callback_replaces_latents(parts):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("1+1", num_thought_blocks=1, num_inference_steps=2,
+               callback_on_step_end=lambda p, s, t, kw: {"latents": torch.zeros_like(kw["latents"])})
+    assert torch.equal(out.thought_latents, torch.zeros(1, 1, k, C))
+
+
+def test_save_load_round_trip(parts, tmp_path):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    pipe2 = LatentReasoningPipeline.from_pretrained(tmp_path)
+    pipe2.set_progress_bar_config(disable=True)
+    assert pipe2.config.question_length == Q and pipe2.config.prediction_type == "v_prediction"
+    a = pipe("3*3", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    b = pipe2("3*3", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.thought_latents, b.thought_latents)
+    assert a.answers == b.answers and a.thoughts == b.thoughts
+
+
+def test_bad_input(parts):
+    model, vae, tok, sched = parts
+    pipe = make_pipe(parts)
+    with pytest.raises(ValueError, match="num_thought_blocks must be an int >= 1"):
+        pipe("1+1", num_thought_blocks=0)
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*expects prediction_type='flow'"):
+        pipe("1+1", scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*expects prediction_type='epsilon'"):
+        pipe("1+1", scheduler=DDIMScheduler())
+    bad = torch.zeros(1, K, k, C)
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="latents contains 1 NaN"):
+        pipe("1+1", latents=bad)
+    with pytest.raises(ValueError, match=r"latents \(initial noise\) must be"):
+        pipe("1+1", latents=torch.zeros(1, K, k, C + 1))
+    other = ThoughtVAE(vocab_size=len(tok), max_length=6, num_latents=k, latent_dim=C + 2, hidden_size=32,
+                       num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match="model.config.latent_dim=4 but thought_vae.config.latent_dim=6"):
+        LatentReasoningPipeline(model, other, tok, sched)
+    with pytest.raises(ValueError, match="question_length is 6"):
+        pipe("1+2+3+4+5+6")
