@@ -10,7 +10,7 @@ on the same batches for the same number of steps:
             view of the same sequence, as in CCDD. At test time the latents are generated from noise
             together with the answer tokens, one forward per step.
 
-    python -m experiments.latent_joint                 # ~2-4 min on one CPU thread
+    python -m experiments.latent_joint                 # ~10-15 min on one busy CPU thread
     python -m experiments.latent_joint --steps 300     # smoke run
 
 Writes ``experiments/results/latent_joint.{md,json,png}``.
@@ -40,7 +40,7 @@ from latent.continuous import GaussianDiffusion
 from latent.joint import joint_loss, joint_sample
 from latent.losses import sft_loss
 
-Q_LEN, A_LEN = 15, 4
+Q_LEN, A_LEN = 11, 3
 
 
 @torch.no_grad()
@@ -79,15 +79,15 @@ def build(args, vocab):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--latent-dim", type=int, default=16)
-    ap.add_argument("--latent-tokens", type=int, default=20)
+    ap.add_argument("--latent-tokens", type=int, default=16)
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--sample-steps", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -2,11 +2,11 @@
 difficulty, a character tokenizer (a transformers fast tokenizer, so pipelines save and load it), and
 small helpers for padding and training loops.
 
-A problem is a left-to-right chain of operations on numbers in [0, 99]::
+A problem is a left-to-right chain of operations on numbers in [0, 19]::
 
-    question  "23+7*2-5"           (evaluated left to right, every partial result stays in 0..99)
-    steps     ["23+7=30", "30*2=60", "60-5=55"]
-    answer    "55"
+    question  "3+7*2-5"            (evaluated left to right, every partial result stays in 0..19)
+    steps     ["3+7=10", "10*2=20"...]   e.g. ["4+5=9", "9*2=18", "18-5=13"]
+    answer    "13"
 
 The difficulty is the number of operations (1 .. 4). Answers are checked by exact string match, so
 every score is verifiable. No real word-problem set installs offline here (PyPI has none that ships its
@@ -47,16 +47,21 @@ class Problem:
     difficulty: int
 
 
-def make_problem(rng: random.Random, difficulty: int) -> Problem:
-    """One chain of ``difficulty`` operations; retries until every partial result is in 0..99."""
+MAX_VALUE = 19
+
+
+def make_problem(rng: random.Random, difficulty: int, max_value: int = MAX_VALUE) -> Problem:
+    """One chain of ``difficulty`` operations on single-digit operands (``*`` by 2 or 3); retries until
+    every partial result is in ``0..max_value``. A small value range keeps each step a fact a tiny model
+    learns in minutes on a CPU, so accuracy measures composing steps, not multi-digit arithmetic."""
     while True:
-        x = rng.randint(0, 99)
+        x = rng.randint(0, max_value)
         q, steps = str(x), []
         for _ in range(difficulty):
             op = rng.choice("+-*")
-            n = rng.randint(2, 9) if op == "*" else rng.randint(1, 99)
+            n = rng.randint(2, 3) if op == "*" else rng.randint(1, 9)
             y = x + n if op == "+" else x - n if op == "-" else x * n
-            if not 0 <= y <= 99:
+            if not 0 <= y <= max_value:
                 break
             steps.append(f"{x}{op}{n}={y}")
             q += f"{op}{n}"
@@ -71,11 +76,17 @@ def make_dataset(n: int, difficulties=(1, 2, 3), seed: int = 0) -> list[Problem]
 
 
 def split(n_train: int, n_test: int, difficulties=(1, 2, 3), seed: int = 0):
-    """Train and test sets with no question in common."""
+    """Train and test sets. Test chains of 2+ operations never occur in training; single operations
+    (difficulty 1, a few hundred facts, all of which training covers) are the primitives and are kept."""
     train = make_dataset(n_train, difficulties, seed)
     seen = {p.question for p in train}
-    test = [p for p in make_dataset(n_test * 2, difficulties, seed + 1) if p.question not in seen][:n_test]
-    return train, test
+    pool = make_dataset(n_test * 3, difficulties, seed + 1)
+    test = [p for p in pool if p.difficulty == 1 or p.question not in seen]
+    per = n_test // len(difficulties)
+    out = []
+    for d in difficulties:
+        out += [p for p in test if p.difficulty == d][:per]
+    return train, out
 
 
 def encode_fixed(tokenizer, texts, length: int, pad_id: int, eos: bool = False, left: bool = False):
