@@ -63,21 +63,30 @@ class CaptionConfigError(ValueError):
     pass
 
 
+def _check_key(section: str, keys: list, label: str) -> None:
+    if section not in DEFAULTS:
+        raise CaptionConfigError(f"{label}: unknown section {section!r}; known: {sorted(DEFAULTS)}.")
+    if section in ("adapter", "model", "stages") or not isinstance(DEFAULTS[section], DictConfig):
+        return  # adapter/model keys are checked by the classes they build; stages is a list
+    extra = sorted(set(map(str, keys)) - set(DEFAULTS[section]))
+    if extra:
+        raise CaptionConfigError(f"{label}: unknown keys {extra} in {section!r}; known: {sorted(DEFAULTS[section])}.")
+
+
 def load_caption_config(path: str | os.PathLike | None = None, overrides=()) -> DictConfig:
     """Defaults <- recipe YAML <- dot-list overrides; unknown keys are refused with the known ones named."""
     user = OmegaConf.load(path) if path else OmegaConf.create({})
-    over = OmegaConf.from_dotlist(list(overrides))
-    for src, label in ((user, f"recipe {path}"), (over, "overrides")):
-        for section, value in src.items():
-            if section not in DEFAULTS:
-                raise CaptionConfigError(f"{label}: unknown section {section!r}; known: {sorted(DEFAULTS)}.")
-            if isinstance(value, DictConfig) and section not in ("adapter", "model"):
-                extra = sorted(set(value) - set(DEFAULTS[section]))
-                if extra:
-                    raise CaptionConfigError(
-                        f"{label}: unknown keys {extra} in {section!r}; known: {sorted(DEFAULTS[section])}."
-                    )
-    cfg = OmegaConf.merge(DEFAULTS, user, over)
+    for section, value in user.items():
+        _check_key(section, list(value) if isinstance(value, DictConfig) else [], f"recipe {path}")
+    cfg = OmegaConf.merge(DEFAULTS, user)
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        if not sep:
+            raise CaptionConfigError(f"override {item!r} must look like key=value, e.g. trainer.batch_size=16.")
+        parts = key.split(".")
+        _check_key(parts[0], parts[1:2], "overrides")
+        value = OmegaConf.from_dotlist([f"v={raw}"]).v  # parsed like any dot-list value
+        OmegaConf.update(cfg, key, value, force_add=parts[0] in ("adapter", "model", "stages"))
     if cfg.get("task") != "caption":
         raise CaptionConfigError(f"task must be 'caption', got {cfg.get('task')!r}.")
     for st in cfg.stages:

@@ -216,3 +216,12 @@ def test_emoji_render():
     im = _draw_emoji("\U0001F600", _emoji_font())
     assert im.getbbox() is not None and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
     assert isinstance(im, Image.Image)
+
+
+def test_train_py_dispatches_caption_recipes(tmp_path):
+    import train
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "caption_quickstart.yaml")
+    rc = train.main([recipe, "stages.0.steps=1", "data.num_train=8", "data.image_size=32",
+                     "adapter.image_size=32", "model.num_layers=1", f"run.output_dir={tmp_path}"])
+    assert rc is None and (tmp_path / "pipeline" / "model_index.json").exists()
