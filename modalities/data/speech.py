@@ -1,0 +1,283 @@
+"""Spoken questions with verifiable answers, synthesised offline with espeak-ng, for the audio adapter.
+
+Every example is a spoken question (its transcript is the speech-recognition target of stage 1) and a
+short answer (the target of stage 2), sometimes with a text instruction that the answer depends on:
+
+- arithmetic: "what is seven plus five" -> "twelve" (plus, minus, times; results 0..20);
+- counting:   "how many cats in dog cat bird cat" -> "two";
+- table:      instruction "table: anna red four. ben blue two. cleo green nine." (generated per example),
+              spoken "what colour is ben" -> "blue", "what number has cleo" -> "nine".
+
+Voices: espeak-ng English voices and variants, each clip at a random rate and pitch with white noise at a
+random SNR. `HELD_OUT_VOICES` never appear in the training split: the `test_heldout` split uses only them,
+`test_seen` uses the training voices on new questions. Everything is a pure function of (split, index,
+seed), and the build is reproducible byte for byte (espeak-ng is deterministic; the noise comes from a
+seeded generator):
+
+    python -m modalities.data.speech --out data/speech --train 2400 --test 200
+
+writes <out>/<split>/<index>.flac (16-bit, espeak's 22.05 kHz) and <out>/<split>.jsonl with path,
+transcript, instruction, answer, kind, voice, rate, pitch and snr_db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "SPLITS", "Example", "make_example", "make_split",
+    "espeak_available", "synthesize", "build_split", "build_dataset", "read_split", "normalize_text",
+    "word_error_rate", "answer_accuracy", "add_noise", "render",
+]
+
+NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+           "sixteen seventeen eighteen nineteen twenty").split()
+ANIMALS = ("cat", "dog", "bird", "fish", "cow")
+NAMES = ("anna", "ben", "cleo", "dan", "eva", "finn")
+COLOURS = ("red", "blue", "green", "black", "white", "pink")
+KINDS = ("arithmetic", "counting", "table")
+
+# (espeak-ng voice with variant, label); the held-out ones are different accents AND different variants.
+TRAIN_VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb-x-rp+m3", "en-029+m2", "en-gb-x-gbclan+f2")
+HELD_OUT_VOICES = ("en-gb-scotland+m4", "en-gb-x-gbcwmd+f4")
+SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES}
+_SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003}
+RATE_RANGE = (130, 200)  # words per minute (espeak -s)
+PITCH_RANGE = (25, 75)  # espeak -p, 0..99
+SNR_RANGE = (10.0, 30.0)  # dB of white noise
+
+
+@dataclass
+class Example:
+    transcript: str  # what is spoken
+    answer: str
+    instruction: str  # "" when the question stands alone
+    kind: str
+    voice: str
+    rate: int
+    pitch: int
+    snr_db: float
+    seed: int  # of the noise
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    op = rng.choice(("plus", "minus", "times"))
+    if op == "plus":
+        a = rng.randint(0, 10)
+        b = rng.randint(0, 10)
+        r = a + b
+    elif op == "minus":
+        a = rng.randint(0, 20)
+        b = rng.randint(0, a)
+        r = a - b
+    else:
+        a = rng.randint(0, 4)
+        b = rng.randint(0, 5)
+        r = a * b
+    return f"what is {NUMBERS[a]} {op} {NUMBERS[b]}", NUMBERS[r]
+
+
+def _counting(rng: random.Random) -> tuple[str, str]:
+    target = rng.choice(ANIMALS)
+    n = rng.randint(3, 5)
+    k = rng.randint(0, min(3, n))
+    others = [a for a in ANIMALS if a != target]
+    items = [target] * k + [rng.choice(others) for _ in range(n - k)]
+    rng.shuffle(items)
+    return f"how many {target}s in {' '.join(items)}", NUMBERS[k]
+
+
+def _table(rng: random.Random) -> tuple[str, str, str]:
+    names = rng.sample(NAMES, 3)
+    colours = rng.sample(COLOURS, 3)
+    numbers = rng.sample(range(1, 10), 3)
+    instruction = "table: " + " ".join(f"{n} {c} {NUMBERS[k]}." for n, c, k in zip(names, colours, numbers))
+    i = rng.randrange(3)
+    if rng.random() < 0.5:
+        return f"what colour is {names[i]}", colours[i], instruction
+    return f"what number has {names[i]}", NUMBERS[numbers[i]], instruction
+
+
+def make_example(split: str, index: int, seed: int = 0) -> Example:
+    """The `index`-th example of a split (a pure function of split, index and seed)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
+    rng = random.Random(f"{seed}-{_SPLIT_SEED[split]}-{index}")
+    kind = KINDS[index % len(KINDS)]
+    instruction = ""
+    if kind == "arithmetic":
+        transcript, answer = _arithmetic(rng)
+    elif kind == "counting":
+        transcript, answer = _counting(rng)
+    else:
+        transcript, answer, instruction = _table(rng)
+    return Example(
+        transcript=transcript, answer=answer, instruction=instruction, kind=kind, voice=rng.choice(SPLITS[split]),
+        rate=rng.randint(*RATE_RANGE), pitch=rng.randint(*PITCH_RANGE), snr_db=round(rng.uniform(*SNR_RANGE), 2),
+        seed=rng.randrange(2**31),
+    )
+
+
+def make_split(split: str, n: int, seed: int = 0) -> list[Example]:
+    return [make_example(split, i, seed) for i in range(n)]
+
+
+# ---- synthesis ------------------------------------------------------------------------------------------
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50) -> tuple[np.ndarray, int]:
+    """espeak-ng speech -> (float32 samples in [-1, 1], sampling rate). Needs `espeak-ng` on the PATH
+    (Debian/Ubuntu: apt-get install espeak-ng)."""
+    import io
+
+    import soundfile as sf
+
+    if not espeak_available():
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it synthesises the speech data.")
+    proc = subprocess.run(
+        ["espeak-ng", "--stdout", "-v", voice, "-s", str(rate), "-p", str(pitch), text],
+        capture_output=True, check=False,
+    )
+    if proc.returncode != 0 or not proc.stdout:
+        raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}")
+    # espeak writes a streaming WAV header (unknown length); soundfile reads it as far as the data goes
+    data, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    return data, int(sr)
+
+
+def add_noise(x: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    """White Gaussian noise at `snr_db` relative to the clip's mean power (seeded), clipped to [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    power = float(np.mean(x.astype(np.float64) ** 2)) or 1e-8
+    noise = rng.standard_normal(x.shape) * np.sqrt(power / 10 ** (snr_db / 10))
+    return np.clip(x + noise, -1.0, 1.0).astype(np.float32)
+
+
+def render(ex: Example) -> tuple[np.ndarray, int]:
+    x, sr = synthesize(ex.transcript, ex.voice, ex.rate, ex.pitch)
+    return add_noise(x, ex.snr_db, ex.seed), sr
+
+
+def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, workers: int = 2,
+                progress: bool = True) -> Path:
+    """Synthesise `n` examples of `split` into <out>/<split>/ and write <out>/<split>.jsonl; existing
+    complete builds (same n, same seed) are kept. Returns the index path."""
+    import soundfile as sf
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    index = out / f"{split}.jsonl"
+    stamp = out / f".{split}.built"
+    key = json.dumps({"n": n, "seed": seed})
+    if index.exists() and stamp.exists() and stamp.read_text() == key:
+        return index
+    (out / split).mkdir(parents=True, exist_ok=True)
+    examples = make_split(split, n, seed)
+
+    def one(i: int) -> dict:
+        ex = examples[i]
+        rel = f"{split}/{i:06d}.flac"
+        x, sr = render(ex)
+        sf.write(out / rel, x, sr, subtype="PCM_16", format="FLAC")
+        return {"path": rel, **asdict(ex), "seconds": round(len(x) / sr, 3)}
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        rows = list(tqdm(pool.map(one, range(n)), total=n, desc=f"synthesising {split}", unit="clip",
+                         disable=not progress))
+    tmp = index.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, index)
+    stamp.write_text(key)
+    return index
+
+
+def build_dataset(out: str | os.PathLike, n_train: int = 2400, n_test: int = 200, seed: int = 0,
+                  workers: int = 2, progress: bool = True) -> dict[str, Path]:
+    sizes = {"train": n_train, "test_seen": n_test, "test_heldout": n_test}
+    return {s: build_split(out, s, k, seed, workers, progress) for s, k in sizes.items()}
+
+
+def read_split(index: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """Rows of a split index, with `path` made absolute."""
+    index = Path(index)
+    rows = []
+    with open(index, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                r["path"] = str(index.parent / r["path"]) if not os.path.isabs(r["path"]) else r["path"]
+                rows.append(r)
+                if limit and len(rows) >= limit:
+                    break
+    if not rows:
+        raise ValueError(f"{index} lists no examples.")
+    return rows
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+def normalize_text(text: str) -> str:
+    """Lowercase, keep letters/digits/apostrophes, single spaces."""
+    return " ".join(re.findall(r"[a-z0-9']+", (text or "").lower()))
+
+
+def _edits(ref: list[str], hyp: list[str]) -> int:
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER: word-level Levenshtein edits (substitutions + deletions + insertions) summed over the
+    corpus, divided by the number of reference words. Texts are normalised with `normalize_text`."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references.")
+    edits = words = 0
+    for ref, hyp in zip(references, hypotheses):
+        r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+        edits += _edits(r, h)
+        words += len(r)
+    if words == 0:
+        raise ValueError("the references hold no words.")
+    return edits / words
+
+
+def answer_accuracy(references: list[str], predictions: list[str]) -> float:
+    """Fraction of exact matches after `normalize_text`."""
+    if len(references) != len(predictions) or not references:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
+    return sum(normalize_text(r) == normalize_text(p) for r, p in zip(references, predictions)) / len(references)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Synthesise the spoken-question data set with espeak-ng.")
+    ap.add_argument("--out", default="data/speech")
+    ap.add_argument("--train", type=int, default=2400)
+    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+    for split, path in build_dataset(a.out, a.train, a.test, a.seed, a.workers).items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()
