@@ -1,0 +1,492 @@
+"""Driving data from the highway-env simulator: observations, a rule-based demonstrator, plan tokens.
+
+```python
+from modalities.driving_data import PlanTokenizer, make_env, observe, RuleBasedDriver, record
+
+tok = PlanTokenizer(horizon=3)
+ids = tok.encode(actions, waypoints)          # [.., 3K] token ids: (action, dx, dy) per future decision
+actions, waypoints = tok.decode(ids)
+data = record(densities=(1.0, 1.5, 2.0), episodes=20, seed=0)   # deterministic from the seed
+data.save("data/driving/train.npz"); data = DrivingDataset.load("data/driving/train.npz")
+```
+
+**Simulator.** ``highway-fast-v0`` (gymnasium; 3 lanes, 20 IDM/MOBIL vehicles, 1 decision per second,
+meta-actions LANE_LEFT / IDLE / LANE_RIGHT / FASTER / SLOWER driving an `MDPVehicle`; its target speeds are
+set to 0, 5, ..., 30 m/s instead of the default 20/25/30 so that the ego can follow slower traffic). The traffic density is the env's ``vehicles_density``.
+
+**Observation** (`observe`): the ego state read from the simulator (speed, heading, lane index with 0 = leftmost,
+number of lanes, lateral offset from the lane centre) and the Kinematics observation of up to 14 surrounding
+vehicles relative to the ego (x, y, vx, vy, cos_h, sin_h), plus optionally an ego-centred occupancy grid
+(`occupancy_grid`) and the simulator's top-down rendering as the camera image.
+
+**Demonstrator** (`RuleBasedDriver`): the simulator's own IDM (longitudinal) and MOBIL (lane change) models,
+the ones its traffic vehicles use (`highway_env.vehicle.behavior.IDMVehicle`), evaluated for the ego at each
+decision and mapped onto the meta-actions the planner also uses: a lane change when MOBIL recommends one
+(the larger own acceleration gain wins), else FASTER / SLOWER / IDLE from IDM's acceleration (thresholds
++-0.5 m/s^2), and SLOWER whenever IDM asks for hard braking. Using the same action interface makes
+demonstrations, planner and closed-loop baseline directly comparable.
+
+**Sample** at decision t: the observation at t, the demonstrator's next K meta-actions (t .. t+K-1) and the
+ego positions after 1..K decisions, in the ego frame at t (x forward, y to the right, metres). Windows
+that reach past the end of an episode, or contain its crash, are dropped.
+
+**Plan tokens** (`PlanTokenizer`): per future decision k the triple (action, dx_k, dy_k), where
+``dx_k = qx_k - qx_{k-1}`` with ``qx_k = round(x_k / x_res)`` (cumulative quantisation: the decoded waypoint is
+within half a bin of the true one at every horizon, no error accumulates), clipped to the token range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .driving import EGO_FIELDS, VEHICLE_FEATURES, DrivingInputs
+
+__all__ = [
+    "ACTIONS",
+    "FALLBACK_ACTION",
+    "ENV_ID",
+    "PlanTokenizer",
+    "RuleBasedDriver",
+    "DrivingDataset",
+    "make_env",
+    "observe",
+    "occupancy_grid",
+    "record",
+]
+
+# highway-env's DiscreteMetaAction indices
+ACTIONS = ("LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER")
+ACTION_INDEX = {a: i for i, a in enumerate(ACTIONS)}
+# The documented safe action for a row whose input cannot be trusted: keep the lane, slow down.
+FALLBACK_ACTION = "SLOWER"
+ENV_ID = "highway-fast-v0"
+MAX_OBSERVED = 15  # Kinematics rows: the ego + 14 vehicles
+LANE_WIDTH = 4.0  # highway-env's StraightLane.DEFAULT_WIDTH
+TARGET_SPEEDS = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)  # m/s, what FASTER / SLOWER step between
+
+
+# ------------------------------------------------------------------------------------------ tokens
+@dataclass
+class PlanTokenizer:
+    """Meta-actions and waypoints of the next `horizon` decisions <-> a token sequence of length 3 * horizon.
+
+    Vocabulary: 0 = mask, 1 = BOS (for the autoregressive baseline), then the 5 actions, then the dx tokens
+    (forward step per decision, x_range metres at x_res), then the dy tokens (lateral step, y_range at y_res).
+    `dt` is the time between decisions [s] (highway-env's policy period), so waypoint k is at k * dt seconds.
+    """
+
+    horizon: int = 3
+    dt: float = 1.0
+    x_res: float = 0.5
+    x_range: tuple[float, float] = (0.0, 45.0)
+    y_res: float = 0.25
+    y_range: tuple[float, float] = (-6.0, 6.0)
+
+    mask_token_id = 0
+    bos_token_id = 1
+    action_offset = 2
+
+    def __post_init__(self):
+        if not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ValueError(f"horizon must be a positive int, got {self.horizon!r}.")
+        if self.x_res <= 0 or self.y_res <= 0:
+            raise ValueError("x_res and y_res must be > 0.")
+        self.x_range, self.y_range = tuple(self.x_range), tuple(self.y_range)
+        self.qx = (round(self.x_range[0] / self.x_res), round(self.x_range[1] / self.x_res))
+        self.qy = (round(self.y_range[0] / self.y_res), round(self.y_range[1] / self.y_res))
+        if self.qx[1] <= self.qx[0] or self.qy[1] <= self.qy[0]:
+            raise ValueError("x_range and y_range must be increasing intervals of at least one bin.")
+        self.dx_offset = self.action_offset + len(ACTIONS)
+        self.dy_offset = self.dx_offset + self.qx[1] - self.qx[0] + 1
+        self.vocab_size = self.dy_offset + self.qy[1] - self.qy[0] + 1
+
+    # ---- layout ---------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return 3 * self.horizon
+
+    def slot_kinds(self) -> list[str]:
+        return ["action", "dx", "dy"] * self.horizon
+
+    def allowed_tokens(self) -> torch.BoolTensor:
+        """[length, vocab_size]: which ids each plan slot may hold (decoding restricts proposals to these)."""
+        allowed = torch.zeros(self.length, self.vocab_size, dtype=torch.bool)
+        spans = {"action": (self.action_offset, self.dx_offset), "dx": (self.dx_offset, self.dy_offset),
+                 "dy": (self.dy_offset, self.vocab_size)}
+        for i, kind in enumerate(self.slot_kinds()):
+            lo, hi = spans[kind]
+            allowed[i, lo:hi] = True
+        return allowed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["x_range"], d["y_range"] = list(self.x_range), list(self.y_range)
+        return d
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    def encode(self, actions, waypoints) -> torch.LongTensor:
+        """actions [..., K] (int indices of ACTIONS, or names), waypoints [..., K, 2] metres -> ids [..., 3K]."""
+        if isinstance(actions, (list, tuple)) and actions and isinstance(_first(actions), str):
+            actions = _names_to_ids(actions)
+        a = torch.as_tensor(np.asarray(actions), dtype=torch.long)
+        w = torch.as_tensor(np.asarray(waypoints, dtype=np.float64), dtype=torch.float64)
+        k = self.horizon
+        if a.shape[-1:] != (k,) or w.shape[-2:] != (k, 2) or a.shape[:-1] != w.shape[:-2]:
+            raise ValueError(f"actions must be [..., {k}] and waypoints [..., {k}, 2]; got {tuple(a.shape)} and "
+                             f"{tuple(w.shape)}.")
+        if bool(((a < 0) | (a >= len(ACTIONS))).any()):
+            raise ValueError(f"actions must be indices in [0, {len(ACTIONS)}) of {ACTIONS}.")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("waypoints hold NaN or inf.")
+        q = torch.stack([torch.round(w[..., 0] / self.x_res), torch.round(w[..., 1] / self.y_res)], -1).long()
+        prev = torch.cat([torch.zeros_like(q[..., :1, :]), q[..., :-1, :]], dim=-2)
+        d = q - prev
+        dx = d[..., 0].clamp(*self.qx) - self.qx[0] + self.dx_offset
+        dy = d[..., 1].clamp(*self.qy) - self.qy[0] + self.dy_offset
+        return torch.stack([a + self.action_offset, dx, dy], -1).flatten(-2)
+
+    def decode(self, ids) -> tuple[torch.LongTensor, torch.Tensor]:
+        """ids [..., 3K] -> (actions [..., K] (-1 where the slot holds no action token), waypoints [..., K, 2]
+        (NaN from the first slot that holds no step token on))."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.shape[-1] != self.length:
+            raise ValueError(f"plan ids must have {self.length} tokens (3 x horizon), got {ids.shape[-1]}.")
+        t = ids.unflatten(-1, (self.horizon, 3))
+        a, dx, dy = t[..., 0] - self.action_offset, t[..., 1] - self.dx_offset, t[..., 2] - self.dy_offset
+        ok_a = (a >= 0) & (a < len(ACTIONS))
+        ok_x = (dx >= 0) & (dx <= self.qx[1] - self.qx[0])
+        ok_y = (dy >= 0) & (dy <= self.qy[1] - self.qy[0])
+        steps = torch.stack([(dx + self.qx[0]).double() * self.x_res, (dy + self.qy[0]).double() * self.y_res], -1)
+        good = (ok_x & ok_y).cumprod(-1).bool()  # a bad step spoils every later waypoint
+        way = steps.cumsum(-2).masked_fill(~good[..., None], float("nan")).float()
+        return torch.where(ok_a, a, torch.full_like(a, -1)), way
+
+    def action_names(self, actions) -> list[list[str | None]]:
+        return [[ACTIONS[int(i)] if 0 <= int(i) < len(ACTIONS) else None for i in row] for row in torch.as_tensor(actions)]
+
+
+def _first(x):
+    while isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    return x
+
+
+def _names_to_ids(names):
+    if isinstance(names, str):
+        if names not in ACTION_INDEX:
+            raise ValueError(f"unknown action {names!r}; known: {ACTIONS}.")
+        return ACTION_INDEX[names]
+    return [_names_to_ids(n) for n in names]
+
+
+# ------------------------------------------------------------------------------------------ simulator
+def env_config(density: float = 1.0, duration: int | None = None, image: bool = False) -> dict:
+    """highway-fast-v0 configured for our observation: Kinematics relative to the ego, unnormalised."""
+    cfg: dict[str, Any] = {
+        "observation": {
+            "type": "Kinematics", "vehicles_count": MAX_OBSERVED, "features": ["presence", *VEHICLE_FEATURES],
+            "absolute": False, "normalize": False, "clip": False, "see_behind": True, "order": "sorted",
+        },
+        # Finer target speeds than the default 20/25/30 m/s: with those the ego cannot follow slower
+        # traffic and rear-ends it whatever the policy (about 1 episode in 2 at density 1.5).
+        "action": {"type": "DiscreteMetaAction", "target_speeds": list(TARGET_SPEEDS)},
+        "vehicles_density": float(density),
+    }
+    if duration is not None:
+        cfg["duration"] = int(duration)
+    if image:
+        cfg.update(screen_width=256, screen_height=64, scaling=3.0, offscreen_rendering=True)
+    return cfg
+
+
+def make_env(density: float = 1.0, duration: int | None = None, image: bool = False):
+    """A headless highway-fast-v0 (render_mode rgb_array only when images are asked for)."""
+    import gymnasium as gym
+    import highway_env  # noqa: F401 - registers the envs
+
+    if image:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    return gym.make(ENV_ID, config=env_config(density, duration, image), render_mode="rgb_array" if image else None)
+
+
+def ego_state(env) -> dict[str, float]:
+    u = env.unwrapped
+    v = u.vehicle
+    lane = u.road.network.get_lane(v.lane_index)
+    _, lat = lane.local_coordinates(v.position)
+    num_lanes = len(u.road.network.all_side_lanes(v.lane_index))
+    return {"speed": float(v.speed), "heading": float(v.heading), "lane": int(v.lane_index[2]),
+            "num_lanes": int(num_lanes), "lateral": float(lat)}
+
+
+def occupancy_grid(vehicles: np.ndarray, ego: dict, x_range=(-20.0, 60.0), y_range=(-10.0, 10.0),
+                   cell=(4.0, 2.0)) -> np.ndarray:
+    """Ego-centred grid [2, H, W]: channel 0 = a vehicle covers the cell (5 x 2 m footprint), channel 1 = the
+    cell is on the road (from the ego's lane, lane count and lateral offset). H along y, W along x."""
+    w = int(round((x_range[1] - x_range[0]) / cell[0]))
+    h = int(round((y_range[1] - y_range[0]) / cell[1]))
+    grid = np.zeros((2, h, w), dtype=np.float32)
+    xs = x_range[0] + (np.arange(w) + 0.5) * cell[0]
+    ys = y_range[0] + (np.arange(h) + 0.5) * cell[1]
+    for x, y, *_ in np.asarray(vehicles, dtype=np.float32).reshape(-1, len(VEHICLE_FEATURES)):
+        cols = np.abs(xs - x) <= 2.5 + cell[0] / 2
+        rows = np.abs(ys - y) <= 1.0 + cell[1] / 2
+        grid[0][np.ix_(rows, cols)] = 1.0
+    ego_y = ego["lane"] * LANE_WIDTH + ego.get("lateral", 0.0)
+    lo, hi = -LANE_WIDTH / 2 - ego_y, ego["num_lanes"] * LANE_WIDTH - LANE_WIDTH / 2 - ego_y
+    grid[1][(ys >= lo) & (ys <= hi), :] = 1.0
+    return grid
+
+
+def observe(env, obs: np.ndarray | None = None, occupancy: bool = False, image: bool = False,
+            image_size: tuple[int, int] | None = (32, 128)) -> dict:
+    """The raw observation the adapter takes, from the env (and its last Kinematics observation `obs`)."""
+    if obs is None:
+        obs = env.unwrapped.observation_type.observe()
+    obs = np.asarray(obs, dtype=np.float32)
+    others = obs[1:]
+    vehicles = others[others[:, 0] > 0.5, 1:].copy()
+    out: dict[str, Any] = {"ego": ego_state(env), "vehicles": vehicles}
+    if occupancy:
+        out["occupancy"] = occupancy_grid(vehicles, out["ego"])
+    if image:
+        frame = env.render()
+        if image_size is not None:
+            from PIL import Image
+
+            frame = np.asarray(Image.fromarray(frame).resize((image_size[1], image_size[0]), Image.BILINEAR))
+        out["image"] = frame
+    return out
+
+
+# ------------------------------------------------------------------------------------------ demonstrator
+class RuleBasedDriver:
+    """IDM + MOBIL from highway-env's `IDMVehicle`, applied to the ego and mapped to meta-actions.
+
+    Per decision: IDM's acceleration `a` towards the top target speed given the vehicle ahead (and the one
+    ahead in the target lane during a lane change), MOBIL for each side lane. Then, in this order:
+    ``a <= hard_brake`` -> SLOWER; a lane MOBIL accepts -> LANE_LEFT / LANE_RIGHT (the larger own gain);
+    ``a < brake_below`` -> SLOWER; ``a > accelerate_above`` -> FASTER (unless at the top speed); else IDLE.
+    """
+
+    def __init__(self, hard_brake: float = -3.0, brake_below: float = -0.5, accelerate_above: float = 0.5):
+        self.hard_brake, self.brake_below, self.accelerate_above = hard_brake, brake_below, accelerate_above
+
+    def __call__(self, env, observation=None) -> int:
+        return self.act(env)
+
+    def act(self, env) -> int:
+        from highway_env.vehicle.behavior import IDMVehicle
+
+        u = env.unwrapped
+        ego, road = u.vehicle, u.road
+        shadow = IDMVehicle.create_from(ego)  # the IDM/MOBIL driver in the ego's dynamical state
+        shadow.target_speed = float(ego.target_speeds[-1])
+        # The shadow stands in for the ego so that neighbour searches do not find the ego itself.
+        i = road.vehicles.index(ego)
+        road.vehicles[i] = shadow
+        best, best_gain = None, -np.inf
+        try:
+            front, rear = road.neighbour_vehicles(shadow, ego.lane_index)
+            acc = shadow.acceleration(shadow, front, rear)
+            changing = ego.lane_index != ego.target_lane_index
+            if changing:
+                front2, rear2 = road.neighbour_vehicles(shadow, ego.target_lane_index)
+                acc = min(acc, shadow.acceleration(shadow, front2, rear2))
+            if not changing and abs(ego.speed) >= 1:
+                for lane_index in road.network.side_lanes(ego.lane_index):
+                    if not road.network.get_lane(lane_index).is_reachable_from(ego.position):
+                        continue
+                    if shadow.mobil(lane_index):
+                        new_front, _ = road.neighbour_vehicles(shadow, lane_index)
+                        gain = shadow.acceleration(shadow, new_front)
+                        if gain > best_gain:
+                            best, best_gain = lane_index, gain
+        finally:
+            road.vehicles[i] = ego
+        if acc <= self.hard_brake:
+            return ACTION_INDEX["SLOWER"]
+        if best is not None:
+            return ACTION_INDEX["LANE_LEFT" if best[2] < ego.lane_index[2] else "LANE_RIGHT"]
+        if acc < self.brake_below:
+            return ACTION_INDEX["SLOWER"]
+        if acc > self.accelerate_above and ego.speed_index < len(ego.target_speeds) - 1:
+            return ACTION_INDEX["FASTER"]
+        return ACTION_INDEX["IDLE"]
+
+
+# ------------------------------------------------------------------------------------------ dataset
+@dataclass
+class DrivingDataset:
+    """Recorded samples as arrays (S samples, up to N vehicles, horizon K)."""
+
+    ego: np.ndarray  # [S, 5] float32 (EGO_FIELDS)
+    vehicles: np.ndarray  # [S, N, 6] float32
+    vehicle_count: np.ndarray  # [S] int
+    actions: np.ndarray  # [S, K] int64
+    waypoints: np.ndarray  # [S, K, 2] float32
+    density: np.ndarray  # [S] float32
+    episode: np.ndarray  # [S] int64 (global episode number)
+    step: np.ndarray  # [S] int64 (decision index in the episode)
+    occupancy: np.ndarray | None = None  # [S, 2, H, W] float32
+    image: np.ndarray | None = None  # [S, H, W, 3] uint8
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ego)
+
+    def observation(self, i: int) -> dict:
+        obs: dict[str, Any] = {"ego": dict(zip(EGO_FIELDS, map(float, self.ego[i]))),
+                               "vehicles": self.vehicles[i, : int(self.vehicle_count[i])]}
+        obs["ego"]["lane"], obs["ego"]["num_lanes"] = int(self.ego[i, 2]), int(self.ego[i, 3])
+        if self.occupancy is not None:
+            obs["occupancy"] = self.occupancy[i]
+        if self.image is not None:
+            obs["image"] = self.image[i]
+        return obs
+
+    def inputs(self, rows=None, image_preprocess=None) -> DrivingInputs:
+        """`DrivingInputs` of some rows, straight from the arrays (no per-row Python work)."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        n = max(1, int(self.vehicle_count[rows].max()) if len(rows) else 1)
+        veh = torch.from_numpy(self.vehicles[rows, :n]).float()
+        vmask = torch.arange(n)[None] < torch.from_numpy(self.vehicle_count[rows])[:, None]
+        occ = None if self.occupancy is None else torch.from_numpy(self.occupancy[rows]).float()
+        img = None
+        if self.image is not None:
+            if image_preprocess is None:
+                raise ValueError("this dataset has images: pass image_preprocess (e.g. adapter.camera.preprocess).")
+            img = image_preprocess(list(self.image[rows]))
+        return DrivingInputs(torch.from_numpy(self.ego[rows]).float(), veh, vmask, None, occ, None, img, None)
+
+    def plan_ids(self, tokenizer: PlanTokenizer, rows=None) -> torch.LongTensor:
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        return tokenizer.encode(self.actions[rows], self.waypoints[rows])
+
+    def subset(self, rows) -> DrivingDataset:
+        rows = np.asarray(rows)
+        kw = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+        return DrivingDataset(**kw)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, meta=np.array(json.dumps(self.meta)), **arrays)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DrivingDataset:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; record it with experiments/driving_record.py.")
+        with np.load(path, allow_pickle=False) as z:
+            kw = {k: z[k] for k in z.files if k != "meta"}
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        return cls(**kw, meta=meta)
+
+
+def run_episode(env, seed: int, policy, occupancy=False, image=False, max_steps: int | None = None):
+    """One episode under `policy(env, observation) -> action index`; returns the per-decision records."""
+    obs, _ = env.reset(seed=seed)
+    u = env.unwrapped
+    records, poses, actions = [], [], []
+    crashed, steps = False, 0
+    while True:
+        raw = observe(env, obs, occupancy, image)
+        v = u.vehicle
+        poses.append((float(v.position[0]), float(v.position[1]), float(v.heading)))
+        if max_steps is not None and steps >= max_steps:
+            break
+        a = int(policy(env, raw))
+        records.append(raw)
+        actions.append(a)
+        obs, _, terminated, truncated, _ = env.step(a)
+        steps += 1
+        if terminated or truncated:
+            crashed = bool(u.vehicle.crashed)
+            v = u.vehicle
+            poses.append((float(v.position[0]), float(v.position[1]), float(v.heading)))
+            break
+    return records, actions, np.asarray(poses, dtype=np.float64), crashed
+
+
+def future_waypoints(poses: np.ndarray, t: int, horizon: int) -> np.ndarray:
+    """Positions after 1..horizon decisions in the ego frame at decision t: [horizon, 2] (x forward, y right)."""
+    x0, y0, h0 = poses[t]
+    d = poses[t + 1 : t + 1 + horizon, :2] - np.array([x0, y0])
+    c, s = np.cos(h0), np.sin(h0)
+    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], -1)
+
+
+def record(densities=(1.0, 1.5, 2.0), episodes: int = 10, seed: int = 0, horizon: int = 3,
+           occupancy: bool = False, image: bool = False, duration: int | None = None,
+           max_steps: int | None = None, progress: bool = True) -> DrivingDataset:
+    """Demonstrations of `RuleBasedDriver` at each density; episode e of density d uses seed
+    ``seed + 1000 * index(d) + e``, so the set is a pure function of the arguments."""
+    from tqdm.auto import tqdm
+
+    driver = RuleBasedDriver()
+    cols: dict[str, list] = {k: [] for k in ("ego", "vehicles", "count", "actions", "waypoints", "density",
+                                              "episode", "step", "occupancy", "image")}
+    crashes, total = 0, 0
+    bar = tqdm(total=len(densities) * episodes, desc="recording", disable=not progress)
+    for di, density in enumerate(densities):
+        env = make_env(density, duration, image)
+        try:
+            for e in range(episodes):
+                ep_seed = seed + 1000 * di + e
+                records, actions, poses, crashed = run_episode(
+                    env, ep_seed, driver, occupancy, image, max_steps
+                )
+                crashes += crashed
+                total += 1
+                n = len(actions)
+                last = n - horizon - (1 if crashed else 0)  # the window must end before the crash
+                for t in range(0, last + 1):
+                    r = records[t]
+                    cols["ego"].append([r["ego"][k] for k in EGO_FIELDS])
+                    cols["vehicles"].append(r["vehicles"])
+                    cols["count"].append(len(r["vehicles"]))
+                    cols["actions"].append(actions[t : t + horizon])
+                    cols["waypoints"].append(future_waypoints(poses, t, horizon))
+                    cols["density"].append(density)
+                    cols["episode"].append(di * episodes + e)
+                    cols["step"].append(t)
+                    if occupancy:
+                        cols["occupancy"].append(r["occupancy"])
+                    if image:
+                        cols["image"].append(r["image"])
+                bar.update(1)
+        finally:
+            env.close()
+    bar.close()
+    s = len(cols["ego"])
+    nmax = max([1, *cols["count"]])
+    vehicles = np.zeros((s, nmax, len(VEHICLE_FEATURES)), dtype=np.float32)
+    for i, v in enumerate(cols["vehicles"]):
+        vehicles[i, : len(v)] = v
+    meta = {"env": ENV_ID, "densities": list(densities), "episodes": episodes, "seed": seed, "horizon": horizon,
+            "duration": duration, "max_steps": max_steps, "demonstrator": "RuleBasedDriver (IDM + MOBIL)",
+            "demonstrator_crashes": crashes, "demonstrator_episodes": total}
+    return DrivingDataset(
+        ego=np.asarray(cols["ego"], dtype=np.float32).reshape(s, len(EGO_FIELDS)), vehicles=vehicles,
+        vehicle_count=np.asarray(cols["count"], dtype=np.int64),
+        actions=np.asarray(cols["actions"], dtype=np.int64).reshape(s, horizon),
+        waypoints=np.asarray(cols["waypoints"], dtype=np.float32).reshape(s, horizon, 2),
+        density=np.asarray(cols["density"], dtype=np.float32), episode=np.asarray(cols["episode"], dtype=np.int64),
+        step=np.asarray(cols["step"], dtype=np.int64),
+        occupancy=np.asarray(cols["occupancy"], dtype=np.float32) if occupancy and s else None,
+        image=np.asarray(cols["image"], dtype=np.uint8) if image and s else None,
+        meta=meta,
+    )
