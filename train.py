@@ -20,6 +20,7 @@ __all__ = ["main", "TASKS"]
 # the same command line (recipe, dot-list overrides, --print-config): "module" or "module:function".
 TASKS = {
     "caption": "pipelines.caption_training:main",
+    "spoken_qa": "pipelines.spoken_qa_training:main",
 }
 
 
