@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks it up here
 
 from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 

@@ -9,6 +9,8 @@ import importlib
 _LAZY = {
     "TextDiffusionPipeline": "pipelines.text",
     "TextDiffusionPipelineOutput": "pipelines.text",
+    "PlanningPipeline": "pipelines.planning",
+    "PlanningPipelineOutput": "pipelines.planning",
     "SpokenQAPipeline": "pipelines.spoken_qa",
     "SpokenQAPipelineOutput": "pipelines.spoken_qa",
 }

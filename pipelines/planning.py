@@ -1,0 +1,472 @@
+"""Driving plans by masked diffusion (ViLaD style), as a diffusers pipeline; and how to train one.
+
+```python
+from pipelines.planning import PlanningPipeline
+
+pipe = PlanningPipeline.from_pretrained("runs/driving_tiny/pipeline")
+out = pipe({"ego": {"speed": 25.0, "heading": 0.0, "lane": 1, "num_lanes": 3},
+            "vehicles": [[20.0, 0.0, -3.0, 0.0, 1.0, 0.0]]})
+out.actions[0]        # ['IDLE', 'SLOWER', 'IDLE']  next K meta-actions
+out.waypoints[0]      # [K, 2] ego positions after 1..K decisions (ego frame, metres)
+out.confidence[0]     # [3K] probability of each plan token when it was committed
+out = pipe(obs_list, threshold=0.7)        # Fast-dLLM threshold decoding (the default rule, 0.9)
+out = pipe(obs_list, steps=9)              # LLaDA schedule: one token per forward
+out = pipe(bad_obs, on_invalid="fallback") # rows with bad input get FALLBACK_ACTION instead of an error
+```
+
+The sensors become prefix embeddings (`modalities.driving.DrivingAdapter`); the plan is a canvas of 3K masked
+tokens, (meta-action, dx, dy) per future decision (`modalities.driving_data.PlanTokenizer`), all decoded in
+parallel by the sampler loop of `latent.sampling`. With the backbone's `prefix` layout the sensor tokens
+attend only among themselves, so their K/V are computed once per decision and reused exactly at every step
+(cache "prefix_exact", the scheduler's "auto"). Each plan slot may only take tokens of its kind (an action
+slot an action, a dx slot a forward step...); proposals are restricted accordingly.
+
+The same pipeline runs the autoregressive baseline: a backbone of the same size with
+``attention_layout="causal"``, trained with next-token loss after a BOS token, decodes the 3K tokens left to
+right (greedy, one forward per token with a KV cache). `decoding` in the output says which one ran.
+
+Bad input: `on_invalid="raise"` (default) raises `DrivingInputError` (a ValueError) naming the field;
+`on_invalid="fallback"` gives the offending rows the documented safe plan instead: ``FALLBACK_ACTION``
+("SLOWER": keep the lane and slow down) for every decision, waypoints NaN (no trajectory is claimed),
+confidence 0, `fallback[row] = True` and the reason in `errors[row]`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from latent.scheduler import MaskedDiffusionScheduler
+from modalities.driving import DrivingAdapter, DrivingInputError, DrivingInputs
+from modalities.driving_data import ACTION_INDEX, ACTIONS, FALLBACK_ACTION, PlanTokenizer
+
+__all__ = ["PlanningPipeline", "PlanningPipelineOutput", "plan_loss", "build_planner", "train_planner"]
+
+
+@dataclass
+class PlanningPipelineOutput(BaseOutput):
+    """
+    actions: per row the K meta-action names (highway-env's DiscreteMetaAction names).
+    action_ids: [B, K] their indices in `modalities.driving_data.ACTIONS` (what `env.step` takes).
+    waypoints: [B, K, 2] ego positions after 1..K decisions (x forward, y right, metres); NaN for fallback rows.
+    confidence: [B, 3K] probability of each plan token when committed; 0 for fallback rows.
+    tokens: [B, 3K] plan token ids (the mask id where nothing was decoded, i.e. fallback rows).
+    fallback: [B] bool, the row got the fallback plan; errors: the reason per row (None if fine).
+    nfe: backbone forwards; decoding: "diffusion" or "autoregressive".
+    """
+
+    actions: list[list[str]]
+    action_ids: torch.LongTensor
+    waypoints: torch.Tensor
+    confidence: torch.Tensor
+    tokens: torch.LongTensor
+    fallback: torch.BoolTensor
+    errors: list[str | None] = field(default_factory=list)
+    nfe: int = 0
+    decoding: str = "diffusion"
+
+
+class _SlotConstrained(torch.nn.Module):
+    """The backbone with every plan slot's logits restricted to tokens of its kind. The sampler calls it on
+    canvas positions [lo, N) (no cache, or an exact prefix cache), so the logits are the canvas tail."""
+
+    def __init__(self, model, allowed: torch.BoolTensor):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.allowed = allowed
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids, **kwargs)
+        if out.logits is not None and out.logits.shape[1]:
+            n = out.logits.shape[1]
+            allowed = self.allowed[self.allowed.shape[0] - n :].to(out.logits.device)
+            out.logits = out.logits.masked_fill(~allowed, float("-inf"))
+        return out
+
+
+class PlanningPipeline(DiffusionPipeline):
+    """observations -> plan (meta-actions, waypoints, per-token confidence). Modules: `driving_adapter`
+    (`DrivingAdapter`), `model` (`latent.DiffusionTransformer`: "prefix" layout for diffusion, "causal" for the
+    autoregressive baseline), `scheduler` (`MaskedDiffusionScheduler`: decoding defaults). `plan` is the
+    `PlanTokenizer` config, saved in model_index.json."""
+
+    model_cpu_offload_seq = "driving_adapter->model"
+    _callback_tensor_inputs = ["sequences", "x0", "confidence", "transfer"]
+
+    def __init__(self, driving_adapter, model, scheduler: MaskedDiffusionScheduler, plan: dict | None = None):
+        super().__init__()
+        tok = PlanTokenizer(**(plan or {}))
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is not None and vocab < tok.vocab_size:
+            raise ValueError(f"model.config.vocab_size={vocab} is smaller than the plan vocabulary ({tok.vocab_size}).")
+        mask_id = getattr(model.config, "mask_token_id", tok.mask_token_id)
+        if mask_id != tok.mask_token_id:
+            raise ValueError(f"model.config.mask_token_id={mask_id} but the plan tokenizer's mask id is {tok.mask_token_id}.")
+        d_a, d_m = getattr(driving_adapter.config, "hidden_size", None), getattr(model.config, "hidden_size", None)
+        if d_a is not None and d_m is not None and d_a != d_m:
+            raise ValueError(f"driving_adapter.config.hidden_size={d_a} but model.config.hidden_size={d_m}.")
+        self.register_modules(driving_adapter=driving_adapter, model=model, scheduler=scheduler)
+        self.register_to_config(plan=tok.to_dict())
+        self.plan_tokenizer = tok
+
+    @property
+    def decoding(self) -> str:
+        return "autoregressive" if getattr(self.model.config, "attention_layout", None) == "causal" else "diffusion"
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def check_inputs(self, observations, steps, threshold, on_invalid, tensor_inputs):
+        if observations is None:
+            raise DrivingInputError("give `observations`: one observation dict, a list of them, or DrivingInputs.")
+        if on_invalid not in ("raise", "fallback"):
+            raise ValueError(f"`on_invalid` must be 'raise' or 'fallback', got {on_invalid!r}.")
+        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= self.plan_tokenizer.length):
+            raise ValueError(f"`steps` must be an int in [1, {self.plan_tokenizer.length}] (the plan length), got {steps!r}.")
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ValueError(f"`threshold` must be in (0, 1], got {threshold}.")
+        bad = [k for k in tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
+
+    def _row_errors(self, observations) -> tuple[list[str | None], int]:
+        """Per-row error messages (None = fine) and the batch size."""
+        if isinstance(observations, DrivingInputs):
+            try:
+                self.driving_adapter.check_inputs(observations)
+                return [None] * observations.batch_size, observations.batch_size
+            except DrivingInputError as whole:
+                if observations.batch_size == 0:
+                    raise
+                errors = []
+                for i in range(observations.batch_size):
+                    try:
+                        self.driving_adapter.check_inputs(observations.select([i]))
+                        errors.append(None)
+                    except DrivingInputError as err:
+                        errors.append(f"row {i}: {err}")
+                if all(e is None for e in errors):  # a batch-level problem (shapes): no row can be saved
+                    raise whole
+                return errors, observations.batch_size
+        errors = self.driving_adapter.check_observations(observations)
+        return errors, len(errors)
+
+    # ---- call -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        observations: dict | list[dict] | DrivingInputs | None = None,
+        *,
+        steps: int | None = None,
+        threshold: float | None = None,
+        temperature: float | None = None,
+        remasking: str | None = None,
+        cache: str | None = None,
+        on_invalid: str = "raise",
+        generator: torch.Generator | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], Any] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        return_dict: bool = True,
+        **sampler_kwargs,
+    ) -> PlanningPipelineOutput | tuple:
+        """Plan the next K decisions of every observation.
+
+        Args:
+            observations: one raw observation dict (see `modalities.driving`), a list of them, or a ready
+                `DrivingInputs` batch (`driving_adapter.preprocess(...)` or `DrivingDataset.inputs(...)`).
+            steps: forwards of the LLaDA schedule rule (3K = one token per forward, 1 = everything at once);
+                giving it selects the schedule rule. threshold: Fast-dLLM threshold decoding (commit every
+                token with confidence >= threshold, at least one per forward); default: the scheduler's rule.
+            temperature: 0 = argmax; > 0 = Gumbel-max sampling (reproducible with `generator`).
+            remasking: the confidence rule ("low_confidence", "margin", "neg_entropy", "random").
+            cache: "auto" (exact prefix cache for the prefix layout), "none" or "prefix_exact".
+            on_invalid: "raise" (a `DrivingInputError` naming the field) or "fallback" (see the module doc).
+            callback_on_step_end: `fn(pipe, step, block, callback_kwargs)` after every forward.
+            sampler_kwargs: any other `latent.sampling.SamplerConfig` knob (confidence_dtype, factor...).
+        """
+        self.check_inputs(observations, steps, threshold, on_invalid, callback_on_step_end_tensor_inputs)
+        errors, batch = self._row_errors(observations)
+        bad = [i for i, e in enumerate(errors) if e is not None]
+        if bad and on_invalid == "raise":
+            raise DrivingInputError(errors[bad[0]])
+        tok = self.plan_tokenizer
+        k, length = tok.horizon, tok.length
+        tokens = torch.full((batch, length), tok.mask_token_id, dtype=torch.long)
+        confidence = torch.zeros(batch, length)
+        good = [i for i in range(batch) if errors[i] is None]
+        nfe = 0
+        if good:
+            if isinstance(observations, DrivingInputs):
+                inputs = observations if len(good) == batch else observations.select(good)
+            else:
+                obs = [observations] if isinstance(observations, dict) else list(observations)
+                inputs = self.driving_adapter.preprocess([obs[i] for i in good])
+            seq, conf, nfe = self._decode(inputs, steps, threshold, temperature, remasking, cache, generator,
+                                          callback_on_step_end, callback_on_step_end_tensor_inputs, sampler_kwargs)
+            rows = torch.as_tensor(good)
+            tokens[rows], confidence[rows] = seq.cpu(), conf.cpu()
+        action_ids, waypoints = tok.decode(tokens)
+        fallback = torch.tensor([e is not None for e in errors], dtype=torch.bool)
+        if bad:
+            action_ids[fallback] = ACTION_INDEX[FALLBACK_ACTION]
+            waypoints[fallback] = float("nan")
+        actions = [[ACTIONS[int(a)] for a in row] for row in action_ids]
+        self.maybe_free_model_hooks()
+        out = PlanningPipelineOutput(actions, action_ids, waypoints, confidence, tokens, fallback, errors, nfe,
+                                     self.decoding)
+        return out if return_dict else out.to_tuple()
+
+    def plan_action(self, observation, **kwargs) -> int:
+        """The first meta-action of one observation's plan, as the env's action index (closed-loop driving).
+        Bad input gives FALLBACK_ACTION unless `on_invalid="raise"` is passed."""
+        kwargs.setdefault("on_invalid", "fallback")
+        return int(self(observation, **kwargs).action_ids[0, 0])
+
+    # ---- decoding -------------------------------------------------------------------------------
+    def _prefix(self, inputs: DrivingInputs):
+        device = self._execution_device
+        p = next(self.driving_adapter.parameters())
+        prefix = self.driving_adapter(inputs.to(p.device, p.dtype))
+        dtype = next(self.model.parameters()).dtype
+        return prefix.embeds.to(device=device, dtype=dtype), prefix.mask.to(device)
+
+    def _decode(self, inputs, steps, threshold, temperature, remasking, cache, generator, callback, tensor_inputs,
+                sampler_kwargs):
+        embeds, pmask = self._prefix(inputs)
+        allowed = self.plan_tokenizer.allowed_tokens().to(embeds.device)
+        if self.decoding == "autoregressive":
+            if steps is not None or threshold is not None or remasking is not None:
+                raise ValueError("steps / threshold / remasking are diffusion controls; this pipeline's model is causal "
+                                 "(the autoregressive baseline decodes one token per forward).")
+            return self._decode_autoregressive(embeds, pmask, allowed, temperature or 0.0, generator, callback)
+        tok = self.plan_tokenizer
+        length = tok.length
+        commit = sampler_kwargs.pop("commit", None)
+        if commit is None and threshold is not None:
+            commit = "threshold"
+        if commit is None and steps is not None:
+            commit = "schedule"  # asking for a step count means the LLaDA schedule rule
+        if cache not in (None, "auto", "none", "prefix_exact"):
+            raise ValueError(f"`cache` must be 'auto', 'none' or 'prefix_exact' for plans, got {cache!r}.")
+        sampler = self.scheduler.sampler(
+            self.model, gen_length=length, block_length=length, steps=steps, threshold=threshold,
+            temperature=temperature, confidence=remasking, commit=commit, cache=cache,
+            mask_token_id=tok.mask_token_id, **sampler_kwargs,
+        )
+        batch = embeds.shape[0]
+        conf = torch.zeros(batch, length, device=embeds.device)
+        names = tensor_inputs or ["sequences"]
+
+        def on_step(step, canvas, info):
+            rows, transfer = info["rows"], info["transfer"]
+            conf[rows] = torch.where(transfer, info["confidence"].to(conf.dtype), conf[rows])
+            if callback is not None:
+                tensors = {"sequences": canvas, **{k: info[k] for k in ("x0", "confidence", "transfer")}}
+                callback(self, step, info["block"], {k: tensors[k] for k in names})
+
+        ids = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
+        result = sampler(
+            _SlotConstrained(self.model, allowed), ids, None, prefix_embeds=embeds,
+            prefix_mask=None if bool(pmask.all()) else pmask.long(), generator=generator,
+            callback_on_step_end=on_step, progress_bar=lambda total: self.progress_bar(total=total or length),
+        )
+        return result.sequences, conf, result.nfe
+
+    def _decode_autoregressive(self, embeds, pmask, allowed, temperature, generator, callback):
+        tok = self.plan_tokenizer
+        batch, length = embeds.shape[0], tok.length
+        seq = torch.full((batch, length), tok.mask_token_id, dtype=torch.long, device=embeds.device)
+        conf = torch.zeros(batch, length, device=embeds.device)
+        bos = torch.full((batch, 1), tok.bos_token_id, dtype=torch.long, device=embeds.device)
+        attn = None if bool(pmask.all()) else torch.cat([pmask, torch.ones_like(pmask[:, :1])], 1).long()
+        out = self.model(bos, prefix_embeds=embeds, attention_mask=attn, use_cache=True)
+        bar = self.progress_bar(total=length)
+        for i in range(length):
+            logits = out.logits[:, -1].float().masked_fill(~allowed[i], float("-inf"))
+            probs = logits.softmax(-1)
+            if temperature > 0:
+                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+                nxt = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+            else:
+                nxt = logits.argmax(-1)
+            seq[:, i] = nxt
+            conf[:, i] = probs.gather(-1, nxt[:, None])[:, 0]
+            if callback is not None:
+                callback(self, i, 0, {"sequences": seq})
+            bar.update(1)
+            if i + 1 < length:
+                out = self.model(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+        bar.close()
+        return seq, conf, length
+
+    # ---- saving ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder written by save_pretrained (never from a hub)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{path!r} is not a pipeline folder (no model_index.json); give a save_pretrained() folder.")
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(path, **kwargs)
+
+
+# ================================================================================================ training
+def plan_loss(adapter: DrivingAdapter, model, inputs: DrivingInputs, plan_ids: torch.LongTensor,
+              tokenizer: PlanTokenizer, generator: torch.Generator | None = None):
+    """The training loss of a planner on (observations, plan tokens).
+
+    Diffusion backbones (prefix / bidirectional layout): the SFT masked-diffusion loss of
+    `latent.losses.sft_loss` on the plan tokens (nothing is a prompt: the sensors are the prefix).
+    Causal backbones (the autoregressive baseline): `latent.losses.causal_lm_loss` with the plan after a BOS
+    token, the sensors again the prefix. Returns the `LossOutput`.
+    """
+    from latent.losses import causal_lm_loss, sft_loss
+
+    prefix = adapter(inputs)
+    b, n = plan_ids.shape
+    full_mask = None if bool(prefix.mask.all()) else prefix.attention_mask(num_tokens=n)
+    layout = getattr(model.config, "attention_layout", None)
+
+    def call(ids, attention_mask=None, **kw):
+        return model(ids, attention_mask=full_mask, prefix_embeds=prefix.embeds, **kw)
+
+    if layout == "causal":
+        return causal_lm_loss(call, plan_ids, bos_token_id=tokenizer.bos_token_id)
+    return sft_loss(
+        lambda ids, attention_mask=None: call(ids, prefix_length=prefix.length),
+        plan_ids, tokenizer.mask_token_id, prompt_lengths=torch.zeros(b, dtype=torch.long), generator=generator,
+    )
+
+
+def build_planner(adapter_cfg: dict, model_cfg: dict, tokenizer: PlanTokenizer, decoding: dict | None = None,
+                  seed: int = 0) -> PlanningPipeline:
+    """A fresh (untrained) pipeline: adapter + backbone sized from `model_cfg` + scheduler."""
+    from latent.backbone import DiffusionTransformer
+
+    torch.manual_seed(seed)
+    mcfg = dict(model_cfg)
+    hidden = int(mcfg.get("hidden_size", 128))
+    acfg = {k: v for k, v in dict(adapter_cfg).items() if k != "type"}
+    adapter = DrivingAdapter(hidden_size=hidden, **acfg)
+    context = adapter.num_prefix_tokens + tokenizer.length + 1
+    mcfg.setdefault("max_position_embeddings", context)
+    if mcfg["max_position_embeddings"] < context:
+        raise ValueError(f"model.max_position_embeddings={mcfg['max_position_embeddings']} < prefix + plan + 1 = {context}.")
+    model = DiffusionTransformer(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id, **mcfg)
+    dec = {"block_length": tokenizer.length, "commit": "threshold", "threshold": 0.9, "cache": "auto",
+           **dict(decoding or {})}
+    return PlanningPipeline(adapter, model, MaskedDiffusionScheduler(**dec), plan=tokenizer.to_dict())
+
+
+@dataclass
+class TrainResult:
+    pipeline_dir: str | None
+    steps: int
+    seconds: float
+    losses: list[float]
+    valid_losses: list[tuple[int, float]]
+
+
+def train_planner(cfg, log: Callable[[str], None] | None = print) -> tuple[PlanningPipeline, TrainResult]:
+    """Train a planner from a config (an OmegaConf node or dict, see configs/driving_tiny.yaml):
+
+    data.train / data.valid (npz files from experiments/driving_record.py), plan (PlanTokenizer knobs; the
+    horizon must match the data), adapter, model (DiffusionTransformer knobs; attention_layout "prefix" for
+    diffusion, "causal" for the autoregressive baseline), decoding (scheduler defaults), trainer (steps,
+    batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, threads, time_limit_minutes, log_every,
+    eval_every), output_dir. Saves the pipeline at <output_dir>/pipeline.
+    """
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from modalities.driving_data import DrivingDataset
+
+    cfg = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg
+    tc = cfg.trainer
+    if tc.get("threads"):
+        torch.set_num_threads(int(tc.threads))
+    train = DrivingDataset.load(cfg.data.train)
+    valid = DrivingDataset.load(cfg.data.valid) if cfg.data.get("valid") else None
+    tok = PlanTokenizer(**OmegaConf.to_container(cfg.plan, resolve=True))
+    if train.actions.shape[1] != tok.horizon:
+        raise ValueError(f"plan.horizon={tok.horizon} but {cfg.data.train} holds {train.actions.shape[1]} decisions.")
+    pipe = build_planner(OmegaConf.to_container(cfg.adapter, resolve=True), OmegaConf.to_container(cfg.model, resolve=True),
+                         tok, OmegaConf.to_container(cfg.decoding, resolve=True) if cfg.get("decoding") else None,
+                         seed=int(tc.seed))
+    adapter, model = pipe.driving_adapter, pipe.model
+    params = [p for p in (*adapter.parameters(), *model.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(tc.lr), weight_decay=float(tc.weight_decay), betas=(0.9, 0.95))
+    steps, warm = int(tc.steps), int(tc.warmup_steps)
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    all_inputs = train.inputs()
+    all_ids = train.plan_ids(tok)
+    g = torch.Generator().manual_seed(int(tc.seed))
+    losses, valid_losses = [], []
+    start = time.time()
+    limit = tc.get("time_limit_minutes")
+    bar = tqdm(range(steps), desc=f"train {pipe.decoding}", disable=not tc.get("progress", True))
+    step = 0
+    for step in bar:
+        adapter.train()
+        model.train()
+        rows = torch.randint(len(train), (int(tc.batch_size),), generator=g)
+        loss = plan_loss(adapter, model, all_inputs.select(rows), all_ids[rows], tok, generator=g).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if (step + 1) % int(tc.log_every) == 0:
+            bar.set_postfix(loss=f"{sum(losses[-int(tc.log_every):]) / int(tc.log_every):.3f}")
+        if valid is not None and ((step + 1) % int(tc.eval_every) == 0 or step + 1 == steps):
+            valid_losses.append((step + 1, validation_loss(pipe, valid)))
+            if log:
+                log(f"step {step + 1}: train loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
+                    f"valid loss {valid_losses[-1][1]:.4f}")
+        if limit and time.time() - start > 60 * float(limit):
+            if log:
+                log(f"time limit of {limit} min reached at step {step + 1}")
+            break
+    bar.close()
+    adapter.eval()
+    model.eval()
+    out_dir = cfg.get("output_dir")
+    pdir = None
+    if out_dir:
+        pdir = os.path.join(out_dir, "pipeline")
+        pipe.save_pretrained(pdir)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    return pipe, TrainResult(pdir, step + 1, time.time() - start, losses, valid_losses)
+
+
+@torch.no_grad()
+def validation_loss(pipe: PlanningPipeline, data, batch_size: int = 256, seed: int = 0) -> float:
+    """Mean `plan_loss` over a dataset with fixed noise (comparable between evaluations of one model)."""
+    adapter, model, tok = pipe.driving_adapter, pipe.model, pipe.plan_tokenizer
+    was = adapter.training, model.training
+    adapter.eval()
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    ids = data.plan_ids(tok)
+    for lo in range(0, len(data), batch_size):
+        rows = list(range(lo, min(len(data), lo + batch_size)))
+        total += float(plan_loss(adapter, model, data.inputs(rows), ids[rows], tok, generator=g).loss) * len(rows)
+        n += len(rows)
+    adapter.train(was[0])
+    model.train(was[1])
+    return total / max(n, 1)
