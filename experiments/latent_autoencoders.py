@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from autoencoders.compressor import TextCompressor
 from autoencoders.thought_vae import ThoughtVAE
-from experiments.latent_tasks import encode_fixed, make_tokenizer, markdown_table, split
+from experiments.latent_tasks import parse_args, encode_fixed, make_tokenizer, markdown_table, split
 
 NOISE_LEVELS = (0.0, 0.3, 0.6)
 
@@ -140,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--ckpt", default="runs/latent")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.ckpt, exist_ok=True)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.latent_tasks import (
+    parse_args,
     accuracy_by_difficulty,
     decode_answer,
     encode_fixed,
@@ -92,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/results")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 

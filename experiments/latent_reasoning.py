@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from autoencoders.thought_vae import ThoughtVAE
 from experiments.latent_tasks import (
+    parse_args,
     accuracy_by_difficulty,
     decode_answer,
     encode_fixed,
@@ -97,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--ckpt", default="runs/latent")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     tok = make_tokenizer()

@@ -132,3 +132,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def parse_args(ap, argv=None):
+    """argparse with an optional ``--config file.yaml`` (OmegaConf) whose keys (the option names, dashes
+    or underscores) become defaults; options on the command line still win. Unknown keys are errors."""
+    ap.add_argument("--config", default=None, help="YAML recipe (configs/latent_*.yaml) setting these options")
+    pre, _ = ap.parse_known_args(argv)
+    if pre.config:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(pre.config), resolve=True) or {}
+        known = {a.dest for a in ap._actions}
+        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+        bad = sorted(set(cfg) - known)
+        if bad:
+            raise ValueError(f"{pre.config}: unknown option(s) {bad}; known: {sorted(known - {'help', 'config'})}")
+        ap.set_defaults(**cfg)
+    return ap.parse_args(argv)

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoders.compressor import TextCompressor
-from experiments.latent_tasks import MAX_VALUE, decode_answer, encode_fixed, make_tokenizer, markdown_table, split
+from experiments.latent_tasks import parse_args, MAX_VALUE, decode_answer, encode_fixed, make_tokenizer, markdown_table, split
 from latent.backbone import DiffusionTransformer
 from latent.continuous import GaussianDiffusion, sample_latents
 from latent.joint import joint_sample
@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/results")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     train_set, _ = split(args.n_train, 4, (1, 2, 3, 4), args.seed)
