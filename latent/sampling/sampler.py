@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -117,6 +118,11 @@ class Sampler:
             ):
                 state.block_step = step
                 self._step(state, parts, mask_id)
+                if fixed is None and not state.info["transfer"].any():
+                    raise RuntimeError(
+                        f"commit rule {parts['commit'].name!r} committed nothing while the block has masks; "
+                        "a rule without a fixed step count must commit at least one token per step."
+                    )
                 steps[state.rows] += 1
                 done = parts["stopping"](state)
                 canvas[state.rows] = state.x
