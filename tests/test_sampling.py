@@ -254,6 +254,10 @@ def test_random_confidence_and_gumbel_use_full_batch_canvas_draws():
     got = create_part("proposal", "gumbel", temperature=0.7)(logits, state)
     u = torch.rand((3, 10, V), dtype=torch.float64, generator=torch.Generator().manual_seed(5))[[0, 2], 4:7]
     assert torch.equal(got, (logits.double().exp() / (-u.log()) ** 0.7).argmax(-1))
+    # noise_shape="block" draws only the block: [B, block_length(, V)]
+    state = _draw_state(rows=torch.tensor([1]), generator=torch.Generator().manual_seed(3), noise_shape="block")
+    want = torch.rand((3, 3), generator=torch.Generator().manual_seed(3))[[1]]
+    assert torch.equal(create_part("confidence", "random")(None, None, state), want)
     # temperature 0 is argmax and draws nothing
     gen = torch.Generator().manual_seed(6)
     state = _draw_state(rows=torch.tensor([0, 2]), generator=gen)
@@ -532,6 +536,17 @@ def test_callback_and_progress_bar_hooks():
     assert bars[0].total == 8 and bars[0].n == 8 and bars[0].closed
 
 
+def test_ready_made_parts_are_used_as_given():
+    from latent.sampling.commit import ThresholdCommit
+
+    model = ToyModel(sharpness=1.25)
+    ids, mask = prompts()
+    run = dict(gen_length=8, block_length=4, mask_token_id=MASK)
+    by_name = generate(model, ids, mask, commit="threshold", threshold=0.6, **run)
+    by_object = generate(model, ids, mask, commit=ThresholdCommit(threshold=0.6), **run)
+    assert torch.equal(by_object.sequences, by_name.sequences) and by_object.nfe == by_name.nfe
+
+
 def test_sampler_from_config_and_generate_agree():
     model = ToyModel()
     ids, mask = prompts()
@@ -619,6 +634,21 @@ def test_block_exact_cache_changes_no_token(kw, with_prefix):
     assert cached.forward_tokens < full.forward_tokens / 2
     if kw.get("eos_early_stop"):
         assert cached.finished.any()
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix_exact"])
+def test_prefix_embeds_alone_without_text_prompt(cache):
+    # captioning: an image prefix and no text prompt at all; the prefix is the cached part
+    model = tiny_backbone("prefix")
+    embeds = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    run = dict(gen_length=8, block_length=4, steps=8, prefix_embeds=embeds, prefix_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    out = generate(model, ids, cache=cache, **run)
+    assert out.sequences.shape == (2, 8) and not (out.sequences == 63).any()
+    if cache != "none":
+        assert torch.equal(out.sequences, generate(model, ids, cache="none", **run).sequences)
+    other = generate(model, ids, cache=cache, **{**run, "prefix_embeds": embeds.flip(0)})
+    assert not torch.equal(other.sequences, out.sequences)  # the prefix really conditions the answer
 
 
 def stale_forward(model, x_ref, x, lo, hi, prefix_embeds, key_keep, fresh_from):

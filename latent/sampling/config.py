@@ -6,7 +6,7 @@ the argument and how to fix it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .registry import REGISTRIES, list_parts
@@ -52,7 +52,8 @@ class SamplerConfig:
         return self.gen_length // self.block_length
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Shallow on purpose: a ready-made part object is passed through, never deep-copied.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def part_names(self) -> dict[str, Any]:
         """The part chosen for each slot, "auto" and shorthands resolved."""
