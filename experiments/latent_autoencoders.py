@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from autoencoders.compressor import TextCompressor
 from autoencoders.thought_vae import ThoughtVAE
-from experiments.latent_tasks import parse_args, encode_fixed, make_tokenizer, markdown_table, split
+from experiments.latent_tasks import encode_fixed, make_tokenizer, markdown_table, parse_args, split
 
 NOISE_LEVELS = (0.0, 0.3, 0.6)
 
@@ -78,7 +78,7 @@ def train_compressor(c, args, train_texts, test_texts, out_dir):
     m.save_pretrained(os.path.join(out_dir, f"compressor_c{c}"))
     m.eval()
     with torch.no_grad():
-        examples = list(zip(test_texts[:4], m.decode_text(m.encode(bt["input_ids"][:4], bt["attention_mask"][:4]))))
+        examples = list(zip(test_texts[:4], m.decode_text(m.encode(bt["input_ids"][:4], bt["attention_mask"][:4])), strict=False))
     return dict(acc=acc, curve=curve, num_latents=m.num_latents, examples=examples)
 
 
@@ -115,7 +115,7 @@ def train_vae(args, train, test, out_dir):
     tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     pred = [tok.decode(r, skip_special_tokens=True) for r in o.logits.argmax(-1)[:4].tolist()]
     return dict(acc=o.accuracy, exact=o.exact, kl=o.kl.item(), acc_sampled=o_s.accuracy, exact_sampled=o_s.exact,
-                scaling_factor=vae.config.scaling_factor, curve=curve, examples=list(zip(steps_te[:4], pred)),
+                scaling_factor=vae.config.scaling_factor, curve=curve, examples=list(zip(steps_te[:4], pred, strict=False)),
                 n_test=len(steps_te))
 
 

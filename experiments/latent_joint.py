@@ -28,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.latent_tasks import (
-    parse_args,
     accuracy_by_difficulty,
     decode_answer,
     encode_fixed,
     make_tokenizer,
     markdown_table,
+    parse_args,
     split,
 )
 from latent.backbone import DiffusionTransformer
@@ -170,7 +170,7 @@ def main(argv=None):
     ax[0].set(xlabel="difficulty (operations)", ylabel="exact-match accuracy", title="answer accuracy", xticks=diffs)
     ax[0].legend()
     for mode, c in curves.items():
-        ax[1].plot([s for s, _ in c], [l for _, l in c], label=mode)
+        ax[1].plot([s for s, _ in c], [v for _, v in c], label=mode)
     ax[1].set(xlabel="step", ylabel="training loss (joint: CE + lam*MSE)", title="training", yscale="log")
     ax[1].legend()
     fig.tight_layout()

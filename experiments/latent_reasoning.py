@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from autoencoders.thought_vae import ThoughtVAE
 from experiments.latent_tasks import (
-    parse_args,
     accuracy_by_difficulty,
     decode_answer,
     encode_fixed,
     make_tokenizer,
     markdown_table,
+    parse_args,
     split,
 )
 from latent.backbone import DiffusionTransformer
@@ -133,7 +133,7 @@ def main(argv=None):
         texts = [decode_answer(tok, r[Q_LEN:].tolist()) for r in seq]
         preds = [t.split(">")[-1] if ">" in t else "" for t in texts]
         results["cot"] = dict(acc=accuracy_by_difficulty(test, preds), nfe=COT_LEN, train_s=secs)
-        examples["cot"] = [(p.question, t) for p, t in zip(test[::100], texts[::100])]
+        examples["cot"] = [(p.question, t) for p, t in zip(test[::100], texts[::100], strict=False)]
         print("cot", results["cot"], flush=True)
 
     if "latent" in args.methods:
@@ -161,10 +161,10 @@ def main(argv=None):
             preds += out.answers
             thoughts += out.thoughts
         # how often the decoded thoughts are the true steps (readability / faithfulness)
-        step_hits = [sum(t == s for t, s in zip(th, p.steps)) / len(p.steps) for th, p in zip(thoughts, test)]
+        step_hits = [sum(t == s for t, s in zip(th, p.steps, strict=False)) / len(p.steps) for th, p in zip(thoughts, test, strict=False)]
         results["latent"] = dict(acc=accuracy_by_difficulty(test, preds), nfe=K * args.block_steps + A_LEN,
                                  train_s=secs, thought_step_acc=sum(step_hits) / len(step_hits))
-        examples["latent"] = [(p.question, th, a_) for p, th, a_ in zip(test[::100], thoughts[::100], preds[::100])]
+        examples["latent"] = [(p.question, th, a_) for p, th, a_ in zip(test[::100], thoughts[::100], preds[::100], strict=False)]
         print("latent", results["latent"], examples["latent"], flush=True)
 
     diffs = [1, 2, 3, 4]

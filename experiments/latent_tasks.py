@@ -118,7 +118,7 @@ def batches(n: int, batch_size: int, steps: int, seed: int = 0):
 
 def accuracy_by_difficulty(problems, predictions) -> dict:
     out: dict = {}
-    for p, pred in zip(problems, predictions):
+    for p, pred in zip(problems, predictions, strict=False):
         out.setdefault(p.difficulty, []).append(pred == p.answer)
     res = {d: sum(v) / len(v) for d, v in sorted(out.items())}
     res["all"] = sum(sum(v) for v in out.values()) / max(1, sum(len(v) for v in out.values()))

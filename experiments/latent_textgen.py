@@ -31,7 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoders.compressor import TextCompressor
-from experiments.latent_tasks import parse_args, MAX_VALUE, decode_answer, encode_fixed, make_tokenizer, markdown_table, split
+from experiments.latent_tasks import (
+    MAX_VALUE,
+    decode_answer,
+    encode_fixed,
+    make_tokenizer,
+    markdown_table,
+    parse_args,
+    split,
+)
 from latent.backbone import DiffusionTransformer
 from latent.continuous import GaussianDiffusion, sample_latents
 from latent.joint import joint_sample
@@ -131,7 +139,7 @@ def main(argv=None):
         empty = torch.zeros(bs, 0, dtype=torch.long)
         for s in args.token_steps:
             t0, outs = time.perf_counter(), []
-            for i in range(0, n, bs):
+            for _ in range(0, n, bs):
                 seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s).sequences
                 outs += [decode_answer(tok, r.tolist()) for r in seq]
             ms = (time.perf_counter() - t0) * 1000 / n
@@ -161,7 +169,7 @@ def main(argv=None):
         xs = [v["ms"] for v in res[k].values()]
         ys = [v["valid"] for v in res[k].values()]
         ax.plot(xs, ys, marker=mk, label=k)
-        for s, x, y in zip(res[k], xs, ys):
+        for s, x, y in zip(res[k], xs, ys, strict=False):
             ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="ms / sample (1 CPU thread)", ylabel="fraction of true equations", xscale="log",
            title="quality vs speed (labels: steps)")

@@ -305,12 +305,12 @@ class LatentReasoningPipeline(DiffusionPipeline):
         nfe = 0
         with self.progress_bar(total=K * num_inference_steps) as bar:
             for b in range(K):
-                def on_step(i, t, lat, b=b):
+                def on_step(i, t, lat, b=b, finished=done):
                     bar.update()
                     step_count[0] += 1
                     if callback_on_step_end is None:
                         return None
-                    kw = {"latents": lat, "thought_latents": done, "block": b}
+                    kw = {"latents": lat, "thought_latents": finished, "block": b}
                     out = callback_on_step_end(self, step_count[0] - 1, t, {n: kw[n] for n in names} | {"block": b})
                     return None if not out else out.get("latents")
 

@@ -183,7 +183,7 @@ def test_flow_matching_euler_by_hand():
     # shift=1: sigmas evenly spaced from 1 down to 1/T, then 0; Euler steps dx = (s' - s) u
     sigmas = torch.cat([torch.linspace(1000, 1, 4) / 1000, torch.zeros(1)])
     x = z
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=False):
         x = x + (s_next - s) * exact_output(d, x, s)
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
