@@ -21,6 +21,7 @@ __all__ = ["main", "TASKS"]
 TASKS = {
     "caption": "pipelines.caption_training:main",
     "spoken_qa": "pipelines.spoken_qa_training:main",
+    "driving": "pipelines.planning:main",
 }
 
 
