@@ -160,7 +160,8 @@ def encode_targets(tok, texts: list[str], length: int) -> tuple[torch.LongTensor
     """Target ids followed by EOS up to `length` (at least one EOS kept); returns (ids, number truncated)."""
     eos = tok.eos_token_id
     rows, cut = [], 0
-    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
+    # a leading space: the target follows the prompt, and words after a space are single tokens
+    for ids in tok([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]:
         if len(ids) > length - 1:
             ids, cut = ids[: length - 1], cut + 1
         rows.append(ids + [eos] * (length - len(ids)))
@@ -203,10 +204,13 @@ def spec_augment(batch, cfg, g: torch.Generator):
 def _texts_for_tokenizer(rows: list[dict], cfg) -> list[str]:
     from modalities.data.speech import NUMBERS
 
-    lines = [cfg.prompts.answer, cfg.prompts.transcribe, " ".join(NUMBERS)]
-    for r in rows:
-        lines += [r["transcript"], r["answer"], r.get("instruction") or ""]
-    return [x for x in lines if x]
+    a, t = cfg.prompts.answer, cfg.prompts.transcribe
+    lines = [" ".join(NUMBERS)]
+    for r in rows:  # the texts in the contexts they take in sequences (so words and prompts become tokens)
+        ins = r.get("instruction") or ""
+        lines += [f"{r['transcript']} {ins} {a} {r['answer']}", f"{r['transcript']} {t} {r['transcript']}",
+                  f"{ins} {a} {r['answer']}".strip(), f"{t} {r['transcript']}"]
+    return lines
 
 
 def _tokenizer(cfg, rows, out: Path):

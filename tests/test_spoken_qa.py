@@ -1,0 +1,231 @@
+"""Spoken QA pipeline (batching, padding, tasks, errors, callbacks, save/load) and its resumable stage training."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from latent import DiffusionTransformer
+from latent.scheduler import MaskedDiffusionScheduler
+from modalities.audio import AudioAdapter, AudioError
+from modalities.data import speech
+from pipelines.spoken_qa import SpokenQAPipeline, format_prompt
+
+SR = 16000
+
+
+def tone(seconds, freq=330.0, sr=SR, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from latent.data.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    lines = ["transcribe: answer:"]
+    lines += [f"{e.instruction} {e.transcript} answer: {e.answer}" for e in speech.make_split("train", 120)]
+    (d / "t.txt").write_text("\n".join(lines))
+    return train_tokenizer(str(d / "t.txt"), d / "tok", vocab_size=330, min_frequency=1)
+
+
+def build(tokenizer, commit="threshold"):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
+                                 mask_token_id=tokenizer.mask_token_id, max_position_embeddings=96,
+                                 attention_layout="prefix").eval()
+    adapter = AudioAdapter(hidden_size=32, encoder_dim=32, encoder_layers=1, encoder_heads=2, n_mels=16,
+                           acoustic_queries=2, acoustic_heads=2, max_seconds=2.0).eval()
+    sched = MaskedDiffusionScheduler(block_length=8, commit=commit, threshold=0.9)
+    pipe = SpokenQAPipeline(adapter, model, tokenizer, sched, gen_length=4, transcribe_length=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tokenizer):
+    return build(tokenizer)
+
+
+def test_batch_of_different_lengths_equals_clips_alone(pipe):
+    clips = [tone(0.3, seed=1), tone(1.1, 500, seed=2), (tone(0.6, sr=22050, seed=3), 22050)]
+    out = pipe(audio=clips, instruction=[None, "table: anna red four.", None])
+    assert len(out.texts) == 3 and out.errors == [None] * 3 and out.sequences.shape[1] >= 4
+    for i, clip in enumerate(clips):
+        alone = pipe(audio=clip, instruction=[None, "table: anna red four.", None][i])
+        assert alone.texts == [out.texts[i]]
+        gen = alone.sequences[0, -4:]
+        assert torch.equal(gen, out.sequences[i, -4:])
+    # the prompt sits right before the generated tokens: "<instruction> answer:"
+    ids = out.sequences[1, :-4].tolist()
+    assert pipe.tokenizer.decode([t for t in ids if t != pipe.tokenizer.pad_token_id]).strip() == \
+        "table: anna red four. answer:"
+
+
+def test_transcribe_task_and_prompts(pipe):
+    out = pipe(audio=tone(0.5), task="transcribe")
+    assert out.sequences.shape[1] == len(pipe.tokenizer("transcribe:", add_special_tokens=False)["input_ids"]) + 8
+    assert format_prompt("answer", "  ", "answer:", "transcribe:") == "answer:"
+    assert format_prompt("transcribe", "say it", "answer:", "transcribe:") == "say it transcribe:"
+    one_per_step = pipe(audio=tone(0.5), task="transcribe", steps=8, threshold=None, eos_early_stop=False,
+                        cache="none")
+    assert one_per_step.nfe == 8
+
+
+def test_error_records_and_raising(pipe, tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    good = [tone(0.4, seed=5), tone(0.7, seed=6)]
+    clips = [good[0], np.zeros(8000, np.float32), str(tmp_path / "bad.wav"), good[1], np.full(50, 0.2, np.float32)]
+    out = pipe(audio=clips, on_error="record")
+    assert [e is None for e in out.errors] == [True, False, False, True, False]
+    assert "audio 1" in out.errors[1] and "silent" in out.errors[1]
+    assert "bad.wav" in out.errors[2] and "shorter than one analysis frame" in out.errors[4]
+    assert out.texts[1] is None and out.texts[2] is None and out.sequences.shape[0] == 5
+    ref = pipe(audio=good)
+    assert [out.texts[0], out.texts[3]] == ref.texts
+    with pytest.raises(AudioError, match="audio 1.*silent"):
+        pipe(audio=clips)
+    with pytest.raises(AudioError, match="NaN"):
+        pipe(audio=np.full(8000, np.nan, np.float32))
+    everything_bad = pipe(audio=[np.zeros(10, np.float32)], on_error="record")
+    assert everything_bad.texts == [None] and everything_bad.errors[0]
+
+
+def test_check_inputs(pipe):
+    clip = tone(0.3)
+    with pytest.raises(ValueError, match="exactly one"):
+        pipe()
+    with pytest.raises(ValueError, match="task"):
+        pipe(audio=clip, task="translate")
+    with pytest.raises(ValueError, match="on_error"):
+        pipe(audio=clip, on_error="ignore")
+    with pytest.raises(ValueError, match="gen_length"):
+        pipe(audio=clip, gen_length=0)
+    with pytest.raises(ValueError, match="instructions for"):
+        pipe(audio=[clip, clip], instruction=["a", "b", "c"])
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(audio=clip, callback_on_step_end_tensor_inputs=["logits"])
+    with pytest.raises(ValueError, match="hidden_size"):
+        SpokenQAPipeline(AudioAdapter(hidden_size=16, encoder_dim=16, encoder_layers=1, n_mels=16, encoder_heads=2,
+                                      acoustic_heads=2), pipe.model, pipe.tokenizer, pipe.scheduler)
+
+
+def test_features_generator_callbacks_and_batch_size(pipe):
+    clips = [tone(0.3, seed=7), tone(0.9, seed=8), tone(0.5, seed=9)]
+    feats = pipe.audio_adapter.preprocess(clips)
+    ref = pipe(audio=clips)
+    assert pipe(features=feats).texts == ref.texts
+    chunked = pipe(audio=clips, batch_size=2)
+    assert chunked.texts == ref.texts
+    a = pipe(audio=clips, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = pipe(audio=clips, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.sequences, b.sequences)
+    seen = []
+
+    def cb(p, step, block, kw):
+        seen.append((step, tuple(kw)))
+        assert kw["sequences"].shape[0] == 3
+
+    out = pipe(audio=clips, steps=4, threshold=None, eos_early_stop=False, callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["sequences", "transfer"])
+    assert [s for s, _ in seen] == [0, 1, 2, 3] and seen[0][1] == ("sequences", "transfer")
+    assert out.nfe == 5  # 4 steps + the forward that fills the exact prefix cache
+
+
+def test_save_load_one_folder(pipe, tmp_path):
+    clips = [tone(0.4, seed=10), tone(0.8, seed=11)]
+    ref = pipe(audio=clips, task="transcribe")
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["audio_adapter"] == ["modalities.audio", "AudioAdapter"] and index["transcribe_length"] == 8
+    loaded = SpokenQAPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(audio=clips, task="transcribe")
+    assert out.texts == ref.texts and torch.equal(out.sequences, ref.sequences)
+    with pytest.raises(ValueError, match="model_index.json"):
+        SpokenQAPipeline.from_pretrained(tmp_path)
+    import pipelines
+
+    assert pipelines.SpokenQAPipeline is SpokenQAPipeline
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Eight tone 'utterances' with transcripts and answers (no espeak needed)."""
+    d = tmp_path_factory.mktemp("clips")
+    words = ["one", "two", "three", "four"]
+    rows = []
+    for i in range(8):
+        sf.write(d / f"{i}.wav", tone(0.3 + 0.05 * i, 200 + 100 * (i % 4), seed=i), SR)
+        rows.append({"path": f"{i}.wav", "transcript": f"say {words[i % 4]}", "answer": words[i % 4],
+                     "instruction": "table: a b." if i % 2 else "", "kind": "tone"})
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d / "train.jsonl"
+
+
+def tiny_overrides(index, out):
+    return [
+        f"data.train={index}", "data.kind=jsonl", f"run.output_dir={out}", "tokenizer.vocab_size=300",
+        "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.max_position_embeddings=64",
+        "adapter.encoder_dim=16", "adapter.encoder_layers=1", "adapter.encoder_heads=2", "adapter.n_mels=16",
+        "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0",
+        "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
+        "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.1.steps=3", "stages.2.steps=2",
+    ]
+
+
+def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
+    from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
+
+    quiet = lambda s: None  # noqa: E731
+    full = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml",
+                                                 tiny_overrides(tiny_data, tmp_path / "a")), log=quiet)
+    assert full.completed and full.steps == 7 and set(full.stage_pipelines) == {"text", "asr", "sqa"}
+    asr = SpokenQAPipeline.from_pretrained(full.stage_pipelines["asr"])
+    text = SpokenQAPipeline.from_pretrained(full.stage_pipelines["text"])
+    sqa = SpokenQAPipeline.from_pretrained(full.stage_pipelines["sqa"])
+    assert asr.audio_adapter.config.prefix_parts == ["semantic"]
+    assert sqa.audio_adapter.config.prefix_parts == ["semantic", "acoustic"]
+
+    def same(m1, m2):
+        return all(torch.equal(v, m2.state_dict()[k]) for k, v in m1.state_dict().items())
+
+    assert same(text.model, asr.model) and same(asr.model, sqa.model)  # backbone frozen after the text stage
+    assert not same(text.audio_adapter.speech_encoder, asr.audio_adapter.speech_encoder)
+    assert same(asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder)
+    assert same(text.audio_adapter.acoustic, asr.audio_adapter.acoustic)  # not trained in stage 1
+    assert not same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)
+    # killed after 4 steps (inside stage 1), rerun: the same weights as the uninterrupted run
+    over = tiny_overrides(tiny_data, tmp_path / "b")
+    part = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over + ["trainer.stop_at_step=4"]),
+                           log=quiet)
+    assert not part.completed and part.steps == 4
+    rest = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over), log=quiet)
+    assert rest.completed and rest.resumed_from.endswith("step_00000004") and rest.losses == full.losses
+    again = SpokenQAPipeline.from_pretrained(rest.pipeline_dir)
+    assert same(again.audio_adapter, sqa.audio_adapter) and same(again.model, sqa.model)
+    out = again(audio=str(tiny_data.parent / "0.wav"), task="transcribe")
+    assert len(out.texts) == 1 and out.errors == [None]
+
+
+def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
+    from pipelines.spoken_qa_training import SpokenQAConfigError, load_spoken_qa_config
+    from train import TASKS, main
+
+    assert TASKS["spoken_qa"] == "pipelines.spoken_qa_training:main"
+    with pytest.raises(SpokenQAConfigError, match="unknown keys"):
+        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["trainer.epochs=3"])
+    with pytest.raises(SpokenQAConfigError, match="train must list"):
+        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[decoder]"])
+    with pytest.raises(SpokenQAConfigError, match="tasks must map"):
+        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.tasks={translate: 1}"])
+    with pytest.raises(SystemExit):
+        main(["configs/audio_spoken_qa.yaml", "trainer.epochs=3"])
+    assert "unknown keys" in capsys.readouterr().err
+    main(["configs/audio_spoken_qa.yaml", "--print-config", *tiny_overrides(tiny_data, tmp_path)])
+    assert "task: spoken_qa" in capsys.readouterr().out
