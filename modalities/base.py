@@ -10,6 +10,9 @@ canvas of the backbone. It has two halves:
 
 New adapters register with `@register_adapter("name")` and are built from a config with
 `create_adapter("name", **config)` or `create_adapter({"type": "name", ...})`.
+
+An adapter saved inside a diffusers pipeline folder is reloaded by diffusers, which looks the class's
+loading base (`ModelMixin`) up in the adapter's own module: import `ModelMixin` there (see vision.py).
 """
 
 from __future__ import annotations
