@@ -4,7 +4,8 @@
     python train.py configs/audio_spoken_qa.yaml model.init_from=runs/text_tiny/final/backbone stages.0.steps=0
 
 The recipe's `stages` run in order; each names what it trains (`train`: backbone, encoder, semantic, acoustic),
-which adapters form the prefix (`parts`) and its tasks with their sampling weights (`tasks`):
+which adapters form the prefix (`parts`), its tasks with their sampling weights (`tasks`), and optionally its own
+`batch_size`:
 
 - `text` tasks (`text_answer`, `text_transcribe`): the question's transcript stands where the audio will be,
   as tokens, so the backbone learns the task from text ("backbone" stage; skip it with steps: 0 when
@@ -417,10 +418,10 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             })
         writer.save(global_step, write)
 
-    bs = int(cfg.trainer.batch_size)
     stage_dirs, completed, stopped = {}, True, False
     for si, st in enumerate(cfg.stages):
         steps = int(st.steps)
+        bs = int(st.get("batch_size") or cfg.trainer.batch_size)
         parts = list(st.get("parts") or adapter.config.prefix_parts)
         folder = out / "pipelines" / st.name
         if si < start_stage or (si == start_stage and start_step >= steps and steps > 0) or steps == 0:
