@@ -162,7 +162,7 @@ def _ego_values(ego, where: str, max_lanes: int) -> list[float]:
                 f"{where} must be a dict or a vector of {len(EGO_FIELDS)} values ({', '.join(EGO_FIELDS)}), "
                 f"got shape {tuple(arr.shape)}."
             )
-        vals = [_finite_number(v, f"{where}.{k}") for k, v in zip(EGO_FIELDS, arr.tolist())]
+        vals = [_finite_number(v, f"{where}.{k}") for k, v in zip(EGO_FIELDS, arr.tolist(), strict=False)]
         if len(vals) == len(EGO_REQUIRED):
             vals.append(0.0)
     speed, _, lane, lanes, _ = vals
@@ -342,13 +342,13 @@ class DrivingAdapter(ModalityAdapter):
         if occupancy_channels is not None:
             self.occupancy_encoder = OccupancyEncoder(occupancy_channels, width)
             self.occupancy_proj = nn.Linear(width, hidden_size)
-        self.camera = None
+        self.camera_encoder = None
         if camera is not None:
             from .vision import VisionAdapter
 
             cam = dict(camera)
             cam.setdefault("pool_size", 2)
-            self.camera = VisionAdapter(hidden_size=hidden_size, **cam)
+            self.camera_encoder = VisionAdapter(hidden_size=hidden_size, **cam)
         self.sensor_embed = nn.Embedding(len(SENSORS), hidden_size)
         scale = [position_scale[0], position_scale[1], velocity_scale[0], velocity_scale[1], 1.0, 1.0]
         self.register_buffer("vehicle_scale", torch.tensor(scale), persistent=False)
@@ -360,8 +360,8 @@ class DrivingAdapter(ModalityAdapter):
         sizes = {"ego": 1, "vehicles": self.config.vehicle_tokens}
         if self.occupancy_encoder is not None:
             sizes["occupancy"] = 4
-        if self.camera is not None:
-            sizes["image"] = self.camera.num_prefix_tokens
+        if self.camera_encoder is not None:
+            sizes["image"] = self.camera_encoder.num_prefix_tokens
         slots, start = {}, 0
         for name, n in sizes.items():
             slots[name] = (start, start + n)
@@ -391,7 +391,7 @@ class DrivingAdapter(ModalityAdapter):
                 f"observation[{i}].occupancy was given but the adapter has no occupancy encoder "
                 "(set occupancy_channels), or drop the field."
             )
-        if "image" in obs and self.camera is None:
+        if "image" in obs and self.camera_encoder is None:
             raise DrivingInputError(
                 f"observation[{i}].image was given but the adapter has no camera encoder (set camera=...), "
                 "or drop the field."
@@ -433,7 +433,7 @@ class DrivingAdapter(ModalityAdapter):
         img = has_i = None
         if any("image" in r for r in rows):
             idx = [i for i, r in enumerate(rows) if "image" in r]
-            pix = self.camera.preprocess([rows[i]["image"] for i in idx])
+            pix = self.camera_encoder.preprocess([rows[i]["image"] for i in idx])
             img = torch.zeros(b, *pix.shape[1:])
             img[idx] = pix
             has_i = torch.zeros(b, dtype=torch.bool)
@@ -442,7 +442,46 @@ class DrivingAdapter(ModalityAdapter):
 
     # ---- model side -----------------------------------------------------------------------------
     def check_inputs(self, inputs: DrivingInputs) -> None:
-        """The tensor-level checks of `forward`, with errors that name the field."""
+        """The tensor-level checks of `forward`: raises `DrivingInputError` naming the field."""
+        first = next((e for e in self.row_errors(inputs) if e is not None), None)
+        if first is not None:
+            raise DrivingInputError(first)
+
+    def row_errors(self, inputs: DrivingInputs) -> list[str | None]:
+        """Value problems per row (None = fine): non-finite sensor values, lane out of range. Structural
+        problems that no row can escape (wrong feature width, shapes, a sensor without its encoder) raise."""
+        self._check_structure(inputs)
+        b = inputs.batch_size
+        errors: list[str | None] = [None] * b
+
+        def note(bad: torch.Tensor, message) -> None:  # bad: [B, ...] bool; message(row, index) -> str
+            flat = bad.reshape(b, -1)
+            for r in flat.any(1).nonzero()[:, 0].tolist():
+                if errors[r] is None:
+                    idx = int(flat[r].nonzero()[0, 0])
+                    errors[r] = message(r, np.unravel_index(idx, tuple(bad.shape[1:])) if bad.ndim > 1 else ())
+
+        ego = inputs.ego
+        note(~torch.isfinite(ego), lambda r, i: f"ego[{r}].{EGO_FIELDS[i[0]]} is {ego[r, i[0]].item()} (NaN or inf); "
+                                                "sensor values must be finite.")
+        lane, lanes = ego[:, 2], ego[:, 3]
+        bad = (lanes < 1) | (lanes > self.config.max_lanes) | (lane < 0) | (lane >= lanes) | (lane != lane.round())
+        note(bad, lambda r, i: f"ego[{r}].lane={lane[r].item()} / num_lanes={lanes[r].item()} out of range "
+                               f"(0 <= lane < num_lanes <= {self.config.max_lanes}).")
+        if inputs.vehicles is not None:
+            v = inputs.vehicles
+            used = (inputs.vehicles_mask & inputs.has_vehicles[:, None])[..., None]
+            note(~torch.isfinite(v) & used,
+                 lambda r, i: f"vehicles[{r}][{i[0]}].{VEHICLE_FEATURES[i[1]]} is {v[r, i[0], i[1]].item()} "
+                              "(NaN or inf); sensor values must be finite.")
+        for name in ("occupancy", "image"):
+            t = getattr(inputs, name)
+            if t is not None:
+                has = getattr(inputs, "has_" + name)[:, None, None, None]
+                note(~torch.isfinite(t) & has, lambda r, i, name=name: f"{name}[{r}] holds NaN or inf at {list(map(int, i))}.")
+        return errors
+
+    def _check_structure(self, inputs: DrivingInputs) -> None:
         if not isinstance(inputs, DrivingInputs):
             raise DrivingInputError(
                 f"the adapter takes DrivingInputs (from adapter.preprocess(observations)), got {type(inputs).__name__}."
@@ -453,15 +492,6 @@ class DrivingAdapter(ModalityAdapter):
         if inputs.ego.shape[1] != len(EGO_FIELDS):
             raise DrivingInputError(f"ego has {inputs.ego.shape[1]} values per row, expected {len(EGO_FIELDS)} "
                                     f"({', '.join(EGO_FIELDS)}).")
-        _check_finite(inputs.ego, "ego")
-        lane, lanes = inputs.ego[:, 2], inputs.ego[:, 3]
-        bad = (lanes < 1) | (lanes > self.config.max_lanes) | (lane < 0) | (lane >= lanes) | (lane != lane.round())
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0, 0])
-            raise DrivingInputError(
-                f"ego[{r}]: lane={float(lane[r])} / num_lanes={float(lanes[r])} out of range "
-                f"(0 <= lane < num_lanes <= {self.config.max_lanes})."
-            )
         if inputs.vehicles is not None:
             v = inputs.vehicles
             if v.ndim != 3 or v.shape[0] != b:
@@ -473,11 +503,9 @@ class DrivingAdapter(ModalityAdapter):
                 )
             if inputs.vehicles_mask.shape != v.shape[:2]:
                 raise DrivingInputError(f"vehicles_mask must be {tuple(v.shape[:2])}, got {tuple(inputs.vehicles_mask.shape)}.")
-            used = inputs.vehicles_mask & inputs.has_vehicles[:, None]
-            _check_finite(v, "vehicles", used[..., None])
         elif bool(inputs.has_vehicles.any()):
             raise DrivingInputError("has_vehicles is True for some rows but vehicles is None.")
-        for name, enc in (("occupancy", self.occupancy_encoder), ("image", self.camera)):
+        for name, enc in (("occupancy", self.occupancy_encoder), ("image", self.camera_encoder)):
             t, has = getattr(inputs, name), getattr(inputs, "has_" + name)
             if t is None:
                 if bool(has.any()):
@@ -489,7 +517,6 @@ class DrivingAdapter(ModalityAdapter):
                 raise DrivingInputError(f"{name} must be [B={b}, C, H, W], got {tuple(t.shape)}.")
             if name == "occupancy" and t.shape[1] != self.config.occupancy_channels:
                 raise DrivingInputError(f"occupancy has {t.shape[1]} channels, expected {self.config.occupancy_channels}.")
-            _check_finite(t, name, has[:, None, None, None])
 
     def forward(self, inputs: DrivingInputs) -> PrefixEmbeds:
         self.check_inputs(inputs)
@@ -523,12 +550,12 @@ class DrivingAdapter(ModalityAdapter):
             if inputs.occupancy is not None and bool(has.any()):
                 tok = tok.index_put((has.nonzero()[:, 0],), self.occupancy_proj(self.occupancy_encoder(inputs.occupancy[has])))
             parts.append((tok, has, 2))
-        if self.camera is not None:
-            n_c = self.camera.num_prefix_tokens
+        if self.camera_encoder is not None:
+            n_c = self.camera_encoder.num_prefix_tokens
             tok = torch.zeros(b, n_c, cfg.hidden_size, device=p.device, dtype=p.dtype)
             has = inputs.has_image
             if inputs.image is not None and bool(has.any()):
-                tok = tok.index_put((has.nonzero()[:, 0],), self.camera(inputs.image[has]).embeds.to(p.dtype))
+                tok = tok.index_put((has.nonzero()[:, 0],), self.camera_encoder(inputs.image[has]).embeds.to(p.dtype))
             parts.append((tok, has, 3))
 
         embeds, masks = [], []
@@ -562,22 +589,12 @@ def _nearest(vehicles: np.ndarray | None, limit: int) -> np.ndarray:
     return vehicles
 
 
-def _check_finite(t: torch.Tensor, name: str, where: torch.Tensor | None = None) -> None:
-    """Raise naming the first non-finite entry of `t` (only entries where `where` is True count)."""
-    bad = ~torch.isfinite(t)
-    if where is not None:
-        bad = bad & where
-    if bool(bad.any()):
-        idx = bad.nonzero()[0].tolist()
-        raise DrivingInputError(f"{name}{idx} is {t[tuple(idx)].item()} (NaN or inf); sensor values must be finite.")
-
-
 def observations_from_inputs(inputs: DrivingInputs) -> list[dict[str, Any]]:  # pragma: no cover - debugging aid
     """The raw observations a `DrivingInputs` batch stands for (images excluded)."""
     out = []
     for i in range(inputs.batch_size):
         e = inputs.ego[i].tolist()
-        obs: dict[str, Any] = {"ego": dict(zip(EGO_FIELDS, e))}
+        obs: dict[str, Any] = {"ego": dict(zip(EGO_FIELDS, e, strict=True))}
         if inputs.vehicles is not None and bool(inputs.has_vehicles[i]):
             obs["vehicles"] = inputs.vehicles[i][inputs.vehicles_mask[i]].numpy()
         if inputs.occupancy is not None and bool(inputs.has_occupancy[i]):

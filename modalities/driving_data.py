@@ -344,7 +344,7 @@ class DrivingDataset:
         return len(self.ego)
 
     def observation(self, i: int) -> dict:
-        obs: dict[str, Any] = {"ego": dict(zip(EGO_FIELDS, map(float, self.ego[i]))),
+        obs: dict[str, Any] = {"ego": dict(zip(EGO_FIELDS, map(float, self.ego[i]), strict=True)),
                                "vehicles": self.vehicles[i, : int(self.vehicle_count[i])]}
         obs["ego"]["lane"], obs["ego"]["num_lanes"] = int(self.ego[i, 2]), int(self.ego[i, 3])
         if self.occupancy is not None:
@@ -363,7 +363,7 @@ class DrivingDataset:
         img = None
         if self.image is not None:
             if image_preprocess is None:
-                raise ValueError("this dataset has images: pass image_preprocess (e.g. adapter.camera.preprocess).")
+                raise ValueError("this dataset has images: pass image_preprocess (e.g. adapter.camera_encoder.preprocess).")
             img = image_preprocess(list(self.image[rows]))
         return DrivingInputs(torch.from_numpy(self.ego[rows]).float(), veh, vmask, None, occ, None, img, None)
 

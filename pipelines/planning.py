@@ -36,8 +36,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -47,7 +48,8 @@ from latent.scheduler import MaskedDiffusionScheduler
 from modalities.driving import DrivingAdapter, DrivingInputError, DrivingInputs
 from modalities.driving_data import ACTION_INDEX, ACTIONS, FALLBACK_ACTION, PlanTokenizer
 
-__all__ = ["PlanningPipeline", "PlanningPipelineOutput", "plan_loss", "build_planner", "train_planner"]
+__all__ = ["PlanningPipeline", "PlanningPipelineOutput", "DEFAULTS", "load_driving_config", "plan_loss",
+           "build_planner", "train_planner", "validation_loss", "main"]
 
 
 @dataclass
@@ -137,23 +139,8 @@ class PlanningPipeline(DiffusionPipeline):
 
     def _row_errors(self, observations) -> tuple[list[str | None], int]:
         """Per-row error messages (None = fine) and the batch size."""
-        if isinstance(observations, DrivingInputs):
-            try:
-                self.driving_adapter.check_inputs(observations)
-                return [None] * observations.batch_size, observations.batch_size
-            except DrivingInputError as whole:
-                if observations.batch_size == 0:
-                    raise
-                errors = []
-                for i in range(observations.batch_size):
-                    try:
-                        self.driving_adapter.check_inputs(observations.select([i]))
-                        errors.append(None)
-                    except DrivingInputError as err:
-                        errors.append(f"row {i}: {err}")
-                if all(e is None for e in errors):  # a batch-level problem (shapes): no row can be saved
-                    raise whole
-                return errors, observations.batch_size
+        if isinstance(observations, DrivingInputs):  # structural problems raise; bad values are per row
+            return self.driving_adapter.row_errors(observations), observations.batch_size
         errors = self.driving_adapter.check_observations(observations)
         return errors, len(errors)
 
@@ -196,7 +183,7 @@ class PlanningPipeline(DiffusionPipeline):
         if bad and on_invalid == "raise":
             raise DrivingInputError(errors[bad[0]])
         tok = self.plan_tokenizer
-        k, length = tok.horizon, tok.length
+        length = tok.length
         tokens = torch.full((batch, length), tok.mask_token_id, dtype=torch.long)
         confidence = torch.zeros(batch, length)
         good = [i for i in range(batch) if errors[i] is None]
@@ -317,6 +304,72 @@ class PlanningPipeline(DiffusionPipeline):
 
 
 # ================================================================================================ training
+DEFAULTS = {
+    "task": "driving",
+    "output_dir": "runs/driving_tiny",
+    "data": {"train": "data/driving/train.npz", "valid": "data/driving/valid.npz"},
+    "plan": {"horizon": 3, "dt": 1.0, "x_res": 0.5, "x_range": [0.0, 45.0], "y_res": 0.25, "y_range": [-6.0, 6.0]},
+    "adapter": {"width": 128, "vehicle_tokens": 4, "vehicle_layers": 1, "heads": 4, "max_vehicles": 32,
+                "occupancy_channels": None, "camera": None},
+    "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "attention_layout": "prefix"},
+    "decoding": {"commit": "threshold", "threshold": 0.9, "cache": "auto"},
+    "trainer": {"steps": 1500, "batch_size": 64, "lr": 1.0e-3, "warmup_steps": 50, "weight_decay": 0.01,
+                "grad_clip": 1.0, "seed": 0, "threads": 1, "time_limit_minutes": None, "log_every": 25,
+                "eval_every": 250, "progress": True},
+}
+_FREE_SECTIONS = ("adapter", "model", "decoding")  # passed through to their constructors
+
+
+def load_driving_config(path=None, overrides=()):
+    """DEFAULTS <- recipe YAML <- dot-list overrides; unknown sections/keys are refused, naming the known ones."""
+    from omegaconf import DictConfig, OmegaConf
+
+    base = OmegaConf.create(DEFAULTS)
+    user = OmegaConf.load(path) if path else OmegaConf.create({})
+    over = OmegaConf.from_dotlist(list(overrides))
+    for src, label in ((user, f"recipe {path}"), (over, "overrides")):
+        for section, value in src.items():
+            if section not in base:
+                raise ValueError(f"{label}: unknown section {section!r}; known: {sorted(base)}.")
+            if isinstance(value, DictConfig) and section not in _FREE_SECTIONS:
+                extra = sorted(set(value) - set(base[section]))
+                if extra:
+                    raise ValueError(f"{label}: unknown keys {extra} in {section!r}; known: {sorted(base[section])}.")
+    cfg = OmegaConf.merge(base, user, over)
+    if cfg.task != "driving":
+        raise ValueError(f"task={cfg.task!r}: this trainer handles task 'driving'.")
+    return cfg
+
+
+def main(argv=None) -> int:
+    """`python train.py configs/driving_tiny.yaml trainer.steps=200` (or `python -m pipelines.planning ...`)."""
+    import argparse
+    import sys
+
+    from omegaconf import OmegaConf
+
+    ap = argparse.ArgumentParser(prog="pipelines.planning", description="Train a driving planner (diffusion or AR).")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--print-config", action="store_true")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        cfg = load_driving_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    try:
+        _, result = train_planner(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; pipeline: {result.pipeline_dir}")
+    return 0
+
+
 def plan_loss(adapter: DrivingAdapter, model, inputs: DrivingInputs, plan_ids: torch.LongTensor,
               tokenizer: PlanTokenizer, generator: torch.Generator | None = None):
     """The training loss of a planner on (observations, plan tokens).
@@ -387,7 +440,7 @@ def train_planner(cfg, log: Callable[[str], None] | None = print) -> tuple[Plann
 
     from modalities.driving_data import DrivingDataset
 
-    cfg = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
     tc = cfg.trainer
     if tc.get("threads"):
         torch.set_num_threads(int(tc.threads))
@@ -429,7 +482,7 @@ def train_planner(cfg, log: Callable[[str], None] | None = print) -> tuple[Plann
         torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % int(tc.log_every) == 0:
             bar.set_postfix(loss=f"{sum(losses[-int(tc.log_every):]) / int(tc.log_every):.3f}")
         if valid is not None and ((step + 1) % int(tc.eval_every) == 0 or step + 1 == steps):
@@ -470,3 +523,7 @@ def validation_loss(pipe: PlanningPipeline, data, batch_size: int = 256, seed: i
     adapter.train(was[0])
     model.train(was[1])
     return total / max(n, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

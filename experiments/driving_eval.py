@@ -1,0 +1,190 @@
+"""Evaluate driving planners open loop (validation set) and closed loop (they drive highway-env).
+
+    python experiments/driving_eval.py --diffusion runs/driving_tiny/pipeline --ar runs/driving_tiny_ar/pipeline
+
+Open loop, on data/driving/valid.npz: waypoint L2 error at 1/2/3 s (mean over samples, metres), meta-action
+accuracy (all K decisions, and the first one), forwards per plan, and latency per decision at batch 1.
+Decoding settings of the diffusion planner: the saved default (threshold 0.9), and the LLaDA schedule with
+9, 3 and 1 forwards. References: "constant" (IDLE and constant speed straight ahead).
+
+Closed loop: each policy drives the ego for N episodes per traffic density on seeds never used for the data
+(10000 + ...): collision rate, mean speed, distance travelled, episodes completed (time limit reached without
+a crash), latency per decision (the policy call: preprocessing, adapter, decoding). Policies: the rule-based
+demonstrator (IDM + MOBIL on meta-actions), the diffusion planner, the autoregressive planner, and "idle".
+A planner executes the first action of each plan and replans at every decision (receding horizon).
+Results go to experiments/results/driving_eval.json (and are printed as tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def open_loop(name, plan_fn, data, tok, batch_size=128):
+    """plan_fn(DrivingInputs) -> (action_ids [B, K], waypoints [B, K, 2], nfe)."""
+    preds, ways, nfe = [], [], 0
+    for lo in range(0, len(data), batch_size):
+        rows = np.arange(lo, min(len(data), lo + batch_size))
+        a, w, n = plan_fn(data.inputs(rows))
+        preds.append(a)
+        ways.append(w)
+        nfe += n * len(rows)
+    a = torch.cat(preds).numpy()
+    w = torch.cat(ways).numpy()
+    l2 = np.linalg.norm(w - data.waypoints, axis=-1)  # [S, K]
+    res = {"policy": name, "samples": len(data), "nfe_per_plan": nfe / len(data),
+           "action_acc": float((a == data.actions).mean()), "first_action_acc": float((a[:, 0] == data.actions[:, 0]).mean())}
+    for k in range(tok.horizon):
+        res[f"l2_{(k + 1) * tok.dt:g}s"] = float(np.nanmean(l2[:, k]))
+    return res
+
+
+def batch1_latency(plan_one, data, n=60):
+    """Median / p90 ms of planning one observation (raw dict in, as in closed loop)."""
+    times = []
+    for i in range(min(n, len(data))):
+        obs = data.observation(i)
+        t = time.perf_counter()
+        plan_one(obs)
+        times.append(1e3 * (time.perf_counter() - t))
+    return float(np.median(times[5:] or times)), float(np.percentile(times[5:] or times, 90))
+
+
+def closed_loop(name, policy, densities, episodes, seed, duration=None):
+    from tqdm.auto import tqdm
+
+    from modalities.driving_data import make_env, observe
+
+    rows = []
+    bar = tqdm(total=len(densities) * episodes, desc=f"closed loop {name}")
+    for di, density in enumerate(densities):
+        env = make_env(density, duration)
+        try:
+            for e in range(episodes):
+                obs, _ = env.reset(seed=seed + 1000 * di + e)
+                u = env.unwrapped
+                x0 = float(u.vehicle.position[0])
+                speeds, lat, crashed, done, steps = [], [], False, False, 0
+                while not done:
+                    raw = observe(env, obs)
+                    t = time.perf_counter()
+                    action = int(policy(env, raw))
+                    lat.append(1e3 * (time.perf_counter() - t))
+                    obs, _, terminated, truncated, _ = env.step(action)
+                    speeds.append(float(u.vehicle.speed))
+                    steps += 1
+                    done = terminated or truncated
+                    crashed = bool(u.vehicle.crashed)
+                rows.append({"density": density, "crashed": crashed, "completed": (not crashed) and truncated,
+                             "mean_speed": float(np.mean(speeds)), "distance": float(u.vehicle.position[0]) - x0,
+                             "decisions": steps, "latency_ms": lat})
+                bar.update(1)
+        finally:
+            env.close()
+    bar.close()
+
+    def summary(sel):
+        lat = np.concatenate([r["latency_ms"] for r in sel])
+        return {"episodes": len(sel), "collision_rate": float(np.mean([r["crashed"] for r in sel])),
+                "completed": int(sum(r["completed"] for r in sel)),
+                "mean_speed": float(np.mean([r["mean_speed"] for r in sel])),
+                "mean_distance": float(np.mean([r["distance"] for r in sel])),
+                "decisions": int(sum(r["decisions"] for r in sel)),
+                "latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90))}
+
+    out = {"policy": name, **summary(rows)}
+    out["per_density"] = {str(d): summary([r for r in rows if r["density"] == d]) for d in densities}
+    return out
+
+
+def table(rows, cols):
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--diffusion", default="runs/driving_tiny/pipeline")
+    ap.add_argument("--ar", default="runs/driving_tiny_ar/pipeline")
+    ap.add_argument("--valid", default="data/driving/valid.npz")
+    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 1.5, 2.0])
+    ap.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per density")
+    ap.add_argument("--seed", type=int, default=10_000)
+    ap.add_argument("--duration", type=int, default=None, help="episode length in s (default: the env's 30)")
+    ap.add_argument("--skip-closed-loop", action="store_true")
+    ap.add_argument("--valid-limit", type=int, default=None, help="use only the first N validation samples")
+    ap.add_argument("--out", default="experiments/results/driving_eval.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from modalities.driving_data import ACTION_INDEX, DrivingDataset, RuleBasedDriver
+    from pipelines.planning import PlanningPipeline
+
+    data = DrivingDataset.load(args.valid)
+    if args.valid_limit:
+        data = data.subset(np.arange(min(args.valid_limit, len(data))))
+    pipes = {}
+    for name, path in (("diffusion", args.diffusion), ("autoregressive", args.ar)):
+        if path and Path(path, "model_index.json").is_file():
+            p = PlanningPipeline.from_pretrained(path)
+            p.set_progress_bar_config(disable=True)
+            pipes[name] = p
+        else:
+            print(f"skipping {name}: no pipeline at {path}")
+    tok = next(iter(pipes.values())).plan_tokenizer if pipes else None
+    results = {"command": "python experiments/driving_eval.py " + " ".join(sys.argv[1:] if argv is None else argv), "open_loop": [],
+               "closed_loop": [], "torch_threads": torch.get_num_threads(), "valid": args.valid}
+
+    # ---- open loop
+    if tok is not None:
+        def constant(inputs):
+            b, k = inputs.batch_size, tok.horizon
+            t = torch.arange(1, k + 1) * tok.dt
+            way = torch.stack([inputs.ego[:, :1] * t, torch.zeros(b, k)], -1)
+            return torch.full((b, k), ACTION_INDEX["IDLE"]), way, 0
+
+        results["open_loop"].append(open_loop("constant (IDLE, constant speed)", constant, data, tok))
+        settings = {"diffusion": [("threshold 0.9 (default)", {}), ("schedule, 9 steps", {"steps": 9}),
+                                  ("schedule, 3 steps", {"steps": 3}), ("schedule, 1 step", {"steps": 1})],
+                    "autoregressive": [("greedy", {})]}
+        for name, pipe in pipes.items():
+            for label, kw in settings[name]:
+                def plan(inputs, pipe=pipe, kw=kw):
+                    out = pipe(inputs, **kw)
+                    return out.action_ids, out.waypoints, out.nfe
+                r = open_loop(f"{name}: {label}", plan, data, tok)
+                r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = batch1_latency(lambda o, pipe=pipe, kw=kw: pipe(o, **kw), data)
+                results["open_loop"].append(r)
+                print(json.dumps(r))
+        print(table(results["open_loop"], ["policy", "l2_1s", "l2_2s", "l2_3s", "action_acc", "first_action_acc",
+                                           "nfe_per_plan", "latency_ms_batch1_median"]))
+
+    # ---- closed loop
+    if not args.skip_closed_loop:
+        driver = RuleBasedDriver()
+        policies = [("rule-based (IDM+MOBIL)", driver), ("idle", lambda env, raw: ACTION_INDEX["IDLE"])]
+        for name, pipe in pipes.items():
+            policies.append((name, lambda env, raw, pipe=pipe: pipe.plan_action(raw)))
+        for name, policy in policies:
+            r = closed_loop(name, policy, args.densities, args.episodes, args.seed, args.duration)
+            results["closed_loop"].append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "per_density"}))
+        print(table(results["closed_loop"], ["policy", "episodes", "collision_rate", "completed", "mean_speed",
+                                             "mean_distance", "latency_ms_median", "latency_ms_p90"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

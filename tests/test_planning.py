@@ -1,0 +1,244 @@
+"""PlanningPipeline (pipelines/planning.py): decoding, caches, the AR baseline, fallback, save/load, training."""
+
+import numpy as np
+import pytest
+import torch
+
+from modalities.driving import DrivingInputs
+from modalities.driving_data import ACTIONS, FALLBACK_ACTION, DrivingDataset, PlanTokenizer, make_env, observe
+from pipelines.planning import (
+    PlanningPipeline,
+    build_planner,
+    load_driving_config,
+    plan_loss,
+    train_planner,
+)
+
+torch.set_num_threads(1)  # the shared CPU is oversubscribed; one thread per process is the fastest here
+
+TOK = PlanTokenizer(horizon=3)
+ADAPTER = {"width": 32, "vehicle_tokens": 2, "heads": 2}
+
+
+def model_cfg(layout):
+    return {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "attention_layout": layout}
+
+
+def pipe_for(layout="prefix", seed=0, **dec):
+    pipe = build_planner(ADAPTER, model_cfg(layout), TOK, dec or None, seed=seed)
+    pipe.driving_adapter.eval()
+    pipe.model.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def observations(n=3, seed=0):
+    g = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        v = np.zeros((i + 1, 6), np.float32)
+        v[:, 0] = g.uniform(-30, 60, i + 1)
+        v[:, 1] = g.choice([-4.0, 0.0, 4.0], i + 1)
+        v[:, 4] = 1.0
+        out.append({"ego": {"speed": float(g.uniform(15, 30)), "heading": 0.0, "lane": i % 3, "num_lanes": 3},
+                    "vehicles": v})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pipe_for()
+
+
+def test_plan_output_shapes_kinds_and_confidence(pipe):
+    out = pipe(observations(3))
+    assert out.decoding == "diffusion" and out.action_ids.shape == (3, 3) and out.waypoints.shape == (3, 3, 2)
+    assert all(a in ACTIONS for row in out.actions for a in row)
+    allowed = TOK.allowed_tokens()
+    assert allowed[torch.arange(TOK.length), out.tokens].all()  # every slot holds a token of its kind
+    assert torch.isfinite(out.waypoints).all() and not out.fallback.any()
+    assert ((out.confidence > 0) & (out.confidence <= 1)).all()
+    assert pipe(observations(1)[0]).action_ids.shape == (1, 3)  # one observation dict
+
+
+def test_confidence_is_the_committed_tokens_probability(pipe):
+    # steps=1 commits all tokens at the first forward: confidence = softmax over the slot's allowed tokens
+    obs = observations(2)
+    out = pipe(obs, steps=1, cache="none")
+    inputs = pipe.driving_adapter.preprocess(obs)
+    prefix = pipe.driving_adapter(inputs)
+    ids = torch.full((2, TOK.length), TOK.mask_token_id)
+    logits = pipe.model(ids, prefix_embeds=prefix.embeds, attention_mask=prefix.attention_mask(num_tokens=TOK.length),
+                        prefix_length=prefix.length).logits
+    probs = logits.masked_fill(~TOK.allowed_tokens(), float("-inf")).softmax(-1)
+    torch.testing.assert_close(out.tokens, probs.argmax(-1))
+    torch.testing.assert_close(out.confidence, probs.max(-1).values, atol=1e-5, rtol=1e-5)
+
+
+def test_steps_threshold_and_exact_prefix_cache(pipe):
+    obs = observations(3)
+    one_per_step = pipe(obs, steps=TOK.length, cache="none")
+    assert one_per_step.nfe == TOK.length
+    cached = pipe(obs, steps=TOK.length)  # "auto": the exact prefix cache; +1 forward for the sensor prefix
+    assert cached.nfe == TOK.length + 1
+    torch.testing.assert_close(cached.tokens, one_per_step.tokens)
+    torch.testing.assert_close(cached.confidence, one_per_step.confidence, atol=1e-5, rtol=1e-4)
+    assert pipe(obs, steps=1, cache="none").nfe == 1
+    low = pipe(obs, threshold=1e-6, cache="none")  # everything clears the threshold at the first forward
+    assert low.nfe == 1
+    with pytest.raises(ValueError, match="steps"):
+        pipe(obs, steps=TOK.length + 1)
+    with pytest.raises(ValueError, match="threshold"):
+        pipe(obs, threshold=1.5)
+
+
+def test_callback_sees_every_forward(pipe):
+    seen = []
+    pipe(observations(2), steps=3, callback_on_step_end=lambda p, step, block, kw: seen.append((step, kw["x0"].shape)),
+         callback_on_step_end_tensor_inputs=["x0"])
+    assert [s for s, _ in seen] == [0, 1, 2] and seen[0][1] == (2, TOK.length)
+
+
+def test_autoregressive_baseline_matches_uncached_greedy_decoding():
+    ar = pipe_for("causal")
+    obs = observations(3)
+    out = ar(obs)
+    assert out.decoding == "autoregressive" and out.nfe == TOK.length
+    # direct: recompute the whole [prefix | BOS | plan so far] every token, no cache
+    prefix = ar.driving_adapter(ar.driving_adapter.preprocess(obs))
+    allowed = TOK.allowed_tokens()
+    seq = torch.full((3, 1), TOK.bos_token_id)
+    probs = []
+    for i in range(TOK.length):
+        logits = ar.model(seq, prefix_embeds=prefix.embeds,
+                          attention_mask=prefix.attention_mask(num_tokens=seq.shape[1])).logits[:, -1]
+        p = logits.masked_fill(~allowed[i], float("-inf")).softmax(-1)
+        probs.append(p.max(-1).values)
+        seq = torch.cat([seq, p.argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(out.tokens, seq[:, 1:])
+    torch.testing.assert_close(out.confidence, torch.stack(probs, 1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="diffusion controls"):
+        ar(obs, steps=3)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "causal"])
+def test_save_load_gives_equal_plans(tmp_path, layout):
+    p = pipe_for(layout)
+    obs = observations(3)
+    before = p(obs)
+    p.save_pretrained(tmp_path)
+    q = PlanningPipeline.from_pretrained(tmp_path)
+    q.set_progress_bar_config(disable=True)
+    after = q(obs)
+    assert q.plan_tokenizer == TOK and q.decoding == before.decoding
+    torch.testing.assert_close(after.tokens, before.tokens)
+    torch.testing.assert_close(after.confidence, before.confidence)
+    with pytest.raises(ValueError, match="model_index.json"):
+        PlanningPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"vehicles": np.zeros((1, 6))}, "ego"),
+        ({"ego": {"speed": float("nan"), "heading": 0.0, "lane": 0, "num_lanes": 3}}, "ego.speed"),
+        ({"ego": {"speed": 20.0, "heading": 0.0, "lane": 0, "num_lanes": 3}, "vehicles": np.full((1, 6), np.inf)},
+         "vehicles"),
+        ({"ego": {"speed": 20.0, "heading": 0.0, "lane": 0, "num_lanes": 3}, "vehicles": np.zeros((2, 4))},
+         "expected 6"),
+        ({}, "empty scene"),
+    ],
+)
+def test_bad_rows_raise_or_get_the_fallback_plan(pipe, bad, field):
+    obs = observations(3)
+    with pytest.raises(ValueError, match=field):
+        pipe([obs[0], bad, obs[2]])
+    out = pipe([obs[0], bad, obs[2]], on_invalid="fallback")
+    assert out.fallback.tolist() == [False, True, False]
+    assert out.actions[1] == [FALLBACK_ACTION] * TOK.horizon and torch.isnan(out.waypoints[1]).all()
+    assert (out.confidence[1] == 0).all() and field in out.errors[1] and out.errors[0] is None
+    good = pipe([obs[0], obs[2]])  # the other rows are planned as if alone
+    torch.testing.assert_close(out.tokens[[0, 2]], good.tokens)
+    assert pipe.plan_action(bad) == ACTIONS.index(FALLBACK_ACTION)
+
+
+def test_fallback_on_tensor_batches_and_batch_level_errors(pipe):
+    x = pipe.driving_adapter.preprocess(observations(2))
+    ego = x.ego.clone()
+    ego[1, 0] = float("inf")
+    out = pipe(DrivingInputs(ego, x.vehicles, x.vehicles_mask), on_invalid="fallback")
+    assert out.fallback.tolist() == [False, True] and "ego" in out.errors[1]
+    with pytest.raises(ValueError, match="vehicles has 5 features"):  # no row can be saved: always raise
+        pipe(DrivingInputs(x.ego, x.vehicles[..., :5], x.vehicles_mask), on_invalid="fallback")
+    with pytest.raises(ValueError, match="empty"):
+        pipe([])
+    with pytest.raises(ValueError, match="on_invalid"):
+        pipe(observations(1), on_invalid="ignore")
+
+
+# ------------------------------------------------------------------------------------------ closed loop
+def test_drives_the_simulator_in_closed_loop(pipe):
+    env = make_env(1.0, duration=3)
+    try:
+        obs, _ = env.reset(seed=11)
+        steps = 0
+        done = False
+        while not done:
+            action = pipe.plan_action(observe(env, obs))
+            assert 0 <= action < len(ACTIONS)
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+            steps += 1
+        assert steps <= 3
+    finally:
+        env.close()
+
+
+# ------------------------------------------------------------------------------------------ training
+def synthetic_dataset(n=32, seed=0):
+    g = np.random.default_rng(seed)
+    ego = np.stack([g.uniform(15, 30, n), np.zeros(n), g.integers(0, 3, n), np.full(n, 3), np.zeros(n)], 1)
+    veh = np.zeros((n, 2, 6), np.float32)
+    veh[..., 0] = g.uniform(-30, 60, (n, 2))
+    veh[..., 4] = 1.0
+    actions = g.integers(0, 5, (n, 3))
+    way = np.stack([np.cumsum(g.uniform(15, 30, (n, 3)), 1), np.zeros((n, 3))], -1)
+    z = np.zeros(n)
+    return DrivingDataset(ego.astype(np.float32), veh, np.full(n, 2), actions, way.astype(np.float32),
+                          z.astype(np.float32), z.astype(np.int64), z.astype(np.int64))
+
+
+@pytest.mark.parametrize("layout", ["prefix", "causal"])
+def test_plan_loss_is_finite_and_training_lowers_it(tmp_path, layout):
+    data = synthetic_dataset()
+    data.save(tmp_path / "train.npz")
+    cfg = load_driving_config(None, [
+        f"data.train={tmp_path / 'train.npz'}", f"data.valid={tmp_path / 'train.npz'}", f"output_dir={tmp_path / 'run'}",
+        "adapter.width=32", "adapter.vehicle_tokens=2", "adapter.heads=2", "model.hidden_size=32",
+        "model.num_layers=1", "model.num_heads=2", f"model.attention_layout={layout}", "trainer.steps=40",
+        "trainer.batch_size=16", "trainer.lr=3e-3", "trainer.warmup_steps=5", "trainer.eval_every=40",
+        "trainer.progress=false",
+    ])
+    pipe, result = train_planner(cfg, log=None)
+    assert result.steps == 40 and all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-8:]) < np.mean(result.losses[:8])
+    loaded = PlanningPipeline.from_pretrained(result.pipeline_dir)
+    loaded.set_progress_bar_config(disable=True)
+    x = data.inputs([0, 1])
+    assert torch.equal(loaded(x).tokens, pipe(x).tokens)
+    torch.manual_seed(0)
+    loss = plan_loss(pipe.driving_adapter, pipe.model, x, data.plan_ids(TOK, [0, 1]), TOK)
+    assert torch.isfinite(loss.loss) and loss.num_tokens == 2 * TOK.length
+
+
+def test_config_refuses_unknown_keys_and_train_py_dispatches(capsys):
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_driving_config(None, ["trainer.stepz=3"])
+    with pytest.raises(ValueError, match="unknown section"):
+        load_driving_config(None, ["optimizer.lr=3"])
+    import train
+
+    assert train.TASKS.get("driving", "").startswith("pipelines.planning")
+    train.main(["configs/driving_tiny.yaml", "trainer.steps=7", "--print-config"])
+    assert "steps: 7" in capsys.readouterr().out
