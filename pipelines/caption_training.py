@@ -286,25 +286,26 @@ def train_captioner(cfg: DictConfig, log=None) -> TrainResult:
     g = torch.Generator().manual_seed(int(cfg.run.seed))
     bs = int(cfg.trainer.batch_size)
     losses, total_steps, stopped = [], 0, False
-    for st in cfg.stages:
-        steps = int(st.steps)
-        if steps == 0 or st.get("enabled", True) is False:
-            continue
+    active = [st for st in cfg.stages if int(st.steps) > 0 and st.get("enabled", True) is not False]
+    for k, st in enumerate(active):
+        horizon = {"steps": int(st.steps)}  # shrunk below when a time limit cannot fit every step
+        later_steps = sum(int(s.steps) for s in active[k + 1 :])
         params = _set_trainable(adapter, model, list(st.train))
         adapter.train()
         model.train(True)
         opt = torch.optim.AdamW(params, lr=float(st.lr), weight_decay=float(cfg.optim.weight_decay), betas=(0.9, 0.98))
         warm = int(cfg.optim.warmup_steps)
 
-        def lr_at(step, steps=steps, warm=warm):
+        def lr_at(step, horizon=horizon, warm=warm):
             if step < warm:
                 return (step + 1) / warm
-            prog = (step - warm) / max(1, steps - warm)
+            prog = min(1.0, (step - warm) / max(1, horizon["steps"] - warm))
             return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        bar = tqdm(range(steps), desc=f"stage {st.name} ({'+'.join(st.train)})", unit="step", disable=None)
-        for step in bar:
+        bar = tqdm(total=horizon["steps"], desc=f"stage {st.name} ({'+'.join(st.train)})", unit="step", disable=None)
+        step, t_stage = 0, time.perf_counter()
+        while step < horizon["steps"]:
             idx = torch.randint(0, len(ids), (bs,), generator=g)
             loss = caption_loss(adapter, model, pixels[idx], ids[idx], prompt_ids, tok.mask_token_id, g).loss
             opt.zero_grad(set_to_none=True)
@@ -314,13 +315,28 @@ def train_captioner(cfg: DictConfig, log=None) -> TrainResult:
             sched.step()
             losses.append(float(loss.detach()))
             total_steps += 1
+            step += 1
+            bar.update(1)
             if step % int(cfg.trainer.log_every) == 0:
                 bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}")
+            if step == 10 and deadline < math.inf:
+                # Fit the schedule to the time limit, so the learning rate still decays to its end:
+                # this stage gets its share (by planned steps) of the time that is left.
+                per_step = (time.perf_counter() - t_stage) / step
+                left = horizon["steps"] - step
+                share = (deadline - time.perf_counter()) * left / max(1, left + later_steps)
+                fit = step + max(0, int(share / per_step))
+                if fit < horizon["steps"]:
+                    log(f"stage {st.name}: {horizon['steps']} steps do not fit the time limit at {per_step:.2f} s/step; "
+                        f"running {fit}.")
+                    horizon["steps"] = fit
+                    bar.total = fit
+                    bar.refresh()
             if time.perf_counter() > deadline:
                 stopped = True
                 break
         bar.close()
-        log(f"stage {st.name}: {step + 1} steps, loss {sum(losses[-25:]) / max(1, len(losses[-25:])):.3f}")
+        log(f"stage {st.name}: {step} steps, loss {sum(losses[-25:]) / max(1, len(losses[-25:])):.3f}")
         if stopped:
             log(f"time limit of {limit} minutes reached; exporting what was trained.")
             break
