@@ -3,7 +3,8 @@
     python experiments/driving_eval.py --diffusion runs/driving_tiny/pipeline --ar runs/driving_tiny_ar/pipeline
 
 Open loop, on data/driving/valid.npz: waypoint L2 error at 1/2/3 s (mean over samples, metres), meta-action
-accuracy (all K decisions, and the first one), forwards per plan, and latency per decision at batch 1.
+accuracy (all K decisions, and the first one), decoding forwards per plan (per row: its last commit; the exact
+prefix cache adds one sensor-only forward), and latency per decision at batch 1.
 Decoding settings of the diffusion planner: the saved default (threshold 0.9), and the LLaDA schedule with
 9, 3 and 1 forwards. References: "constant" (IDLE and constant speed straight ahead).
 
@@ -28,18 +29,18 @@ import torch
 
 
 def open_loop(name, plan_fn, data, tok, batch_size=128):
-    """plan_fn(DrivingInputs) -> (action_ids [B, K], waypoints [B, K, 2], nfe)."""
-    preds, ways, nfe = [], [], 0
+    """plan_fn(DrivingInputs) -> (action_ids [B, K], waypoints [B, K, 2], decoding forwards per row [B])."""
+    preds, ways, nfe = [], [], 0.0
     for lo in range(0, len(data), batch_size):
         rows = np.arange(lo, min(len(data), lo + batch_size))
         a, w, n = plan_fn(data.inputs(rows))
         preds.append(a)
         ways.append(w)
-        nfe += n * len(rows)
+        nfe += float(torch.as_tensor(n, dtype=torch.float64).sum())
     a = torch.cat(preds).numpy()
     w = torch.cat(ways).numpy()
     l2 = np.linalg.norm(w - data.waypoints, axis=-1)  # [S, K]
-    res = {"policy": name, "samples": len(data), "nfe_per_plan": nfe / len(data),
+    res = {"policy": name, "samples": len(data), "forwards_per_plan": nfe / len(data),
            "action_acc": float((a == data.actions).mean()), "first_action_acc": float((a[:, 0] == data.actions[:, 0]).mean())}
     for k in range(tok.horizon):
         res[f"l2_{(k + 1) * tok.dt:g}s"] = float(np.nanmean(l2[:, k]))
@@ -150,7 +151,7 @@ def main(argv=None):
             b, k = inputs.batch_size, tok.horizon
             t = torch.arange(1, k + 1) * tok.dt
             way = torch.stack([inputs.ego[:, :1] * t, torch.zeros(b, k)], -1)
-            return torch.full((b, k), ACTION_INDEX["IDLE"]), way, 0
+            return torch.full((b, k), ACTION_INDEX["IDLE"]), way, torch.zeros(b)
 
         results["open_loop"].append(open_loop("constant (IDLE, constant speed)", constant, data, tok))
         settings = {"diffusion": [("threshold 0.9 (default)", {}), ("schedule, 9 steps", {"steps": 9}),
@@ -160,13 +161,13 @@ def main(argv=None):
             for label, kw in settings[name]:
                 def plan(inputs, pipe=pipe, kw=kw):
                     out = pipe(inputs, **kw)
-                    return out.action_ids, out.waypoints, out.nfe
+                    return out.action_ids, out.waypoints, out.row_steps
                 r = open_loop(f"{name}: {label}", plan, data, tok)
                 r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = batch1_latency(lambda o, pipe=pipe, kw=kw: pipe(o, **kw), data)
                 results["open_loop"].append(r)
                 print(json.dumps(r))
         print(table(results["open_loop"], ["policy", "l2_1s", "l2_2s", "l2_3s", "action_acc", "first_action_acc",
-                                           "nfe_per_plan", "latency_ms_batch1_median"]))
+                                           "forwards_per_plan", "latency_ms_batch1_median"]))
 
     # ---- closed loop
     if not args.skip_closed_loop:

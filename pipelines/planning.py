@@ -61,7 +61,10 @@ class PlanningPipelineOutput(BaseOutput):
     confidence: [B, 3K] probability of each plan token when committed; 0 for fallback rows.
     tokens: [B, 3K] plan token ids (the mask id where nothing was decoded, i.e. fallback rows).
     fallback: [B] bool, the row got the fallback plan; errors: the reason per row (None if fine).
-    nfe: backbone forwards; decoding: "diffusion" or "autoregressive".
+    nfe: backbone forwards of the batch (the exact prefix cache's sensor forward included).
+    row_steps: [B] decoding forwards each row needed (its last commit + 1; the batch runs until its slowest row
+        is done, so at batch size 1 nfe = row_steps (+1 with the prefix cache)); 0 for fallback rows.
+    decoding: "diffusion" or "autoregressive".
     """
 
     actions: list[list[str]]
@@ -72,6 +75,7 @@ class PlanningPipelineOutput(BaseOutput):
     fallback: torch.BoolTensor
     errors: list[str | None] = field(default_factory=list)
     nfe: int = 0
+    row_steps: torch.LongTensor | None = None
     decoding: str = "diffusion"
 
 
@@ -188,16 +192,17 @@ class PlanningPipeline(DiffusionPipeline):
         confidence = torch.zeros(batch, length)
         good = [i for i in range(batch) if errors[i] is None]
         nfe = 0
+        row_steps = torch.zeros(batch, dtype=torch.long)
         if good:
             if isinstance(observations, DrivingInputs):
                 inputs = observations if len(good) == batch else observations.select(good)
             else:
                 obs = [observations] if isinstance(observations, dict) else list(observations)
                 inputs = self.driving_adapter.preprocess([obs[i] for i in good])
-            seq, conf, nfe = self._decode(inputs, steps, threshold, temperature, remasking, cache, generator,
-                                          callback_on_step_end, callback_on_step_end_tensor_inputs, sampler_kwargs)
+            seq, conf, nfe, used = self._decode(inputs, steps, threshold, temperature, remasking, cache, generator,
+                                                callback_on_step_end, callback_on_step_end_tensor_inputs, sampler_kwargs)
             rows = torch.as_tensor(good)
-            tokens[rows], confidence[rows] = seq.cpu(), conf.cpu()
+            tokens[rows], confidence[rows], row_steps[rows] = seq.cpu(), conf.cpu(), used.cpu()
         action_ids, waypoints = tok.decode(tokens)
         fallback = torch.tensor([e is not None for e in errors], dtype=torch.bool)
         if bad:
@@ -206,7 +211,7 @@ class PlanningPipeline(DiffusionPipeline):
         actions = [[ACTIONS[int(a)] for a in row] for row in action_ids]
         self.maybe_free_model_hooks()
         out = PlanningPipelineOutput(actions, action_ids, waypoints, confidence, tokens, fallback, errors, nfe,
-                                     self.decoding)
+                                     row_steps, self.decoding)
         return out if return_dict else out.to_tuple()
 
     def plan_action(self, observation, **kwargs) -> int:
@@ -248,11 +253,13 @@ class PlanningPipeline(DiffusionPipeline):
         )
         batch = embeds.shape[0]
         conf = torch.zeros(batch, length, device=embeds.device)
+        used = torch.zeros(batch, dtype=torch.long, device=embeds.device)
         names = tensor_inputs or ["sequences"]
 
         def on_step(step, canvas, info):
             rows, transfer = info["rows"], info["transfer"]
             conf[rows] = torch.where(transfer, info["confidence"].to(conf.dtype), conf[rows])
+            used[rows[transfer.any(1)]] = step + 1
             if callback is not None:
                 tensors = {"sequences": canvas, **{k: info[k] for k in ("x0", "confidence", "transfer")}}
                 callback(self, step, info["block"], {k: tensors[k] for k in names})
@@ -263,7 +270,7 @@ class PlanningPipeline(DiffusionPipeline):
             prefix_mask=None if bool(pmask.all()) else pmask.long(), generator=generator,
             callback_on_step_end=on_step, progress_bar=lambda total: self.progress_bar(total=total or length),
         )
-        return result.sequences, conf, result.nfe
+        return result.sequences, conf, result.nfe, used
 
     def _decode_autoregressive(self, embeds, pmask, allowed, temperature, generator, callback):
         tok = self.plan_tokenizer
@@ -290,7 +297,7 @@ class PlanningPipeline(DiffusionPipeline):
             if i + 1 < length:
                 out = self.model(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
         bar.close()
-        return seq, conf, length
+        return seq, conf, length, torch.full((batch,), length, dtype=torch.long)
 
     # ---- saving ---------------------------------------------------------------------------------
     @classmethod

@@ -85,7 +85,8 @@ def test_steps_threshold_and_exact_prefix_cache(pipe):
     torch.testing.assert_close(cached.confidence, one_per_step.confidence, atol=1e-5, rtol=1e-4)
     assert pipe(obs, steps=1, cache="none").nfe == 1
     low = pipe(obs, threshold=1e-6, cache="none")  # everything clears the threshold at the first forward
-    assert low.nfe == 1
+    assert low.nfe == 1 and low.row_steps.tolist() == [1, 1, 1]
+    assert cached.row_steps.tolist() == [TOK.length] * 3
     with pytest.raises(ValueError, match="steps"):
         pipe(obs, steps=TOK.length + 1)
     with pytest.raises(ValueError, match="threshold"):
