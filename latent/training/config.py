@@ -87,6 +87,7 @@ class TrainerConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, else no) | no | bf16 | fp16
     device: str = "auto"  # auto | cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest for tiny models on a busy CPU
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the start and the end
     eval_at_start: bool = True

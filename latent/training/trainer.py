@@ -124,6 +124,9 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         tc = cfg.trainer
+        self._threads_before = torch.get_num_threads()
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
         self.acc = self._accelerator()
         acc = self.acc
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -199,6 +202,12 @@ class Trainer:
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         self.log = MetricsLogger(self.run_dir, tc.tensorboard, self.start_step, fresh=self.start_step == 0) \
             if self.is_main else None
+        if self.is_main and tc.progress:
+            dist = str(acc.distributed_type).split(".")[-1]
+            wrapped = type(self.model).__name__
+            resumed = f", resumed from {self.resume_dir} (step {self.start_step})" if self.resume_dir else ""
+            print(f"[train] {dist} x{self.world} ({wrapped}) on {self.device}, micro-batch {self.micro}, "
+                  f"mixed precision {acc.mixed_precision}{resumed}", flush=True)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ setup helpers
@@ -406,6 +415,12 @@ class Trainer:
         return final
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(self._threads_before)
+
+    def _fit(self) -> TrainResult:
         cfg, tc = self.cfg, self.cfg.trainer
         result = TrainResult(self.run_dir, self.start_step, False)
         end = tc.max_steps if tc.stop_at_step is None else min(tc.max_steps, tc.stop_at_step)
