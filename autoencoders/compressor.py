@@ -122,6 +122,7 @@ class TextCompressor(ModelMixin, ConfigMixin):
         latent_noise: float = 0.3,
         token_mask_prob: float = 0.1,
         align_weight: float = 0.5,
+        output_vocab: list[int] | None = None,
     ):
         super().__init__()
         if compression < 1 or max_length % compression:
@@ -146,7 +147,20 @@ class TextCompressor(ModelMixin, ConfigMixin):
         self.to_latent = nn.Linear(d, latent_dim)
         self.decoder = ParallelDecoder(latent_dim, self.num_latents, max_length, d, decoder_layers, num_heads)
         self.to_word = nn.Linear(d, enc_dim)
-        self.word_bias = nn.Parameter(torch.zeros(enc_cfg.vocab_size))
+        # output_vocab: the encoder token ids the decoder may emit (a domain vocabulary; None = all of them).
+        # A 30522-way softmax per position dominates training cost on a CPU; a domain's few hundred ids do not.
+        n_out = enc_cfg.vocab_size if output_vocab is None else len(output_vocab)
+        if output_vocab is not None:
+            ids = torch.tensor(sorted(set(int(i) for i in output_vocab)), dtype=torch.long)
+            if len(ids) != len(output_vocab) or int(ids.min()) < 0 or int(ids.max()) >= enc_cfg.vocab_size:
+                raise ValueError(f"output_vocab must hold distinct encoder token ids in [0, {enc_cfg.vocab_size}).")
+            index = torch.full((enc_cfg.vocab_size,), -1, dtype=torch.long)
+            index[ids] = torch.arange(len(ids))
+            self.register_buffer("out_ids", ids, persistent=False)
+            self.register_buffer("out_index", index, persistent=False)
+        else:
+            self.out_ids = self.out_index = None
+        self.word_bias = nn.Parameter(torch.zeros(n_out))
         self.align_head = nn.Linear(latent_dim, enc_dim)
 
     # ---- frozen encoder ---------------------------------------------------------------------------
@@ -216,11 +230,27 @@ class TextCompressor(ModelMixin, ConfigMixin):
         latents = self._check_latents(latents)
         h = self.decoder(latents.to(self.queries.dtype))
         words = self._enc().get_input_embeddings().weight.detach()
+        if self.out_ids is not None:
+            words = words[self.out_ids]
         return self.to_word(h) @ words.T + self.word_bias
+
+    def logits_to_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """Encoder token ids of the most likely outputs (maps back from ``output_vocab`` positions)."""
+        idx = logits.argmax(-1)
+        return idx if self.out_ids is None else self.out_ids[idx]
+
+    def _targets(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.out_index is None:
+            return input_ids
+        t = self.out_index[input_ids]
+        if bool((t < 0).any()):
+            missing = sorted(set(input_ids[t < 0].tolist()))[:10]
+            raise ValueError(f"input_ids hold tokens outside config.output_vocab: {self._tokenizer.convert_ids_to_tokens(missing)}")
+        return t
 
     @torch.no_grad()
     def decode_text(self, latents: torch.Tensor) -> list[str]:
-        ids = self.decode(latents).argmax(-1)
+        ids = self.logits_to_ids(self.decode(latents))
         return self._tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
@@ -277,7 +307,7 @@ class TextCompressor(ModelMixin, ConfigMixin):
             level = torch.rand(B, 1, 1, generator=generator).to(dev) * sigma if self.training else sigma
             z_dec = z + level * torch.randn(z.shape, generator=generator).to(dev)
         logits = self.decode(z_dec)
-        ce = F.cross_entropy(logits.transpose(1, 2), input_ids)
+        ce = F.cross_entropy(logits.transpose(1, 2), self._targets(input_ids))
         # alignment: latent j <-> mean clean state of its c tokens
         c = cfg.compression
         m = attention_mask.float().view(B, self.num_latents, c, 1)
@@ -286,7 +316,8 @@ class TextCompressor(ModelMixin, ConfigMixin):
         cos = F.cosine_similarity(self.align_head(z), pooled, dim=-1)
         align = (1 - cos)[has].mean() if bool(has.any()) else cos.new_zeros(())
         with torch.no_grad():
-            acc = float((logits.argmax(-1) == input_ids)[real].float().mean()) if bool(real.any()) else math.nan
+            hit = self.logits_to_ids(logits) == input_ids
+            acc = float(hit[real].float().mean()) if bool(real.any()) else math.nan
         return CompressorOutput(loss=ce + aw * align, ce=ce, align=align, accuracy=acc, latents=z, logits=logits)
 
     @classmethod

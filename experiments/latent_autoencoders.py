@@ -51,11 +51,23 @@ def eval_compressor(m, ids, am, states, noise_levels, seed=0):
     return res
 
 
+def domain_vocab(texts, max_length):
+    """Encoder token ids that the training texts use, plus the specials (``--domain-vocab``)."""
+    from transformers import AutoTokenizer
+
+    from autoencoders.compressor import default_encoder_path
+
+    tk = AutoTokenizer.from_pretrained(default_encoder_path(), local_files_only=True)
+    ids = tk(list(texts), padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+    return sorted({i for row in ids for i in row} | set(tk.all_special_ids))
+
+
 def train_compressor(c, args, train_texts, test_texts, out_dir):
+    vocab = domain_vocab(train_texts, args.max_length) if args.domain_vocab else None
     torch.manual_seed(args.seed)
     m = TextCompressor(max_length=args.max_length, compression=c, latent_dim=args.latent_dim,
                        hidden_size=args.hidden, num_layers=2, decoder_layers=2, num_heads=4,
-                       latent_noise=0.3, token_mask_prob=0.1, align_weight=0.5)
+                       latent_noise=0.3, token_mask_prob=0.1, align_weight=0.5, output_vocab=vocab)
     b, bt = m.tokenize(train_texts), m.tokenize(test_texts)
     with torch.no_grad():  # the encoder is frozen: its states are computed once
         states = torch.cat([m.encoder_states(b["input_ids"][i : i + 256], b["attention_mask"][i : i + 256])
@@ -75,11 +87,12 @@ def train_compressor(c, args, train_texts, test_texts, out_dir):
         if step % 20 == 0:
             curve.append((step, o.ce.item(), o.align.item(), o.accuracy))
     acc = eval_compressor(m, bt["input_ids"], bt["attention_mask"], states_t, NOISE_LEVELS)
-    m.save_pretrained(os.path.join(out_dir, f"compressor_c{c}"))
+    m.save_pretrained(os.path.join(out_dir, f"compressor_c{c}{args.tag}"))
     m.eval()
     with torch.no_grad():
         examples = list(zip(test_texts[:4], m.decode_text(m.encode(bt["input_ids"][:4], bt["attention_mask"][:4])), strict=False))
-    return dict(acc=acc, curve=curve, num_latents=m.num_latents, examples=examples)
+    return dict(acc=acc, curve=curve, num_latents=m.num_latents, examples=examples,
+                output_vocab=None if vocab is None else len(vocab))
 
 
 def train_vae(args, train, test, out_dir):
@@ -93,11 +106,14 @@ def train_vae(args, train, test, out_dir):
     vae = ThoughtVAE(vocab_size=len(tok), max_length=L, num_latents=args.k, latent_dim=args.vae_dim,
                      hidden_size=args.vae_hidden, num_layers=2, num_heads=4, pad_token_id=tok.pad_token_id,
                      beta=args.beta)
+    trained = "vae" in args.parts
+    if not trained:  # evaluate the checkpoint of an earlier run
+        vae = ThoughtVAE.from_pretrained(os.path.join(out_dir, "thought_vae"))
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.vae_steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(args.vae_steps, 1), pct_start=0.05)
     g = torch.Generator().manual_seed(args.seed)
     curve = []
-    for step in tqdm(range(args.vae_steps), desc="thought VAE"):
+    for step in tqdm(range(args.vae_steps if trained else 0), desc="thought VAE"):
         idx = torch.randint(0, len(ids), (args.vae_batch,), generator=g)
         o = vae.loss(ids[idx], generator=g)
         opt.zero_grad()
@@ -110,9 +126,11 @@ def train_vae(args, train, test, out_dir):
     with torch.no_grad():
         o = vae.loss(ids_t, sample=False)
         o_s = vae.loss(ids_t, sample=True, generator=torch.Generator().manual_seed(1))
-        vae.fit_scaling_factor(ids)
-    vae.save_pretrained(os.path.join(out_dir, "thought_vae"))
-    tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        if trained:
+            vae.fit_scaling_factor(ids)
+    if trained:
+        vae.save_pretrained(os.path.join(out_dir, "thought_vae"))
+        tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     pred = [tok.decode(r, skip_special_tokens=True) for r in o.logits.argmax(-1)[:4].tolist()]
     return dict(acc=o.accuracy, exact=o.exact, kl=o.kl.item(), acc_sampled=o_s.accuracy, exact_sampled=o_s.exact,
                 scaling_factor=vae.config.scaling_factor, curve=curve, examples=list(zip(steps_te[:4], pred, strict=False)),
@@ -127,6 +145,11 @@ def main(argv=None):
     ap.add_argument("--latent-dim", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--compressions", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--domain-vocab", action="store_true",
+                    help="decoder emits only the encoder tokens the training texts use (much cheaper softmax)")
+    ap.add_argument("--parts", nargs="+", default=["vae", "compressor"], choices=["vae", "compressor"],
+                    help="what to train; without vae the saved thought VAE is only evaluated")
+    ap.add_argument("--tag", default="", help="suffix of the result files and compressor checkpoints")
     ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-length", type=int, default=10)
     ap.add_argument("--k", type=int, default=4)
@@ -149,7 +172,7 @@ def main(argv=None):
     res["vae"] = train_vae(args, train, test, args.ckpt)
     print("VAE", {k: v for k, v in res["vae"].items() if k != "curve"}, flush=True)
     tr_txt, te_txt = compressor_texts(train), compressor_texts(test)[: args.n_test]
-    for c in args.compressions:
+    for c in args.compressions if "compressor" in args.parts else []:
         res["compressor"][c] = train_compressor(c, args, tr_txt, te_txt, args.ckpt)
         print("compressor", c, res["compressor"][c]["acc"], res["compressor"][c]["examples"], flush=True)
     res["seconds"] = time.time() - t0
@@ -161,13 +184,16 @@ def main(argv=None):
     t2 = markdown_table(["k", "latent dim", "beta", "token acc (z=mu)", "exact (z=mu)", "token acc (z~q)", "exact (z~q)", "KL nats/thought token"],
                         [[args.k, args.vae_dim, args.beta, v["acc"], v["exact"], v["acc_sampled"], v["exact_sampled"], v["kl"]]])
     ex = "\n".join(f"- `{a}` -> `{b}`" for c in res["compressor"] for a, b in res["compressor"][c]["examples"][:2])
+    vocab = "domain vocabulary (tokens of the training texts)" if args.domain_vocab else "full 30522-token vocabulary"
     text = (f"# Latent autoencoders\n\n`{cmd.strip()}` ({res['seconds'] / 60:.1f} min)\n\n"
-            f"## TextCompressor (frozen all-MiniLM-L6-v2), held-out texts, {args.comp_steps} steps each\n\n{t1}\n\n"
+            f"## TextCompressor (frozen all-MiniLM-L6-v2, decoder over the {vocab}), held-out texts, "
+            f"{args.comp_steps} steps each\n\n{t1}\n\n"
             f"Noise: Gaussian with that standard deviation added to the layer-normalised latents (unit variance).\n\n"
             f"Examples (c={args.compressions}, clean):\n{ex}\n\n"
-            f"## ThoughtVAE, {v['n_test']} held-out reasoning steps, {args.vae_steps} steps\n\n{t2}\n")
-    open(os.path.join(args.out, "latent_autoencoders.md"), "w").write(text)
-    json.dump(dict(args=vars(args), results=res), open(os.path.join(args.out, "latent_autoencoders.json"), "w"),
+            f"## ThoughtVAE, {v['n_test']} held-out reasoning steps, "
+            f"{f'{args.vae_steps} steps' if 'vae' in args.parts else 'checkpoint ' + args.ckpt + '/thought_vae'}\n\n{t2}\n")
+    open(os.path.join(args.out, f"latent_autoencoders{args.tag}.md"), "w").write(text)
+    json.dump(dict(args=vars(args), results=res), open(os.path.join(args.out, f"latent_autoencoders{args.tag}.json"), "w"),
               indent=1, default=str)
     print(text)
 
@@ -188,7 +214,7 @@ def main(argv=None):
     ax[1].set(xlabel="step", ylabel="token accuracy", title="ThoughtVAE training")
     ax2.set_ylabel("KL nats / thought token")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "latent_autoencoders.png"), dpi=100)
+    fig.savefig(os.path.join(args.out, f"latent_autoencoders{args.tag}.png"), dpi=100)
 
 
 if __name__ == "__main__":

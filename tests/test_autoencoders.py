@@ -87,10 +87,13 @@ def test_compressor_frozen_encoder_not_saved_and_round_trip(compressor, tmp_path
 
 
 def test_compressor_overfits_a_few_texts():
+    texts = ["the cat sat", "12 + 7 = 19"]
+    tok = TextCompressor(max_length=8, num_layers=1, decoder_layers=1, hidden_size=16, num_heads=2).tokenizer
+    b = tok(texts, padding="max_length", max_length=8, return_tensors="pt")
+    vocab = sorted(set(b["input_ids"].flatten().tolist()) | set(tok.all_special_ids))
     torch.manual_seed(0)
     m = TextCompressor(max_length=8, compression=4, latent_dim=16, hidden_size=48, num_layers=1,
-                       decoder_layers=1, num_heads=4, token_mask_prob=0.0)
-    b = m.tokenize(["the cat sat", "12 + 7 = 19"])
+                       decoder_layers=1, num_heads=4, token_mask_prob=0.0, output_vocab=vocab)
     states = m.encoder_states(b["input_ids"], b["attention_mask"])  # frozen: computed once
     opt = torch.optim.Adam(m.parameters(), lr=5e-3)
     for _ in range(40):
@@ -101,7 +104,10 @@ def test_compressor_overfits_a_few_texts():
     m.eval()
     out = m.loss(b["input_ids"], b["attention_mask"], latent_noise=0.0, token_mask_prob=0.0)
     assert out.accuracy == 1.0
-    assert m.decode_text(out.latents) == ["the cat sat", "12 + 7 = 19"]
+    assert out.logits.shape == (2, 8, len(vocab))  # a domain vocabulary: a small softmax
+    assert m.decode_text(out.latents) == texts
+    with pytest.raises(ValueError, match="outside config.output_vocab"):
+        m.loss(m.tokenize(["zebra"])["input_ids"])
 
 
 def test_compressor_bad_input(compressor):
