@@ -154,7 +154,8 @@ def main(argv=None):
             return torch.full((b, k), ACTION_INDEX["IDLE"]), way, torch.zeros(b)
 
         results["open_loop"].append(open_loop("constant (IDLE, constant speed)", constant, data, tok))
-        settings = {"diffusion": [("threshold 0.9 (default)", {}), ("schedule, 9 steps", {"steps": 9}),
+        settings = {"diffusion": [("threshold 0.9 (default)", {}), ("threshold 0.9, no cache", {"cache": "none"}),
+                                  ("schedule, 9 steps", {"steps": 9}),
                                   ("schedule, 3 steps", {"steps": 3}), ("schedule, 1 step", {"steps": 1})],
                     "autoregressive": [("greedy", {})]}
         for name, pipe in pipes.items():
@@ -166,8 +167,10 @@ def main(argv=None):
                 r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = batch1_latency(lambda o, pipe=pipe, kw=kw: pipe(o, **kw), data)
                 results["open_loop"].append(r)
                 print(json.dumps(r))
-        print(table(results["open_loop"], ["policy", "l2_1s", "l2_2s", "l2_3s", "action_acc", "first_action_acc",
-                                           "forwards_per_plan", "latency_ms_batch1_median"]))
+        results["open_loop_table"] = table(results["open_loop"], [
+            "policy", "l2_1s", "l2_2s", "l2_3s", "action_acc", "first_action_acc", "forwards_per_plan",
+            "latency_ms_batch1_median", "latency_ms_batch1_p90"])
+        print(results["open_loop_table"])
 
     # ---- closed loop
     if not args.skip_closed_loop:
@@ -179,12 +182,24 @@ def main(argv=None):
             r = closed_loop(name, policy, args.densities, args.episodes, args.seed, args.duration)
             results["closed_loop"].append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "per_density"}))
-        print(table(results["closed_loop"], ["policy", "episodes", "collision_rate", "completed", "mean_speed",
-                                             "mean_distance", "latency_ms_median", "latency_ms_p90"]))
+        results["closed_loop_table"] = table(results["closed_loop"], [
+            "policy", "episodes", "collision_rate", "completed", "mean_speed", "mean_distance", "latency_ms_median",
+            "latency_ms_p90"])
+        per = [{"policy": r["policy"], "density": d, **v} for r in results["closed_loop"] for d, v in r["per_density"].items()]
+        results["closed_loop_per_density_table"] = table(per, ["policy", "density", "episodes", "collision_rate",
+                                                                "completed", "mean_speed", "mean_distance"])
+        print(results["closed_loop_table"])
+        print(results["closed_loop_per_density_table"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    md = [f"# Driving planners\n\n`{results['command']}` (torch threads: {results['torch_threads']})\n"]
+    for key, title in (("open_loop_table", "Open loop (validation set)"), ("closed_loop_table", "Closed loop"),
+                       ("closed_loop_per_density_table", "Closed loop per traffic density")):
+        if key in results:
+            md.append(f"## {title}\n\n{results[key]}\n")
+    out.with_suffix(".md").write_text("\n".join(md))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
