@@ -456,6 +456,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="threshold decoding (default: the pipeline's)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding process (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -478,6 +479,8 @@ def run(args: argparse.Namespace) -> int:
     # Check everything cheap before loading the model.
     _check_writable(args.out)
     list_images(args.images)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     captioner = load_captioner(args.model, device, args.dtype)
     gen = {k: getattr(args, k) for k in ("prompt", "gen_length", "block_length", "steps", "threshold", "temperature")}
