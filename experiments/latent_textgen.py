@@ -4,7 +4,7 @@ Both generators learn the same texts (true equations of the arithmetic task, e.g
 scratch with the same backbone size and training steps:
 
 - latent: Gaussian diffusion (v-prediction, DPM-Solver++) over the 4 latents x 32 channels that the
-  frozen-MiniLM ``TextCompressor`` (c = 4, from ``python -m experiments.latent_autoencoders``) makes of
+  frozen-MiniLM ``TextCompressor`` (c = 4, domain vocabulary, trained by the command below) makes of
   a 16-token text, decoded to text by the compressor in one forward;
 - token:  masked diffusion over the 16 character tokens of the text, LLaDA-style confidence unmasking.
 
@@ -12,7 +12,7 @@ Quality is verifiable: the fraction of samples that are well-formed, true equati
 evaluation, every partial result in 0..19). Speed: wall-clock milliseconds per sample on one CPU
 thread, generation in batches of 100 (decoding included).
 
-    python -m experiments.latent_autoencoders     # once: trains runs/latent/compressor_c4
+    python -m experiments.latent_autoencoders --parts compressor --domain-vocab --comp-steps 600 --tag _domain  # once
     python -m experiments.latent_textgen          # ~10 min on one busy CPU thread
 
 Writes ``experiments/results/latent_textgen.{md,json,png}``.
@@ -86,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--token-steps", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--n-samples", type=int, default=300)
-    ap.add_argument("--compressor", default="runs/latent/compressor_c4")
+    ap.add_argument("--compressor", default="runs/latent/compressor_c4_domain")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="experiments/results")
