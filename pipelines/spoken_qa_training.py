@@ -49,6 +49,9 @@ DEFAULTS = OmegaConf.create(
             "dir": "data/speech", "n_train": 2400, "n_test": 200, "workers": 2,
             "train": None,  # jsonl: {"path", "transcript", "answer", "instruction"?} per line (paths relative)
             "max_train": None,
+            # espeak: extra generated questions (text only, split "text") for the text tasks; the backbone sees
+            # the task's language and facts beyond the 'train' clips. 0 = the training clips' texts only.
+            "text_examples": 0,
         },
         "tokenizer": {"path": None, "vocab_size": 400},
         "model": {
@@ -155,6 +158,18 @@ def load_rows(cfg: DictConfig, split: str = "train") -> list[dict]:
         files = [files] if isinstance(files, str) else list(files)
         return sum((_read_index(f, d.max_train if split == "train" else None) for f in files), [])
     raise SpokenQAConfigError(f"data.kind must be espeak or jsonl, got {d.kind!r}.")
+
+
+def load_text_rows(cfg: DictConfig, rows: list[dict]) -> list[dict]:
+    """Rows for the text tasks: the training rows plus `data.text_examples` generated questions (espeak data)."""
+    n = int(cfg.data.get("text_examples") or 0)
+    if n <= 0 or cfg.data.kind != "espeak":
+        return rows
+    from dataclasses import asdict
+
+    from modalities.data.speech import make_split
+
+    return rows + [asdict(e) for e in make_split("text", n, int(cfg.run.seed))]
 
 
 def encode_targets(tok, texts: list[str], length: int) -> tuple[torch.LongTensor, int]:
@@ -373,7 +388,8 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     deadline = t_start + 60 * float(limit) if limit else math.inf
 
     rows = load_rows(cfg, "train")
-    tok = _tokenizer(cfg, rows, out)
+    text_rows = load_text_rows(cfg, rows)
+    tok = _tokenizer(cfg, text_rows, out)
     model = _backbone(cfg, tok)
     adapter_cfg = OmegaConf.to_container(cfg.adapter, resolve=True)
     adapter_cfg["hidden_size"] = model.config.hidden_size
@@ -387,7 +403,7 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             feats.append(f.half() if f.is_floating_point() else f)  # half the memory; exact enough for training
             lengths.append(n)
     n_params = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in adapter.parameters())
-    log(f"{len(rows)} training clips, vocabulary {len(tok)}, backbone {n_params[0] / 1e6:.2f} M, "
+    log(f"{len(rows)} training clips, {len(text_rows)} text examples, vocabulary {len(tok)}, backbone {n_params[0] / 1e6:.2f} M, "
         f"adapter {n_params[1] / 1e6:.2f} M parameters.")
 
     # ---- resume ---------------------------------------------------------------------------------------
@@ -447,8 +463,9 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
         step = first
         for step in bar:
             task = names[int(torch.multinomial(weights, 1, generator=g))]
-            idx = torch.randint(0, len(rows), (bs,), generator=g).tolist()
-            prompts, texts, audio, length = make_examples(task, [rows[i] for i in idx], cfg)
+            pool = text_rows if task.startswith("text_") else rows
+            idx = torch.randint(0, len(pool), (bs,), generator=g).tolist()
+            prompts, texts, audio, length = make_examples(task, [pool[i] for i in idx], cfg)
             targets, _ = encode_targets(tok, texts, length)
             batch = None
             if audio:

@@ -51,8 +51,9 @@ KINDS = ("arithmetic", "counting", "table")
 # (espeak-ng voice with variant, label); the held-out ones are different accents AND different variants.
 TRAIN_VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb-x-rp+m3", "en-029+m2", "en-gb-x-gbclan+f2")
 HELD_OUT_VOICES = ("en-gb-scotland+m4", "en-gb-x-gbcwmd+f4")
-SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES}
-_SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003}
+# "text": questions for training the backbone on text only (never synthesised; its voices are unused)
+SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES, "text": TRAIN_VOICES}
+_SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003, "text": 3_000_017}
 RATE_RANGE = (130, 200)  # words per minute (espeak -s)
 PITCH_RANGE = (25, 75)  # espeak -p, 0..99
 SNR_RANGE = (10.0, 30.0)  # dB of white noise
