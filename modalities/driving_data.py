@@ -212,7 +212,8 @@ def make_env(density: float = 1.0, duration: int | None = None, image: bool = Fa
     import highway_env  # noqa: F401 - registers the envs
 
     if image:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        # SDL's "offscreen" driver renders without a display; with "dummy" highway-env skips drawing (black frames).
+        os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     return gym.make(ENV_ID, config=env_config(density, duration, image), render_mode="rgb_array" if image else None)
 

@@ -277,3 +277,9 @@ def test_recording_is_deterministic_from_seeds(tmp_path):
     x = a.inputs([0, 2])
     assert x.vehicles.shape[0] == 2 and x.vehicles_mask.sum(1).tolist() == a.vehicle_count[[0, 2]].tolist()
     assert DrivingAdapter(hidden_size=16, width=16, heads=2).check_observations([a.observation(0)]) == [None]
+
+
+def test_recorded_camera_frames_show_the_road():
+    d = record(densities=(1.0,), episodes=1, horizon=1, max_steps=1, image=True, progress=False)
+    assert d.image.shape == (1, 32, 128, 3) and d.image.dtype == np.uint8
+    assert d.image.std() > 10  # a drawn road with vehicles, not a blank frame
