@@ -2,6 +2,7 @@
 
     python train.py configs/audio_spoken_qa.yaml                       # all stages, resumable
     python train.py configs/audio_spoken_qa.yaml model.init_from=runs/text_tiny/final/backbone stages.0.steps=0
+    python train.py configs/audio_asr.yaml && python train.py configs/audio_sqa.yaml    # the stages as two recipes
 
 The recipe's `stages` run in order; each names what it trains (`train`: backbone, encoder, semantic, acoustic),
 which adapters form the prefix (`parts`), its tasks with their sampling weights (`tasks`), and optionally its own
@@ -276,6 +277,29 @@ def _backbone(cfg, tok):
     return DiffusionTransformer(vocab_size=len(tok), mask_token_id=tok.mask_token_id, **m)
 
 
+def _adapter(cfg, model):
+    """The audio adapter: built from the `adapter` section, or loaded from `adapter.init_from` (an adapter folder
+    or a pipeline folder holding one, e.g. the stage-1 pipeline to start stage 2 from)."""
+    from modalities.audio import AudioAdapter
+    from modalities.base import create_adapter
+
+    acfg = OmegaConf.to_container(cfg.adapter, resolve=True)
+    init = acfg.pop("init_from", None)
+    if init:
+        folder = Path(init) / "audio_adapter" if (Path(init) / "audio_adapter" / "config.json").exists() else Path(init)
+        if not (folder / "config.json").exists():
+            raise SpokenQAConfigError(f"adapter.init_from={init!r} holds no audio adapter (config.json).")
+        adapter = AudioAdapter.from_pretrained(str(folder))
+        if adapter.config.hidden_size != model.config.hidden_size:
+            raise SpokenQAConfigError(
+                f"the adapter in {folder} projects to {adapter.config.hidden_size}, the backbone is "
+                f"{model.config.hidden_size} wide."
+            )
+        return adapter
+    acfg["hidden_size"] = model.config.hidden_size
+    return create_adapter(acfg)
+
+
 def _set_trainable(adapter, model, parts) -> list[torch.nn.Parameter]:
     groups = {"backbone": model, "encoder": adapter.speech_encoder, "semantic": adapter.semantic,
               "acoustic": adapter.acoustic}
@@ -374,7 +398,6 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from latent.training.checkpoint import CheckpointWriter, latest_checkpoint, read_state, set_rng_state, write_state
-    from modalities.base import create_adapter
 
     log = log or (lambda s: print(s, flush=True))
     if cfg.trainer.threads:
@@ -391,9 +414,7 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     text_rows = load_text_rows(cfg, rows)
     tok = _tokenizer(cfg, text_rows, out)
     model = _backbone(cfg, tok)
-    adapter_cfg = OmegaConf.to_container(cfg.adapter, resolve=True)
-    adapter_cfg["hidden_size"] = model.config.hidden_size
-    adapter = create_adapter(adapter_cfg)
+    adapter = _adapter(cfg, model)
     pre = adapter.preprocessor
     needs_audio = any(not t.startswith("text_") for st in cfg.stages if int(st.steps) > 0 for t in st.tasks)
     feats, lengths = [], []

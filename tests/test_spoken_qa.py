@@ -229,3 +229,23 @@ def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
     assert "unknown keys" in capsys.readouterr().err
     main(["configs/audio_spoken_qa.yaml", "--print-config", *tiny_overrides(tiny_data, tmp_path)])
     assert "task: spoken_qa" in capsys.readouterr().out
+
+
+def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
+    from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
+
+    quiet = lambda s: None  # noqa: E731
+    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.2")]
+    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over), log=quiet)
+    assert set(stage1.stage_pipelines) == {"text", "asr"}
+    asr = SpokenQAPipeline.from_pretrained(stage1.pipeline_dir)
+    over2 = [f"data.train={tiny_data}", "data.kind=jsonl", f"run.output_dir={tmp_path / 'sqa'}",
+             f"model.init_from={stage1.pipeline_dir}", f"adapter.init_from={stage1.pipeline_dir}",
+             "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
+             "trainer.progress=false", "stages.0.steps=2"]
+    stage2 = train_spoken_qa(load_spoken_qa_config("configs/audio_sqa.yaml", over2), log=quiet)
+    sqa = SpokenQAPipeline.from_pretrained(stage2.pipeline_dir)
+    assert sqa.tokenizer.get_vocab() == asr.tokenizer.get_vocab()
+    for a, b, same in ((asr.model, sqa.model, True), (asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder,
+                       True), (asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic, False)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()) == same
