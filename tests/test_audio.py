@@ -77,6 +77,16 @@ def test_log_mel_and_fbank_match_direct_computation():
     assert fb.one(x).shape[0] == fb.num_frames(len(x))
 
 
+def test_preprocessor_pickles_for_dataloader_workers(adapter):
+    import pickle
+
+    pre = adapter.preprocessor
+    x = tone(0.4)
+    ref = pre.one(x)  # fills the transform cache
+    clone = pickle.loads(pickle.dumps(pre))
+    assert clone == pre and torch.equal(clone.one(x), ref)
+
+
 def test_integer_pcm_and_files(tmp_path):
     import soundfile as sf
 
