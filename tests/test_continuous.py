@@ -334,3 +334,17 @@ def test_discrete_only_sample_with_backbone(tiny_config):
     out = joint_sample(model, prompt, 8, 63, num_steps=4, latent_shape=(2, 4), diffusion=d,
                        scheduler=FlowMatchEulerDiscreteScheduler(), generator=torch.Generator().manual_seed(0))
     assert out.latents.shape == (2, 2, 4) and not (out.sequences == 63).any()
+
+
+@pytest.mark.parametrize("name,pt", [("euler", "epsilon"), ("euler", "v_prediction"), ("unipc", "epsilon")])
+def test_other_diffusers_schedulers_work(name, pt):
+    """Schedulers with init_noise_sigma != 1 and scale_model_input (Euler) or higher order (UniPC)."""
+    from diffusers import UniPCMultistepScheduler
+
+    d = GaussianDiffusion(pt)
+    sched = {"euler": lambda: EulerDiscreteScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=pt,
+                                                     timestep_spacing="trailing"),
+             "unipc": lambda: UniPCMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=pt)}[name]()
+    out = sample_latents(lambda x, t: exact_output(d, x, t), sched, shape=(64, 4, 2), num_inference_steps=30,
+                         diffusion=d, generator=torch.Generator().manual_seed(0))
+    assert abs(out.mean().item() - MU) < 0.1 and abs(out.std().item() - STD) < 0.05
