@@ -47,15 +47,19 @@ def open_loop(name, plan_fn, data, tok, batch_size=128):
     return res
 
 
-def batch1_latency(plan_one, data, n=60):
-    """Median / p90 ms of planning one observation (raw dict in, as in closed loop)."""
-    times = []
+def batch1_latency(planners: dict, data, n=60):
+    """{name: (median ms, p90 ms)} of planning one raw observation. The planners take turns on each
+    observation (in a rotating order), so a change in machine load hits all of them alike."""
+    names = list(planners)
+    times = {k: [] for k in names}
     for i in range(min(n, len(data))):
         obs = data.observation(i)
-        t = time.perf_counter()
-        plan_one(obs)
-        times.append(1e3 * (time.perf_counter() - t))
-    return float(np.median(times[5:] or times)), float(np.percentile(times[5:] or times, 90))
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            t = time.perf_counter()
+            planners[name](obs)
+            times[name].append(1e3 * (time.perf_counter() - t))
+    return {k: (float(np.median(v[3:])), float(np.percentile(v[3:], 90))) for k, v in times.items()}
 
 
 def closed_loop(name, policy, densities, episodes, seed, duration=None):
@@ -158,15 +162,20 @@ def main(argv=None):
                                   ("schedule, 9 steps", {"steps": 9}),
                                   ("schedule, 3 steps", {"steps": 3}), ("schedule, 1 step", {"steps": 1})],
                     "autoregressive": [("greedy", {})]}
+        latency_fns = {}
         for name, pipe in pipes.items():
             for label, kw in settings[name]:
                 def plan(inputs, pipe=pipe, kw=kw):
                     out = pipe(inputs, **kw)
                     return out.action_ids, out.waypoints, out.row_steps
                 r = open_loop(f"{name}: {label}", plan, data, tok)
-                r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = batch1_latency(lambda o, pipe=pipe, kw=kw: pipe(o, **kw), data)
+                latency_fns[r["policy"]] = lambda o, pipe=pipe, kw=kw: pipe(o, **kw)
                 results["open_loop"].append(r)
                 print(json.dumps(r))
+        lat = batch1_latency(latency_fns, data)
+        for r in results["open_loop"]:
+            if r["policy"] in lat:
+                r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = lat[r["policy"]]
         results["open_loop_table"] = table(results["open_loop"], [
             "policy", "l2_1s", "l2_2s", "l2_3s", "action_acc", "first_action_acc", "forwards_per_plan",
             "latency_ms_batch1_median", "latency_ms_batch1_p90"])
