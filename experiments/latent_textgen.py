@@ -133,22 +133,24 @@ def main(argv=None):
                 dec += time.perf_counter() - t1
             ms = (time.perf_counter() - t0) * 1000 / n
             q = sum(map(is_true_equation, outs)) / n
-            res["latent"][s] = dict(valid=q, ms=ms, decode_ms=dec * 1000 / n, examples=outs[:3])
-            rows.append(["latent (c=4)", s, M, q, ms, dec * 1000 / n])
+            res["latent"][s] = dict(valid=q, ms=ms, decode_ms=dec * 1000 / n, examples=outs[:3],
+                                    distinct=len(set(outs)) / n)
+            rows.append(["latent (c=4)", s, M, q, len(set(outs)) / n, ms, dec * 1000 / n])
             print("latent", s, q, ms, outs[:3], flush=True)
         empty = torch.zeros(bs, 0, dtype=torch.long)
         for s in args.token_steps:
             t0, outs = time.perf_counter(), []
-            for _ in range(0, n, bs):
-                seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s).sequences
+            for i in range(0, n, bs):  # Gumbel sampling (temperature 1): argmax would give one text only
+                seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(i)).sequences
                 outs += [decode_answer(tok, r.tolist()) for r in seq]
             ms = (time.perf_counter() - t0) * 1000 / n
             q = sum(map(is_true_equation, outs)) / n
-            res["token"][s] = dict(valid=q, ms=ms, examples=outs[:3])
-            rows.append(["token", s, TOK_LEN, q, ms, 0.0])
+            res["token"][s] = dict(valid=q, ms=ms, examples=outs[:3], distinct=len(set(outs)) / n)
+            rows.append(["token", s, TOK_LEN, q, len(set(outs)) / n, ms, 0.0])
             print("token", s, q, ms, outs[:3], flush=True)
 
-    table = markdown_table(["generator", "steps", "positions", "true equations", "ms / sample", "of which decoding"], rows)
+    table = markdown_table(["generator", "steps", "positions", "true equations", "distinct", "ms / sample", "of which decoding"], rows)
     cmd = "python -m experiments.latent_textgen " + " ".join(sys.argv[1:] if argv is None else argv)
     ex = "\n".join(f"- {k} {s} steps: {v['examples']}" for k in res for s, v in res[k].items())
     text = (f"# Latent text generation vs token masked diffusion\n\n`{cmd.strip()}` ({args.steps} training steps "
