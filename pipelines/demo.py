@@ -1,6 +1,6 @@
 """`make demo`: train the tiny text diffusion model on the offline English corpus, then show what it learned.
 
-    python -m pipelines.demo                 # ~400 steps, a few minutes on one CPU core
+    python -m pipelines.demo                 # 800 steps, a few minutes on one CPU core
     python -m pipelines.demo --steps 100     # shorter
     python -m pipelines.demo trainer.batch_size=32 model.hidden_size=192   # any train.py override
 
@@ -46,7 +46,7 @@ def ensure_corpus_packages(auto_install: bool = True) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 400)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 800)")
     ap.add_argument("--out", default="runs/demo", help="run folder (replaced on every demo run)")
     ap.add_argument("--config", default=str(REPO / "configs" / "text_tiny.yaml"))
     ap.add_argument("--no-install", action="store_true", help="never call apt-get; fail with the command")

@@ -284,3 +284,15 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path):
     for (s1, x), (s2, y) in zip(evals(single), evals(ddp), strict=True):
         assert s1 == s2 and x == pytest.approx(y, rel=1e-5)
     assert (ddp / "checkpoints" / "step_00000002" / "rng_rank1.json").exists()
+
+
+@needs_corpus
+def test_tokenizer_is_trained_once_and_shared_with_sft(corpus, tmp_path):
+    tok_dir = tmp_path / "tok"
+    common = ["tokenizer.path=null", f"tokenizer.train_dir={tok_dir}", "tokenizer.vocab_size=300"]
+    a = Trainer(tiny(corpus, tmp_path / "a", *common))
+    assert (tok_dir / "tokenizer.json").is_file() and len(a.tokenizer) == 300
+    b = Trainer(tiny(corpus, tmp_path / "b", *common, recipe="text_tiny_sft.yaml"))  # same tokenizer for SFT
+    assert b.tokenizer.get_vocab() == a.tokenizer.get_vocab()
+    with pytest.raises(ConfigError, match="other settings"):
+        Trainer(tiny(corpus, tmp_path / "c", *common[:-1], "tokenizer.vocab_size=310"))

@@ -95,14 +95,27 @@ def prepare_data(cfg: DictConfig, is_main: bool = True):
     if t.path:
         tok = load_tokenizer(t.path)
     else:
+        # The tokenizer is trained on documents: the built-in corpus's train.jsonl (for the SFT recipe
+        # too, so pre-training and fine-tuning share it), or the text training files.
+        if d.train_files is None:
+            tok_files = [str(check_files([Path(d.corpus_dir) / "train.jsonl"], "tokenizer training")[0])]
+            key = "text"
+        elif d.format == "text":
+            tok_files, key = train_files, d.text_key
+        else:
+            raise ConfigError("SFT on your own files needs tokenizer.path (the tokenizer of the model it tunes)")
         folder = Path(t.train_dir)
         args_file = folder / "training_args.json"
-        want = {"files": train_files, "vocab_size": t.vocab_size, "max_chars": t.train_max_chars}
-        have = json.loads(args_file.read_text()) if args_file.is_file() else {}
-        fresh = (folder / "tokenizer.json").is_file() and all(have.get(k) == v for k, v in want.items())
-        if not fresh and is_main:
-            train_tokenizer(train_files, folder, vocab_size=t.vocab_size, text_key=d.text_key if d.format == "text"
-                            else d.answer_key, max_chars=t.train_max_chars)
+        want = {"files": tok_files, "vocab_size": t.vocab_size, "max_chars": t.train_max_chars, "text_key": key}
+        have = json.loads(args_file.read_text()) if args_file.is_file() else None
+        if have is not None and any(have.get(k) != v for k, v in want.items()):
+            raise ConfigError(
+                f"tokenizer.train_dir={str(folder)!r} holds a tokenizer trained with other settings "
+                f"({ {k: have.get(k) for k in want} }); use it with tokenizer.path={str(folder)!r}, "
+                "or give another tokenizer.train_dir"
+            )
+        if have is None and is_main:
+            train_tokenizer(tok_files, folder, vocab_size=t.vocab_size, text_key=key, max_chars=t.train_max_chars)
         tok = load_tokenizer(folder)
     return train_files, valid_files, tok
 
