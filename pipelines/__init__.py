@@ -9,6 +9,9 @@ import importlib
 _LAZY = {
     "TextDiffusionPipeline": "pipelines.text",
     "TextDiffusionPipelineOutput": "pipelines.text",
+    "CaptioningPipeline": "pipelines.captioning",
+    "CaptioningPipelineOutput": "pipelines.captioning",
+    "LatentReasoningPipeline": "pipelines.latent_reasoning",
     "PlanningPipeline": "pipelines.planning",
     "PlanningPipelineOutput": "pipelines.planning",
     "SpokenQAPipeline": "pipelines.spoken_qa",
