@@ -6,7 +6,8 @@ scratch with the same backbone size and training steps:
 - latent: Gaussian diffusion (v-prediction, DPM-Solver++) over the 4 latents x 32 channels that the
   frozen-MiniLM ``TextCompressor`` (c = 4, domain vocabulary, trained by the command below) makes of
   a 16-token text, decoded to text by the compressor in one forward;
-- token:  masked diffusion over the 16 character tokens of the text, LLaDA-style confidence unmasking.
+- token:  masked diffusion over the 16 character tokens of the text, ancestral sampling (random unmasking
+  order, tokens drawn at temperature 1; confidence order collapses unconditional samples onto EOS).
 
 Quality is verifiable: the fraction of samples that are well-formed, true equations (left-to-right
 evaluation, every partial result in 0..19). Speed: wall-clock milliseconds per sample on one CPU
@@ -140,8 +141,8 @@ def main(argv=None):
         empty = torch.zeros(bs, 0, dtype=torch.long)
         for s in args.token_steps:
             t0, outs = time.perf_counter(), []
-            for i in range(0, n, bs):  # Gumbel sampling (temperature 1): argmax would give one text only
-                seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s, temperature=1.0,
+            for i in range(0, n, bs):  # ancestral sampling: Gumbel proposals (temperature 1), random order
+                seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s, temperature=1.0, order="random",
                                    generator=torch.Generator().manual_seed(i)).sequences
                 outs += [decode_answer(tok, r.tolist()) for r in seq]
             ms = (time.perf_counter() - t0) * 1000 / n

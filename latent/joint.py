@@ -121,6 +121,7 @@ def joint_sample(
     diffusion: GaussianDiffusion | None = None,
     scheduler=None,
     temperature: float = 0.0,
+    order: str = "confidence",
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     callback_on_step_end: Callable | None = None,
@@ -131,13 +132,16 @@ def joint_sample(
     latents together, one backbone forward per step.
 
     Tokens follow LLaDA's linear transfer schedule (``floor(L / steps)`` committed per step, the most
-    confident first; argmax, or Gumbel-max with ``temperature > 0``); latents follow ``scheduler``'s
+    confident first, or in random order with ``order="random"``, MDLM's ancestral sampler, which suits
+    unconditional generation; argmax, or Gumbel-max with ``temperature > 0``); latents follow ``scheduler``'s
     timesteps (any diffusers scheduler whose prediction type matches ``diffusion``). Without
     ``latent_shape`` this is plain masked diffusion with the same loop and step count (the
     discrete-only baseline). ``callback_on_step_end(step, timestep, {"sequences", "latents"})``.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if order not in ("confidence", "random"):
+        raise ValueError(f"order={order!r}; use 'confidence' or 'random'.")
     B, device = prompt_ids.shape[0], prompt_ids.device
     P = prompt_ids.shape[1]
     seq = torch.cat([prompt_ids, torch.full((B, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
@@ -177,7 +181,10 @@ def joint_sample(
             proposal = (logits / temperature - torch.log(-torch.log(g))).argmax(-1)
         else:
             proposal = logits.argmax(-1)
-        conf = logits.softmax(-1).gather(-1, proposal[..., None]).squeeze(-1)
+        if order == "random":
+            conf = torch.rand(proposal.shape, generator=generator).to(device)
+        else:
+            conf = logits.softmax(-1).gather(-1, proposal[..., None]).squeeze(-1)
         conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
         commit = masked & (confidence_rank(conf) < quota[:, i : i + 1])
         seq[:, P:] = torch.where(commit, proposal, seq[:, P:])

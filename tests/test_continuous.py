@@ -348,3 +348,16 @@ def test_other_diffusers_schedulers_work(name, pt):
     out = sample_latents(lambda x, t: exact_output(d, x, t), sched, shape=(64, 4, 2), num_inference_steps=30,
                          diffusion=d, generator=torch.Generator().manual_seed(0))
     assert abs(out.mean().item() - MU) < 0.1 and abs(out.std().item() - STD) < 0.05
+
+
+def test_joint_sample_random_order_commits_the_quota():
+    d = GaussianDiffusion("epsilon")
+    target = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = OracleJoint(target, d)
+    seen = []
+    out = joint_sample(model, target[:, :0], 8, 63, num_steps=4, order="random", temperature=1.0,
+                       generator=torch.Generator().manual_seed(0),
+                       callback_on_step_end=lambda i, t, kw: seen.append(int((kw["sequences"] == 63).sum())))
+    assert seen == [12, 8, 4, 0] and torch.equal(out.sequences, target)  # 2 per row per step, oracle tokens
+    with pytest.raises(ValueError, match="order="):
+        joint_sample(model, target[:, :0], 8, 63, num_steps=4, order="left")
