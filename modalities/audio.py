@@ -767,8 +767,12 @@ class AudioAdapter(ModalityAdapter):
 
     def forward(self, batch: AudioBatch, parts: list[str] | tuple[str, ...] | None = None) -> PrefixEmbeds:
         """[semantic | acoustic] prefix (or the `parts` asked for), valid slots at the end of each row."""
-        parts = list(self.config.prefix_parts if parts is None else parts)
         states, mask = self.encode(batch)
+        return self.prefix(states, mask, parts)
+
+    def prefix(self, states: list[torch.Tensor], mask: torch.Tensor, parts=None) -> PrefixEmbeds:
+        """The adapters on encoder outputs from `encode` (training reuses them, e.g. for an encoder-side loss)."""
+        parts = list(self.config.prefix_parts if parts is None else parts)
         dtype = next(self.semantic.parameters()).dtype
         states = [s.to(dtype) for s in states]
         out = [getattr(self, name)(states, mask) for name in parts]

@@ -6,7 +6,7 @@
 
 The recipe's `stages` run in order; each names what it trains (`train`: backbone, encoder, semantic, acoustic),
 which adapters form the prefix (`parts`), its tasks with their sampling weights (`tasks`), and optionally its own
-`batch_size`:
+`batch_size` and `ctc_weight` (an auxiliary CTC loss on the speech encoder, see `CTCHead`):
 
 - `text` tasks (`text_answer`, `text_transcribe`): the question's transcript stands where the audio will be,
   as tokens, so the backbone learns the task from text ("backbone" stage; skip it with steps: 0 when
@@ -310,18 +310,42 @@ def _set_trainable(adapter, model, parts) -> list[torch.nn.Parameter]:
     return [p for name in PARTS if name in parts for p in groups[name].parameters()]
 
 
-def sequence_loss(model, adapter, batch, prompts: list[str], targets: torch.LongTensor, tok, generator=None):
+class CTCHead(torch.nn.Module):
+    """Training-only CTC head on the speech encoder's last layer (tokens of the transcript, blank = vocab size).
+
+    DIFFA starts from a pretrained Whisper encoder; nothing pretrained is available offline here, so an auxiliary
+    CTC loss (`ctc_weight` of a stage) teaches the in-project encoder to recognise words directly, instead of only
+    through gradients that pass the frozen backbone. It is not part of the exported pipeline."""
+
+    def __init__(self, dim: int, vocab: int):
+        super().__init__()
+        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, vocab + 1))
+        self.blank = vocab
+
+    def loss(self, hidden: torch.Tensor, mask: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        logp = torch.log_softmax(self.proj(hidden).float(), -1).transpose(0, 1)  # [T, B, V + 1]
+        flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
+        lengths = torch.tensor([len(row) for row in targets], dtype=torch.long)
+        return torch.nn.functional.ctc_loss(logp, flat, mask.sum(1).cpu(), lengths, blank=self.blank,
+                                            zero_infinity=True)
+
+
+def sequence_loss(model, adapter, batch, prompts: list[str], targets: torch.LongTensor, tok, generator=None,
+                  ctc_head: CTCHead | None = None, ctc_targets: list[list[int]] | None = None):
     """SFT masked-diffusion loss of `targets` [B, G] after [audio prefix | left-padded prompts] (no prefix when
-    `batch` is None: a text task)."""
+    `batch` is None: a text task). With `ctc_head`, also returns the encoder's CTC loss on `ctc_targets`."""
     from latent.losses import sft_loss
 
     prompt_ids, prompt_mask = left_pad(tok, prompts)
     b, plen = prompt_ids.shape
     seq = torch.cat([prompt_ids, targets], dim=1)
     ones = torch.ones_like(targets)
-    embeds, n_prefix = None, 0
+    embeds, n_prefix, ctc = None, 0, None
     if batch is not None:
-        prefix = adapter(batch)
+        states, frames = adapter.encode(batch)
+        if ctc_head is not None:
+            ctc = ctc_head.loss(states[-1], frames, ctc_targets)
+        prefix = adapter.prefix(states, frames)
         embeds, n_prefix = prefix.embeds, prefix.length
         full = torch.cat([prefix.mask.long(), prompt_mask, ones], dim=1)
     else:
@@ -331,7 +355,8 @@ def sequence_loss(model, adapter, batch, prompts: list[str], targets: torch.Long
     def call(noisy, attention_mask=None, **kw):
         return model(noisy, attention_mask=full, prefix_embeds=embeds, prefix_length=n_prefix + plen)
 
-    return sft_loss(call, seq, tok.mask_token_id, prompt_lengths=torch.full((b,), plen), generator=generator)
+    out = sft_loss(call, seq, tok.mask_token_id, prompt_lengths=torch.full((b,), plen), generator=generator)
+    return out if ctc_head is None else (out, ctc)
 
 
 def make_examples(task: str, rows: list[dict], cfg) -> tuple[list[str], list[str], bool, int]:
@@ -415,6 +440,9 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     tok = _tokenizer(cfg, text_rows, out)
     model = _backbone(cfg, tok)
     adapter = _adapter(cfg, model)
+    ctc_head = None
+    if any(float(st.get("ctc_weight") or 0) > 0 for st in cfg.stages):
+        ctc_head = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
     pre = adapter.preprocessor
     needs_audio = any(not t.startswith("text_") for st in cfg.stages if int(st.steps) > 0 for t in st.tasks)
     feats, lengths = [], []
@@ -438,6 +466,8 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     if ckpt is not None:
         state = read_state(ckpt, "state")
         adapter.load_state_dict(state["adapter"])
+        if ctc_head is not None and state.get("ctc_head"):
+            ctc_head.load_state_dict(state["ctc_head"])
         model.load_state_dict(state["model"])
         g.set_state(state["generator"])
         set_rng_state(read_state(ckpt, "rng_rank0"))
@@ -450,6 +480,7 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             write_state(folder, "state", {
                 "stage": stage_i, "step": step, "global_step": global_step, "losses": losses,
                 "generator": g.get_state(), "adapter": adapter.state_dict(), "model": model.state_dict(),
+                "ctc_head": ctc_head.state_dict() if ctc_head is not None else {},
                 "optimizer": opt.state_dict() if opt is not None else {},
                 "scheduler": sched.state_dict() if sched is not None else {},
             })
@@ -469,6 +500,11 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             continue
         adapter.set_prefix_parts(parts)
         params = _set_trainable(adapter, model, list(st.train))
+        ctc_weight = float(st.get("ctc_weight") or 0)
+        if ctc_weight > 0:
+            if "encoder" not in st.train:
+                raise SpokenQAConfigError(f"stage {st.name!r}: ctc_weight trains the encoder; add it to `train`.")
+            params = params + list(ctc_head.parameters())
         opt = torch.optim.AdamW(params, lr=float(st.lr), weight_decay=float(cfg.optim.weight_decay), betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
         first = 0
@@ -492,7 +528,13 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             if audio:
                 batch = pre.collate([feats[i] for i in idx], [lengths[i] for i in idx])
                 batch = spec_augment(batch.to(dtype=torch.float32), cfg, g)
-            loss = sequence_loss(model, adapter, batch, prompts, targets, tok, g).loss
+            if audio and ctc_weight > 0:
+                ctc_targets = tok([" " + r["transcript"].strip() for r in (pool[i] for i in idx)],
+                                  add_special_tokens=False)["input_ids"]
+                out_sft, ctc = sequence_loss(model, adapter, batch, prompts, targets, tok, g, ctc_head, ctc_targets)
+                loss = out_sft.loss + ctc_weight * ctc
+            else:
+                loss = sequence_loss(model, adapter, batch, prompts, targets, tok, g).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if float(cfg.optim.grad_clip) > 0:

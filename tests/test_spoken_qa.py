@@ -236,8 +236,13 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
 
     quiet = lambda s: None  # noqa: E731
     over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.2")]
-    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over), log=quiet)
-    assert set(stage1.stage_pipelines) == {"text", "asr"}
+    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over + ["stages.1.ctc_weight=0.5"]),
+                             log=quiet)
+    assert set(stage1.stage_pipelines) == {"text", "asr"} and all(np.isfinite(stage1.losses))
+    from latent.training.checkpoint import latest_checkpoint, read_state
+
+    ctc = read_state(latest_checkpoint(tmp_path / "asr" / "checkpoints"), "state")["ctc_head"]
+    assert ctc["proj.1.weight"].shape[0] == len(SpokenQAPipeline.from_pretrained(stage1.pipeline_dir).tokenizer) + 1
     asr = SpokenQAPipeline.from_pretrained(stage1.pipeline_dir)
     over2 = [f"data.train={tiny_data}", "data.kind=jsonl", f"run.output_dir={tmp_path / 'sqa'}",
              f"model.init_from={stage1.pipeline_dir}", f"adapter.init_from={stage1.pipeline_dir}",
