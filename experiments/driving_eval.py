@@ -127,6 +127,12 @@ def main(argv=None):
     ap.add_argument("--duration", type=int, default=None, help="episode length in s (default: the env's 30)")
     ap.add_argument("--skip-closed-loop", action="store_true")
     ap.add_argument("--valid-limit", type=int, default=None, help="use only the first N validation samples")
+    ap.add_argument("--latency-samples", type=int, default=60, help="observations timed at batch 1 per planner")
+    ap.add_argument("--closed-loop-steps", type=int, nargs="*", default=[],
+                    help="also drive with the diffusion planner on the LLaDA schedule with these step counts")
+    ap.add_argument("--policies", nargs="*", default=None,
+                    help="closed-loop policies to run (default all): rule-based idle diffusion autoregressive "
+                         "and 'diffusion-<steps>' for --closed-loop-steps")
     ap.add_argument("--out", default="experiments/results/driving_eval.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -172,7 +178,7 @@ def main(argv=None):
                 latency_fns[r["policy"]] = lambda o, pipe=pipe, kw=kw: pipe(o, **kw)
                 results["open_loop"].append(r)
                 print(json.dumps(r))
-        lat = batch1_latency(latency_fns, data)
+        lat = batch1_latency(latency_fns, data, args.latency_samples)
         for r in results["open_loop"]:
             if r["policy"] in lat:
                 r["latency_ms_batch1_median"], r["latency_ms_batch1_p90"] = lat[r["policy"]]
@@ -184,10 +190,17 @@ def main(argv=None):
     # ---- closed loop
     if not args.skip_closed_loop:
         driver = RuleBasedDriver()
-        policies = [("rule-based (IDM+MOBIL)", driver), ("idle", lambda env, raw: ACTION_INDEX["IDLE"])]
+        policies = [("rule-based (IDM+MOBIL)", "rule-based", driver),
+                    ("idle", "idle", lambda env, raw: ACTION_INDEX["IDLE"])]
         for name, pipe in pipes.items():
-            policies.append((name, lambda env, raw, pipe=pipe: pipe.plan_action(raw)))
-        for name, policy in policies:
+            policies.append((name, name, lambda env, raw, pipe=pipe: pipe.plan_action(raw)))
+        if "diffusion" in pipes:
+            for n in args.closed_loop_steps:
+                policies.append((f"diffusion, schedule {n} step(s)", f"diffusion-{n}",
+                                 lambda env, raw, n=n: pipes["diffusion"].plan_action(raw, steps=n)))
+        for name, key, policy in policies:
+            if args.policies is not None and key not in args.policies:
+                continue
             r = closed_loop(name, policy, args.densities, args.episodes, args.seed, args.duration)
             results["closed_loop"].append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "per_density"}))
