@@ -97,10 +97,14 @@ def main(argv=None) -> int:
 
     pipe = TextDiffusionPipeline.from_pretrained(str(result.run_dir / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
-    print("samples (TextDiffusionPipeline, 48 tokens, 16-token blocks, 48 steps, greedy):")
-    for i, prompt in enumerate(PROMPTS):
-        res = pipe(prompt, gen_length=48, block_length=16, steps=48, generator=torch.Generator().manual_seed(i))
-        print(f"  [{prompt}] {res.texts[0].strip()}")
+    settings = [("greedy, low-confidence remasking (LLaDA)", {}),
+                ("temperature 1.0, random remasking", {"temperature": 1.0, "remasking": "random"})]
+    for title, kw in settings:
+        print(f"samples (TextDiffusionPipeline: 48 tokens, 16-token blocks, 48 steps, {title}):")
+        for i, prompt in enumerate(PROMPTS):
+            res = pipe(prompt, gen_length=48, block_length=16, steps=48,
+                       generator=torch.Generator().manual_seed(i), **kw)
+            print(f"  [{prompt}] {' '.join(res.texts[0].split())}")
     return 0
 
 

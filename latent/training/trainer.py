@@ -216,7 +216,7 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, tc.tensorboard, self.start_step, fresh=self.start_step == 0) \
             if self.is_main else None
         if self.is_main and tc.progress:
-            dist = str(acc.distributed_type).split(".")[-1]
+            dist = "single process" if self.world == 1 else str(acc.distributed_type).split(".")[-1]
             wrapped = type(self.model).__name__
             resumed = f", resumed from {self.resume_dir} (step {self.start_step})" if self.resume_dir else ""
             print(f"[train] {dist} x{self.world} ({wrapped}) on {self.device}, micro-batch {self.micro}, "
