@@ -175,11 +175,11 @@ class ModalityAdapter(ModelMixin, ConfigMixin):
     trunk_attr: str | None = None
 
     @torch.no_grad()
-    def preprocess(self, raw) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def preprocess(self, raw) -> Any:  # pragma: no cover - every adapter defines its own
+        raise TypeError(f"{type(self).__name__} must define preprocess(raw) -> tensors")
 
-    def forward(self, *args, **kwargs) -> PrefixEmbeds:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward(self, *args, **kwargs) -> PrefixEmbeds:  # pragma: no cover - every adapter defines its own
+        raise TypeError(f"{type(self).__name__} must define forward(tensors) -> PrefixEmbeds")
 
     # ---- trunk freezing -------------------------------------------------------------------------
     @property
@@ -214,8 +214,8 @@ class ModalityAdapter(ModelMixin, ConfigMixin):
         return [p for p in self.parameters() if p.requires_grad]
 
     @property
-    def num_prefix_tokens(self) -> int:  # pragma: no cover - subclasses override
-        raise NotImplementedError
+    def num_prefix_tokens(self) -> int:  # pragma: no cover - every adapter defines its own
+        raise TypeError(f"{type(self).__name__} must define num_prefix_tokens")
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> ModalityAdapter:
