@@ -11,6 +11,8 @@ which adapters form the prefix (`parts`), its tasks with their sampling weights 
 - `text` tasks (`text_answer`, `text_transcribe`): the question's transcript stands where the audio will be,
   as tokens, so the backbone learns the task from text ("backbone" stage; skip it with steps: 0 when
   `model.init_from` names a backbone that this project trained or loaded);
+- `ctc` (optional): the speech encoder alone learns to recognise words with a CTC head, standing in for the
+  pretrained Whisper encoder that DIFFA starts from (nothing pretrained is available offline);
 - stage 1, `transcribe`: speech -> transcript, backbone frozen, encoder + semantic adapter trained;
 - stage 2, `answer`: spoken question (+ text instruction) -> answer, backbone frozen, both adapters trained.
 
@@ -39,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["DEFAULTS", "load_spoken_qa_config", "load_rows", "train_spoken_qa", "evaluate_spoken_qa", "main"]
 
 PARTS = ("backbone", "encoder", "semantic", "acoustic")
-TASK_KINDS = ("text_answer", "text_transcribe", "answer", "transcribe")
+TASK_KINDS = ("text_answer", "text_transcribe", "answer", "transcribe", "ctc")
 
 DEFAULTS = OmegaConf.create(
     {
@@ -364,6 +366,8 @@ def make_examples(task: str, rows: list[dict], cfg) -> tuple[list[str], list[str
     from pipelines.spoken_qa import format_prompt
 
     p = cfg.prompts
+    if task == "ctc":  # encoder-only CTC on the transcript (see CTCHead); no prompt or target sequence
+        return [""] * len(rows), [r["transcript"] for r in rows], True, int(p.transcribe_length)
     answer = task.endswith("answer")
     prompts = [format_prompt("answer" if answer else "transcribe", r.get("instruction"), p.answer, p.transcribe)
                for r in rows]
@@ -441,7 +445,7 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     model = _backbone(cfg, tok)
     adapter = _adapter(cfg, model)
     ctc_head = None
-    if any(float(st.get("ctc_weight") or 0) > 0 for st in cfg.stages):
+    if any(float(st.get("ctc_weight") or 0) > 0 or "ctc" in st.tasks for st in cfg.stages):
         ctc_head = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
     pre = adapter.preprocessor
     needs_audio = any(not t.startswith("text_") for st in cfg.stages if int(st.steps) > 0 for t in st.tasks)
@@ -501,7 +505,7 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
         adapter.set_prefix_parts(parts)
         params = _set_trainable(adapter, model, list(st.train))
         ctc_weight = float(st.get("ctc_weight") or 0)
-        if ctc_weight > 0:
+        if ctc_weight > 0 or "ctc" in st.tasks:
             if "encoder" not in st.train:
                 raise SpokenQAConfigError(f"stage {st.name!r}: ctc_weight trains the encoder; add it to `train`.")
             params = params + list(ctc_head.parameters())
@@ -528,7 +532,11 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
             if audio:
                 batch = pre.collate([feats[i] for i in idx], [lengths[i] for i in idx])
                 batch = spec_augment(batch.to(dtype=torch.float32), cfg, g)
-            if audio and ctc_weight > 0:
+            if task == "ctc":  # the encoder alone: no backbone forward
+                states, frames = adapter.encode(batch)
+                loss = ctc_head.loss(states[-1], frames, tok([" " + pool[i]["transcript"].strip() for i in idx],
+                                                             add_special_tokens=False)["input_ids"])
+            elif audio and ctc_weight > 0:
                 ctc_targets = tok([" " + r["transcript"].strip() for r in (pool[i] for i in idx)],
                                   add_special_tokens=False)["input_ids"]
                 out_sft, ctc = sequence_loss(model, adapter, batch, prompts, targets, tok, g, ctc_head, ctc_targets)

@@ -175,7 +175,8 @@ def tiny_overrides(index, out):
         "adapter.encoder_dim=16", "adapter.encoder_layers=1", "adapter.encoder_heads=2", "adapter.n_mels=16",
         "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0",
         "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
-        "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4", "stages.1.steps=3", "stages.2.steps=2",
+        "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
+        "stages.1.tasks.ctc=1.0", "stages.1.steps=3", "stages.2.steps=2",
     ]
 
 
