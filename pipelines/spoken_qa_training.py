@@ -128,6 +128,9 @@ def load_spoken_qa_config(path: str | os.PathLike | None = None, overrides=()) -
                 raise SpokenQAConfigError(f"stage {name!r}: parts must list 'semantic' / 'acoustic', got {p!r}.")
         if int(st.get("steps", 0)) < 0:
             raise SpokenQAConfigError(f"stage {name!r}: steps must be >= 0.")
+        if (float(st.get("ctc_weight") or 0) > 0 or "ctc" in tasks) and "encoder" not in st.train:
+            raise SpokenQAConfigError(f"stage {name!r}: CTC (ctc_weight or the ctc task) trains the encoder; "
+                                      "add 'encoder' to its `train` list.")
     if len({st.name for st in cfg.stages}) != len(cfg.stages):
         raise SpokenQAConfigError("stage names must be unique (they name the exported pipelines).")
     return cfg
@@ -506,8 +509,6 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
         params = _set_trainable(adapter, model, list(st.train))
         ctc_weight = float(st.get("ctc_weight") or 0)
         if ctc_weight > 0 or "ctc" in st.tasks:
-            if "encoder" not in st.train:
-                raise SpokenQAConfigError(f"stage {st.name!r}: ctc_weight trains the encoder; add it to `train`.")
             params = params + list(ctc_head.parameters())
         opt = torch.optim.AdamW(params, lr=float(st.lr), weight_decay=float(cfg.optim.weight_decay), betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))

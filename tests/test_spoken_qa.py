@@ -176,7 +176,7 @@ def tiny_overrides(index, out):
         "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0",
         "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
         "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
-        "stages.1.tasks.ctc=1.0", "stages.1.steps=3", "stages.2.steps=2",
+        "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=2",
     ]
 
 
@@ -186,10 +186,9 @@ def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
     quiet = lambda s: None  # noqa: E731
     full = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml",
                                                  tiny_overrides(tiny_data, tmp_path / "a")), log=quiet)
-    assert full.completed and full.steps == 7 and set(full.stage_pipelines) == {"text", "asr", "sqa"}
-    asr = SpokenQAPipeline.from_pretrained(full.stage_pipelines["asr"])
-    text = SpokenQAPipeline.from_pretrained(full.stage_pipelines["text"])
-    sqa = SpokenQAPipeline.from_pretrained(full.stage_pipelines["sqa"])
+    assert full.completed and full.steps == 9 and set(full.stage_pipelines) == {"text", "encoder", "asr", "sqa"}
+    text, enc, asr, sqa = (SpokenQAPipeline.from_pretrained(full.stage_pipelines[k])
+                           for k in ("text", "encoder", "asr", "sqa"))
     assert asr.audio_adapter.config.prefix_parts == ["semantic"]
     assert sqa.audio_adapter.config.prefix_parts == ["semantic", "acoustic"]
 
@@ -197,17 +196,19 @@ def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
         return all(torch.equal(v, m2.state_dict()[k]) for k, v in m1.state_dict().items())
 
     assert same(text.model, asr.model) and same(asr.model, sqa.model)  # backbone frozen after the text stage
-    assert not same(text.audio_adapter.speech_encoder, asr.audio_adapter.speech_encoder)
-    assert same(asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder)
+    e = [p.audio_adapter.speech_encoder for p in (text, enc, asr, sqa)]
+    assert not same(e[0], e[1]) and same(e[1], e[2]) and same(e[2], e[3])  # trained by CTC only, then frozen
+    assert same(enc.audio_adapter.semantic, text.audio_adapter.semantic)
+    assert not same(enc.audio_adapter.semantic, asr.audio_adapter.semantic)
     assert same(text.audio_adapter.acoustic, asr.audio_adapter.acoustic)  # not trained in stage 1
     assert not same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)
-    # killed after 4 steps (inside stage 1), rerun: the same weights as the uninterrupted run
+    # killed after 5 steps (inside stage 1), rerun: the same weights as the uninterrupted run
     over = tiny_overrides(tiny_data, tmp_path / "b")
-    part = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over + ["trainer.stop_at_step=4"]),
+    part = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over + ["trainer.stop_at_step=5"]),
                            log=quiet)
-    assert not part.completed and part.steps == 4
+    assert not part.completed and part.steps == 5
     rest = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over), log=quiet)
-    assert rest.completed and rest.resumed_from.endswith("step_00000004") and rest.losses == full.losses
+    assert rest.completed and rest.resumed_from.endswith("step_00000005") and rest.losses == full.losses
     again = SpokenQAPipeline.from_pretrained(rest.pipeline_dir)
     assert same(again.audio_adapter, sqa.audio_adapter) and same(again.model, sqa.model)
     out = again(audio=str(tiny_data.parent / "0.wav"), task="transcribe")
@@ -223,6 +224,8 @@ def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["trainer.epochs=3"])
     with pytest.raises(SpokenQAConfigError, match="train must list"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[decoder]"])
+    with pytest.raises(SpokenQAConfigError, match="add 'encoder'"):
+        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[semantic]"])
     with pytest.raises(SpokenQAConfigError, match="tasks must map"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.tasks={translate: 1}"])
     with pytest.raises(SystemExit):
@@ -236,10 +239,10 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
     from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
 
     quiet = lambda s: None  # noqa: E731
-    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.2")]
-    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over + ["stages.1.ctc_weight=0.5"]),
-                             log=quiet)
-    assert set(stage1.stage_pipelines) == {"text", "asr"} and all(np.isfinite(stage1.losses))
+    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.3")]
+    joint = ["stages.2.ctc_weight=0.5", "stages.2.train=[encoder,semantic]"]  # CTC as an auxiliary loss
+    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over + joint), log=quiet)
+    assert set(stage1.stage_pipelines) == {"text", "encoder", "asr"} and all(np.isfinite(stage1.losses))
     from latent.training.checkpoint import latest_checkpoint, read_state
 
     ctc = read_state(latest_checkpoint(tmp_path / "asr" / "checkpoints"), "state")["ctc_head"]
