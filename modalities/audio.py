@@ -554,26 +554,48 @@ class HFSpeechEncoder(nn.Module):
 
 # ---- the two adapters -----------------------------------------------------------------------------------
 class SemanticAdapter(ModelMixin, ConfigMixin):
-    """Downsampling projector over the last encoder layer: `downsample` consecutive frames are stacked and
-    projected by an MLP to the backbone width. [B, T, C] -> [B, ceil(T / k), D]."""
+    """Downsampling projector over the last encoder layer, then an MLP to the backbone width.
+
+    pooling="stack": `downsample` consecutive frames are stacked, [B, T, C] -> [B, ceil(T / k), D].
+    pooling="ctc": CTC compression. A CTC head over `vocab_size` tokens (+ blank) labels every frame; runs of frames
+    with the same non-blank label are averaged into one slot and blank frames are dropped, so the prefix holds about
+    one slot per recognised token, in order, like the text the backbone was trained on. The head is trained with a
+    CTC loss (`ctc_logits`); the LM loss reaches the encoder through the averaged frames.
+    """
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, in_dim: int, hidden_size: int, downsample: int = 2, hidden: int | None = None):
+    def __init__(self, in_dim: int, hidden_size: int, downsample: int = 2, hidden: int | None = None,
+                 pooling: str = "stack", vocab_size: int | None = None):
         super().__init__()
+        if pooling not in ("stack", "ctc"):
+            raise ValueError(f"semantic pooling must be 'stack' or 'ctc', got {pooling!r}.")
         if downsample < 1:
             raise ValueError(f"semantic downsample must be >= 1, got {downsample}.")
+        if pooling == "ctc" and not vocab_size:
+            raise ValueError("semantic pooling='ctc' needs vocab_size (the tokenizer's size) for its CTC head.")
         width = hidden or hidden_size
-        self.net = nn.Sequential(
-            nn.LayerNorm(in_dim * downsample), nn.Linear(in_dim * downsample, width), nn.GELU(),
-            nn.Linear(width, hidden_size),
-        )
+        d_in = in_dim * downsample if pooling == "stack" else in_dim
+        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, hidden_size))
+        if pooling == "ctc":
+            self.ctc = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, vocab_size + 1))
+
+    @property
+    def blank(self) -> int:
+        return self.config.vocab_size
+
+    def ctc_logits(self, states: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """[B, T, vocab_size + 1] frame labels of the CTC head (blank = vocab_size)."""
+        h = states[-1] if isinstance(states, (list, tuple)) else states
+        return self.ctc(h)
 
     def forward(self, states: list[torch.Tensor] | torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
         h = states[-1] if isinstance(states, (list, tuple)) else states
-        k = self.config.downsample
         h = h * mask[..., None].to(h.dtype)
+        if self.config.pooling == "ctc":
+            return self._ctc_pool(h, mask)
+        k = self.config.downsample
         b, t, c = h.shape
         pad = (-t) % k
         if pad:
@@ -582,6 +604,32 @@ class SemanticAdapter(ModelMixin, ConfigMixin):
         lengths = (mask.sum(1) + k - 1) // k
         out_mask = torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]
         return PrefixEmbeds(self.net(h), out_mask)
+
+    def _ctc_pool(self, h: torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
+        with torch.no_grad():
+            label = self.ctc_logits(h).argmax(-1)  # [B, T]
+        b, t, c = h.shape
+        prev = F.pad(label, (1, 0), value=-1)[:, :-1]
+        start = (label != prev) & mask  # a new run of one label
+        seg = torch.cumsum(start.long(), 1) - 1  # run index of every frame
+        keep = mask & (label != self.blank)
+        # a clip whose frames are all blank keeps one slot: the mean of its frames
+        empty = ~keep.any(1)
+        if bool(empty.any()):
+            keep = keep | (empty[:, None] & mask)
+            seg = torch.where(empty[:, None], torch.zeros_like(seg), seg)
+        # renumber the kept runs 0..n-1 per row
+        first = F.pad(seg, (1, 0), value=-1)[:, :-1] != seg
+        kept_start = keep & (first | ~F.pad(keep, (1, 0), value=False)[:, :-1])
+        slot = torch.cumsum(kept_start.long(), 1) - 1
+        n = kept_start.sum(1)
+        width = max(1, int(n.max()))
+        index = torch.where(keep, slot, torch.full_like(slot, width))  # dropped frames -> a spare column
+        sums = h.new_zeros(b, width + 1, c).scatter_add_(1, index[..., None].expand(-1, -1, c), h)
+        counts = h.new_zeros(b, width + 1).scatter_add_(1, index, keep.to(h.dtype))
+        pooled = sums[:, :width] / counts[:, :width].clamp(min=1)[..., None]
+        out_mask = torch.arange(width, device=h.device)[None] < n[:, None]
+        return PrefixEmbeds(self.net(pooled) * out_mask[..., None].to(h.dtype), out_mask)
 
 
 class AcousticAdapter(ModelMixin, ConfigMixin):
@@ -669,7 +717,9 @@ class AudioAdapter(ModalityAdapter):
         config lives in `encoder_config` and its weights in this adapter's own files).
     feature: "log_mel" | "fbank" (in-project encoder); HF encoders pick theirs ("whisper" or "waveform").
     max_seconds: the longest clip accepted; min_peak: silence threshold.
-    semantic_downsample: frames per semantic slot; acoustic_queries: acoustic slots; acoustic_layers: which
+    semantic_downsample: frames per semantic slot (semantic_pooling="stack"); semantic_pooling="ctc": one slot per
+        run of frames with the same non-blank label of a CTC head over `ctc_vocab_size` tokens (CTC compression).
+    acoustic_queries: acoustic slots; acoustic_layers: which
         encoder hidden states the acoustic adapter mixes (default: all).
     prefix_parts: the adapters whose outputs form the prefix, in order (e.g. ["semantic"] for an ASR stage).
     freeze_encoder: keep the encoder fixed (`unfreeze_trunk()` to train it).
@@ -695,6 +745,8 @@ class AudioAdapter(ModalityAdapter):
         min_peak: float = 1e-4,
         semantic_downsample: int = 2,
         semantic_hidden: int | None = None,
+        semantic_pooling: str = "stack",
+        ctc_vocab_size: int | None = None,
         acoustic_queries: int = 16,
         acoustic_layers: list[int] | None = None,
         acoustic_depth: int = 1,
@@ -738,7 +790,8 @@ class AudioAdapter(ModalityAdapter):
         layers = list(range(n_states)) if acoustic_layers is None else [int(i) for i in acoustic_layers]
         if any(not -n_states <= i < n_states for i in layers):
             raise ValueError(f"acoustic_layers {layers} out of range: the encoder has {n_states} hidden states.")
-        self.semantic = SemanticAdapter(dim, hidden_size, semantic_downsample, semantic_hidden)
+        self.semantic = SemanticAdapter(dim, hidden_size, semantic_downsample, semantic_hidden, semantic_pooling,
+                                        ctc_vocab_size)
         self.acoustic = AcousticAdapter(dim, hidden_size, layers, acoustic_queries, acoustic_depth, acoustic_heads)
         if freeze_encoder:
             self.freeze_trunk()
@@ -779,12 +832,14 @@ class AudioAdapter(ModalityAdapter):
         return left_align(PrefixEmbeds.cat(out, dim=1))
 
     def num_prefix_slots(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid prefix slots of clips with `lengths` valid feature frames."""
+        """Valid prefix slots of clips with `lengths` valid feature frames (an upper bound with CTC pooling)."""
         lengths = torch.as_tensor(lengths)
         n = torch.zeros_like(lengths)
         frames = self.speech_encoder.output_lengths(lengths)
         for name in self.config.prefix_parts:
-            if name == "semantic":
+            if name == "semantic" and self.config.semantic_pooling == "ctc":
+                n = n + frames  # at most one slot per frame (the actual count depends on the audio)
+            elif name == "semantic":
                 k = self.config.semantic_downsample
                 n = n + (frames + k - 1) // k
             else:

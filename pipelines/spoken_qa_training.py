@@ -282,7 +282,7 @@ def _backbone(cfg, tok):
     return DiffusionTransformer(vocab_size=len(tok), mask_token_id=tok.mask_token_id, **m)
 
 
-def _adapter(cfg, model):
+def _adapter(cfg, model, tok):
     """The audio adapter: built from the `adapter` section, or loaded from `adapter.init_from` (an adapter folder
     or a pipeline folder holding one, e.g. the stage-1 pipeline to start stage 2 from)."""
     from modalities.audio import AudioAdapter
@@ -302,6 +302,8 @@ def _adapter(cfg, model):
             )
         return adapter
     acfg["hidden_size"] = model.config.hidden_size
+    if acfg.get("semantic_pooling") == "ctc" and not acfg.get("ctc_vocab_size"):
+        acfg["ctc_vocab_size"] = len(tok)
     return create_adapter(acfg)
 
 
@@ -322,9 +324,10 @@ class CTCHead(torch.nn.Module):
     CTC loss (`ctc_weight` of a stage) teaches the in-project encoder to recognise words directly, instead of only
     through gradients that pass the frozen backbone. It is not part of the exported pipeline."""
 
-    def __init__(self, dim: int, vocab: int):
+    def __init__(self, dim: int, vocab: int, proj: torch.nn.Module | None = None):
         super().__init__()
-        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, vocab + 1))
+        # with CTC pooling the semantic adapter owns the head (it labels the frames it pools): train that one
+        self.proj = proj if proj is not None else torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, vocab + 1))
         self.blank = vocab
 
     def loss(self, hidden: torch.Tensor, mask: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
@@ -446,10 +449,11 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
     text_rows = load_text_rows(cfg, rows)
     tok = _tokenizer(cfg, text_rows, out)
     model = _backbone(cfg, tok)
-    adapter = _adapter(cfg, model)
+    adapter = _adapter(cfg, model, tok)
     ctc_head = None
     if any(float(st.get("ctc_weight") or 0) > 0 or "ctc" in st.tasks for st in cfg.stages):
-        ctc_head = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
+        own = adapter.semantic.ctc if adapter.semantic.config.pooling == "ctc" else None
+        ctc_head = CTCHead(adapter.speech_encoder.hidden_dim, len(tok), own)
     pre = adapter.preprocessor
     needs_audio = any(not t.startswith("text_") for st in cfg.stages if int(st.steps) > 0 for t in st.tasks)
     feats, lengths = [], []
@@ -509,7 +513,8 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
         params = _set_trainable(adapter, model, list(st.train))
         ctc_weight = float(st.get("ctc_weight") or 0)
         if ctc_weight > 0 or "ctc" in st.tasks:
-            params = params + list(ctc_head.parameters())
+            ctc_head.requires_grad_(True)
+            params = params + [p for p in ctc_head.parameters() if all(p is not q for q in params)]
         opt = torch.optim.AdamW(params, lr=float(st.lr), weight_decay=float(cfg.optim.weight_decay), betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
         first = 0

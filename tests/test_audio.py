@@ -164,6 +164,45 @@ def test_padded_clip_matches_clip_alone(adapter):
     assert n[1] == -(-(-(-frames // 2) // 2) // 2) + 3
 
 
+def test_ctc_pooling_against_a_loop():
+    torch.manual_seed(0)
+    sem = SemanticAdapter(in_dim=6, hidden_size=8, pooling="ctc", vocab_size=3).eval()  # blank = 3
+    labels = torch.tensor([[3, 0, 0, 3, 1, 1, 1, 0, 3, 0, 2, 2],      # runs: 0 | 1 | 0 | 0 | 2
+                           [1, 1, 3, 3, 1, 2, 0, 0, 0, 0, 0, 0],      # 4 valid frames: 1 | 1 (after a blank)
+                           [3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 0]])     # all blank -> one slot, the mean
+    lengths = torch.tensor([12, 5, 5])
+    mask = torch.arange(12)[None] < lengths[:, None]
+    sem.ctc_logits = lambda h: torch.nn.functional.one_hot(labels, 4).float()
+    h = torch.randn(3, 12, 6)
+    out = sem(h, mask)
+    for b in range(3):
+        runs, prev = [], None
+        for t in range(int(lengths[b])):
+            lab = int(labels[b, t])
+            if lab != prev and lab != 3:
+                runs.append([t])
+            elif lab == prev and lab != 3:
+                runs[-1].append(t)
+            prev = lab
+        if not runs:
+            runs = [list(range(int(lengths[b])))]
+        ref = sem.net(torch.stack([h[b, r].mean(0) for r in runs]))
+        assert out.mask[b].sum() == len(runs) and torch.allclose(out.embeds[b, : len(runs)], ref, atol=1e-6)
+    assert out.mask.sum(1).tolist() == [5, 2, 1]
+    with pytest.raises(ValueError, match="vocab_size"):
+        SemanticAdapter(in_dim=6, hidden_size=8, pooling="ctc")
+
+
+def test_ctc_pooled_adapter_padding_and_save(tmp_path):
+    a = small_adapter(semantic_pooling="ctc", ctc_vocab_size=7)
+    short, long = tone(0.4, seed=1), tone(1.0, seed=2)
+    both = a(a.preprocess([long, short]))
+    alone = a(a.preprocess(short))
+    assert torch.allclose(both.embeds[1][both.mask[1]], alone.embeds[0][alone.mask[0]], atol=1e-5)
+    a.save_pretrained(tmp_path)
+    assert torch.equal(AudioAdapter.from_pretrained(tmp_path).eval()(a.preprocess(short)).embeds, alone.embeds)
+
+
 def test_left_align_against_a_loop():
     torch.manual_seed(0)
     emb = torch.randn(3, 6, 4)

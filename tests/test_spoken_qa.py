@@ -173,7 +173,7 @@ def tiny_overrides(index, out):
         f"data.train={index}", "data.kind=jsonl", f"run.output_dir={out}", "tokenizer.vocab_size=300",
         "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.max_position_embeddings=64",
         "adapter.encoder_dim=16", "adapter.encoder_layers=1", "adapter.encoder_heads=2", "adapter.n_mels=16",
-        "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0",
+        "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0", "adapter.semantic_pooling=ctc",
         "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
         "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
         "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=2",
@@ -198,7 +198,8 @@ def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
     assert same(text.model, asr.model) and same(asr.model, sqa.model)  # backbone frozen after the text stage
     e = [p.audio_adapter.speech_encoder for p in (text, enc, asr, sqa)]
     assert not same(e[0], e[1]) and same(e[1], e[2]) and same(e[2], e[3])  # trained by CTC only, then frozen
-    assert same(enc.audio_adapter.semantic, text.audio_adapter.semantic)
+    assert same(enc.audio_adapter.semantic.net, text.audio_adapter.semantic.net)  # its CTC head trains with the encoder
+    assert not same(enc.audio_adapter.semantic.ctc, text.audio_adapter.semantic.ctc)
     assert not same(enc.audio_adapter.semantic, asr.audio_adapter.semantic)
     assert same(text.audio_adapter.acoustic, asr.audio_adapter.acoustic)  # not trained in stage 1
     assert not same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)
