@@ -6,7 +6,8 @@
 
 The recipe's `stages` run in order; each names what it trains (`train`: backbone, encoder, semantic, acoustic),
 which adapters form the prefix (`parts`), its tasks with their sampling weights (`tasks`), and optionally its own
-`batch_size` and `ctc_weight` (an auxiliary CTC loss on the speech encoder, see `CTCHead`):
+`batch_size`, `ctc_weight` (an auxiliary CTC loss on the speech encoder, see `CTCHead`) and `align_weight` (see
+`alignment_loss`):
 
 - `text` tasks (`text_answer`, `text_transcribe`): the question's transcript stands where the audio will be,
   as tokens, so the backbone learns the task from text ("backbone" stage; skip it with steps: 0 when
@@ -338,17 +339,38 @@ class CTCHead(torch.nn.Module):
                                             zero_infinity=True)
 
 
+@dataclass
+class StepLoss:
+    sft: object  # latent.losses.LossOutput of the target tokens
+    ctc: torch.Tensor | None = None  # the encoder's CTC loss (with a ctc_head)
+    prefix: object = None  # the PrefixEmbeds the backbone read (audio tasks)
+
+
+def alignment_loss(model, prefix, token_ids: list[list[int]]) -> torch.Tensor:
+    """Scale-free MSE between the prefix slots and the backbone's input embeddings of the transcript tokens, for
+    rows whose prefix has exactly one slot per token (CTC pooling that recognised the right number of tokens).
+    It teaches the adapter to write what the frozen backbone reads when it is given text."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+    terms = []
+    for b, ids in enumerate(token_ids):
+        slots = prefix.embeds[b][prefix.mask[b]]
+        if len(ids) and slots.shape[0] == len(ids):
+            target = emb.weight[torch.tensor(ids, device=slots.device)].detach()
+            terms.append(((slots - target) ** 2).mean() / target.pow(2).mean().clamp(min=1e-8))
+    return torch.stack(terms).mean() if terms else prefix.embeds.sum() * 0
+
+
 def sequence_loss(model, adapter, batch, prompts: list[str], targets: torch.LongTensor, tok, generator=None,
-                  ctc_head: CTCHead | None = None, ctc_targets: list[list[int]] | None = None):
+                  ctc_head: CTCHead | None = None, ctc_targets: list[list[int]] | None = None) -> StepLoss:
     """SFT masked-diffusion loss of `targets` [B, G] after [audio prefix | left-padded prompts] (no prefix when
-    `batch` is None: a text task). With `ctc_head`, also returns the encoder's CTC loss on `ctc_targets`."""
+    `batch` is None: a text task). With `ctc_head`, also the encoder's CTC loss on `ctc_targets`."""
     from latent.losses import sft_loss
 
     prompt_ids, prompt_mask = left_pad(tok, prompts)
     b, plen = prompt_ids.shape
     seq = torch.cat([prompt_ids, targets], dim=1)
     ones = torch.ones_like(targets)
-    embeds, n_prefix, ctc = None, 0, None
+    embeds, n_prefix, ctc, prefix = None, 0, None, None
     if batch is not None:
         states, frames = adapter.encode(batch)
         if ctc_head is not None:
@@ -364,7 +386,7 @@ def sequence_loss(model, adapter, batch, prompts: list[str], targets: torch.Long
         return model(noisy, attention_mask=full, prefix_embeds=embeds, prefix_length=n_prefix + plen)
 
     out = sft_loss(call, seq, tok.mask_token_id, prompt_lengths=torch.full((b,), plen), generator=generator)
-    return out if ctc_head is None else (out, ctc)
+    return StepLoss(out, ctc, prefix)
 
 
 def make_examples(task: str, rows: list[dict], cfg) -> tuple[list[str], list[str], bool, int]:
@@ -512,6 +534,9 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
         adapter.set_prefix_parts(parts)
         params = _set_trainable(adapter, model, list(st.train))
         ctc_weight = float(st.get("ctc_weight") or 0)
+        align_weight = float(st.get("align_weight") or 0)
+        if align_weight > 0 and list(parts) != ["semantic"]:
+            raise SpokenQAConfigError(f"stage {st.name!r}: align_weight needs parts: [semantic] (slots = tokens).")
         if ctc_weight > 0 or "ctc" in st.tasks:
             ctc_head.requires_grad_(True)
             params = params + [p for p in ctc_head.parameters() if all(p is not q for q in params)]
@@ -542,13 +567,16 @@ def train_spoken_qa(cfg: DictConfig, log=None) -> TrainResult:
                 states, frames = adapter.encode(batch)
                 loss = ctc_head.loss(states[-1], frames, tok([" " + pool[i]["transcript"].strip() for i in idx],
                                                              add_special_tokens=False)["input_ids"])
-            elif audio and ctc_weight > 0:
-                ctc_targets = tok([" " + r["transcript"].strip() for r in (pool[i] for i in idx)],
-                                  add_special_tokens=False)["input_ids"]
-                out_sft, ctc = sequence_loss(model, adapter, batch, prompts, targets, tok, g, ctc_head, ctc_targets)
-                loss = out_sft.loss + ctc_weight * ctc
             else:
-                loss = sequence_loss(model, adapter, batch, prompts, targets, tok, g).loss
+                transcript_ids = tok([" " + pool[i]["transcript"].strip() for i in idx],
+                                     add_special_tokens=False)["input_ids"] if audio else None
+                res = sequence_loss(model, adapter, batch, prompts, targets, tok, g,
+                                    ctc_head if audio and ctc_weight > 0 else None, transcript_ids)
+                loss = res.sft.loss
+                if res.ctc is not None:
+                    loss = loss + ctc_weight * res.ctc
+                if audio and align_weight > 0:
+                    loss = loss + align_weight * alignment_loss(model, res.prefix, transcript_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if float(cfg.optim.grad_clip) > 0:

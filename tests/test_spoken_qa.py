@@ -176,7 +176,7 @@ def tiny_overrides(index, out):
         "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0", "adapter.semantic_pooling=ctc",
         "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
         "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
-        "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=2",
+        "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=2", "stages.2.align_weight=1.0",
     ]
 
 
@@ -217,7 +217,7 @@ def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
 
 
 def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
-    from pipelines.spoken_qa_training import SpokenQAConfigError, load_spoken_qa_config
+    from pipelines.spoken_qa_training import SpokenQAConfigError, load_spoken_qa_config, train_spoken_qa
     from train import TASKS, main
 
     assert TASKS["spoken_qa"] == "pipelines.spoken_qa_training:main"
@@ -227,6 +227,9 @@ def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[decoder]"])
     with pytest.raises(SpokenQAConfigError, match="add 'encoder'"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[semantic]"])
+    with pytest.raises(SpokenQAConfigError, match="align_weight"):
+        train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", tiny_overrides(tiny_data, tmp_path) + [
+            "stages.3.align_weight=1.0", "stages.0.steps=0", "stages.1.steps=0", "stages.2.steps=0"]), log=print)
     with pytest.raises(SpokenQAConfigError, match="tasks must map"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.tasks={translate: 1}"])
     with pytest.raises(SystemExit):
@@ -259,3 +262,20 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
     for a, b, same in ((asr.model, sqa.model, True), (asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder,
                        True), (asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic, False)):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()) == same
+
+
+def test_alignment_loss_against_direct_computation():
+    from modalities.base import PrefixEmbeds
+    from pipelines.spoken_qa_training import alignment_loss
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, mask_token_id=19)
+    emb = torch.randn(2, 4, 8, requires_grad=True)
+    mask = torch.tensor([[False, True, True, True], [False, False, True, True]])
+    ids = [[3, 4, 5], [6, 7, 8]]  # row 1 has 2 slots for 3 tokens: left out
+    loss = alignment_loss(model, PrefixEmbeds(emb, mask), ids)
+    target = model.embed.weight[[3, 4, 5]]
+    ref = ((emb[0, 1:] - target) ** 2).mean() / target.pow(2).mean()
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert emb.grad[1].abs().sum() == 0 and model.embed.weight.grad is None
