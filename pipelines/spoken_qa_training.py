@@ -1,7 +1,7 @@
 """Training a spoken-question answerer (DIFFA style): speech adapters on a frozen masked-diffusion backbone.
 
     python train.py configs/audio_spoken_qa.yaml                       # all stages, resumable
-    python train.py configs/audio_spoken_qa.yaml model.init_from=runs/text_tiny/final/backbone stages.0.steps=0
+    python train.py configs/audio_spoken_qa.yaml model.init_from=runs/text_tiny/final/backbone stages.0.steps=0 stages.1.steps=0
     python train.py configs/audio_asr.yaml && python train.py configs/audio_sqa.yaml    # the stages as two recipes
 
 The recipe's `stages` run in order; each names what it trains (`train`: backbone, encoder, semantic, acoustic),

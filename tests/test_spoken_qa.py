@@ -176,7 +176,7 @@ def tiny_overrides(index, out):
         "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0", "adapter.semantic_pooling=ctc",
         "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
         "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
-        "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=2", "stages.2.align_weight=1.0",
+        "stages.1.steps=0", "stages.2.steps=2", "stages.3.steps=3", "stages.4.steps=2", "stages.3.align_weight=1.0",
     ]
 
 
@@ -226,10 +226,10 @@ def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
     with pytest.raises(SpokenQAConfigError, match="train must list"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[decoder]"])
     with pytest.raises(SpokenQAConfigError, match="add 'encoder'"):
-        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[semantic]"])
+        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.2.train=[semantic]"])
     with pytest.raises(SpokenQAConfigError, match="align_weight"):
         train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", tiny_overrides(tiny_data, tmp_path) + [
-            "stages.3.align_weight=1.0", "stages.0.steps=0", "stages.1.steps=0", "stages.2.steps=0"]), log=print)
+            "stages.4.align_weight=1.0", "stages.0.steps=0", "stages.2.steps=0", "stages.3.steps=0"]), log=print)
     with pytest.raises(SpokenQAConfigError, match="tasks must map"):
         load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.tasks={translate: 1}"])
     with pytest.raises(SystemExit):
@@ -243,8 +243,8 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
     from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
 
     quiet = lambda s: None  # noqa: E731
-    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.3")]
-    joint = ["stages.2.ctc_weight=0.5", "stages.2.train=[encoder,semantic]"]  # CTC as an auxiliary loss
+    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.4")]
+    joint = ["stages.3.ctc_weight=0.5", "stages.3.train=[encoder,semantic]"]  # CTC as an auxiliary loss
     stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over + joint), log=quiet)
     assert set(stage1.stage_pipelines) == {"text", "encoder", "asr"} and all(np.isfinite(stage1.losses))
     from latent.training.checkpoint import latest_checkpoint, read_state
