@@ -3,7 +3,8 @@
 `attention(q, k, v, mask)` takes q [B, H, Q, d], k/v [B, Hkv, K, d] (grouped-query: H % Hkv == 0) and
 an optional boolean mask [B, 1|H, Q, K] (True = may attend). It returns [B, H, Q, d].
 
-- ``xformers``: `memory_efficient_attention`, used on CUDA in fp16/bf16 when xformers imports.
+- ``xformers``: `memory_efficient_attention`, used on CUDA in fp16/bf16 when xformers imports (it is
+  imported then, on first use, never on a CPU run).
 - ``sdpa``: `torch.nn.functional.scaled_dot_product_attention`, used everywhere else.
 - ``eager``: the plain softmax(QK^T / sqrt(d)) V that the others are tested against.
 """
@@ -21,14 +22,19 @@ BACKENDS = ("auto", "eager", "sdpa", "xformers")
 
 @functools.cache
 def _xformers_ops():
+    # Imported on first use on a CUDA machine only: the import is slow, and a build that does not match
+    # the installed torch prints a warning, which a CPU run has no reason to show.
+    if not torch.cuda.is_available():
+        return None
     try:
-        import xformers.ops as xops  # noqa: PLC0415 - optional, imported lazily because it is slow and warns
+        import xformers.ops as xops  # noqa: PLC0415 - optional
     except Exception:  # broken or missing install: the dispatcher falls back to SDPA
         return None
     return xops
 
 
 def xformers_available() -> bool:
+    """Whether xformers' kernels can run here (CUDA and an importable xformers); imports it on first call."""
     return _xformers_ops() is not None
 
 

@@ -9,6 +9,7 @@ choice; docs/backbone-contract.md states the exact rules and the KV-cache semant
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -315,8 +316,14 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
         prefix_length: int | torch.Tensor | None = None,
         cache_position: int | None = None,
         return_dict: bool = True,
-        **unused,
+        **unknown,
     ) -> BackboneOutput:
+        if unknown:  # a misspelt keyword would otherwise be ignored without a word
+            accepted = [p for p in inspect.signature(type(self).forward).parameters if p not in ("self", "unknown")]
+            raise TypeError(
+                f"DiffusionTransformer.forward got unknown keyword argument(s) {sorted(unknown)}; it accepts "
+                f"{', '.join(accepted)}."
+            )
         cfg = self.config
         x = self._embed_inputs(input_ids, prefix_embeds, latents, timestep)
         batch, n_new, _ = x.shape

@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 from latent.continuous import GaussianDiffusion, _step_kwargs, check_finite, masked_mse
 from latent.losses import _logits, _masked_ce, _valid_mask, corrupt
 from latent.sampling.commit import confidence_rank, transfer_schedule
+from latent.sampling.proposal import gumbel_max, uniform
 from latent.schedules import get_schedule, sample_times
 
 __all__ = ["JointLossOutput", "joint_loss", "JointSampleOutput", "joint_sample"]
@@ -176,11 +177,8 @@ def joint_sample(
         logits = _logits(out)[:, P:].float()
         logits[..., mask_token_id] = -torch.inf  # never propose the mask itself
         masked = seq[:, P:] == mask_token_id
-        if temperature > 0:
-            g = torch.rand(logits.shape, generator=generator).to(device).clamp_min(1e-20)
-            proposal = (logits / temperature - torch.log(-torch.log(g))).argmax(-1)
-        else:
-            proposal = logits.argmax(-1)
+        u = uniform(logits.shape, generator, device) if temperature > 0 else None
+        proposal = gumbel_max(logits, temperature, u)
         if order == "random":
             conf = torch.rand(proposal.shape, generator=generator).to(device)
         else:

@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 from .losses import corrupt
 from .sampling import Sampler, SamplerConfig, create_part
 from .sampling.state import DecodeState
+from .sampling.step import decode_step
 from .schedules import get_schedule
 
 # The exact cache each layout allows; approximate caches (Fast-dLLM prefix/dual) are opt-in.
@@ -108,7 +109,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     ) -> MaskedDiffusionSchedulerOutput | tuple:
         """Commit tokens of one block. `model_output` [B, L, V] are the block's logits, `sample` [B, L]
         its tokens, `timestep` counts down from num_inference_steps - 1 (the first step of a block
-        fixes the schedule rule's quota from the block's mask count)."""
+        fixes the schedule rule's quota from the block's mask count). `overrides` are SamplerConfig
+        knobs (temperature, threshold, logits_eos_inf with eos_token_id, ...); the step is the decoding
+        loop's own (`latent.sampling.step.decode_step`), with the noise drawn over the block only."""
         if self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps(num_inference_steps)` before `step`.")
         if model_output.shape[:2] != sample.shape:
@@ -120,25 +123,20 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             gen_length=sample.shape[1], block_length=sample.shape[1], steps=self.num_inference_steps,
             noise_shape="block", **overrides,
         ).validate()
-        parts = {slot: create_part(slot, name, **cfg.knobs()) for slot, name in cfg.part_names().items()}
+        names = cfg.part_names()
+        parts = {slot: create_part(slot, names[slot], cfg) for slot in ("proposal", "confidence", "commit")}
         batch = sample.shape[0]
         state = DecodeState(
-            model=None, x=sample.clone(), rows=torch.arange(batch, device=sample.device), batch_size=batch,
+            model=None, x=sample, rows=torch.arange(batch, device=sample.device), batch_size=batch,
             attn=None, prefix_embeds=None, prompt_len=0, block_length=sample.shape[1],
-            mask_token_id=mask_token_id, guidance=parts["guidance"], generator=generator, noise_shape="block",
+            mask_token_id=mask_token_id, guidance=None, generator=generator, noise_shape="block",
             block_step=step_index,
         )
-        candidates = sample == mask_token_id
-        if step_index == 0 or self._commit is None:
+        if step_index == 0 or self._commit is None:  # the schedule's quota is fixed at the block's first step
             self._commit = parts["commit"]
-            self._commit.begin_block(state, candidates.sum(1))
-        proposal_logits = model_output.clone()
-        proposal_logits[..., mask_token_id] = float("-inf")
-        x0 = parts["proposal"](proposal_logits, state)
-        confidence = parts["confidence"](model_output, x0, state).masked_fill(~candidates, float("-inf"))
-        transfer = self._commit(confidence, candidates, state) & candidates
-        prev = torch.where(transfer, x0, sample)
-        out = MaskedDiffusionSchedulerOutput(prev, transfer, x0, confidence)
+            self._commit.begin_block(state, (sample == mask_token_id).sum(1))
+        result = decode_step(model_output, sample, {**parts, "commit": self._commit}, state, cfg)
+        out = MaskedDiffusionSchedulerOutput(result.block, result.transfer, result.x0, result.confidence)
         return out if return_dict else out.to_tuple()
 
     # ---- forward process (training) ------------------------------------------------------------

@@ -17,15 +17,17 @@ New schedules register themselves with ``@register_schedule("name")``.
 from __future__ import annotations
 
 import abc
-import difflib
 import math
 
 import torch
+
+from .registry import Registry
 
 __all__ = [
     "MaskingSchedule",
     "LinearSchedule",
     "CosineSchedule",
+    "SCHEDULES",
     "register_schedule",
     "get_schedule",
     "available_schedules",
@@ -33,35 +35,23 @@ __all__ = [
     "stratified_times",
 ]
 
-_SCHEDULES: dict[str, type[MaskingSchedule]] = {}
+SCHEDULES = Registry("masking schedule", name_attr="name")
 
 
-def register_schedule(name: str):
+def register_schedule(name: str, *aliases: str):
     """Class decorator adding a :class:`MaskingSchedule` subclass to the registry under ``name``."""
-
-    def deco(cls):
-        if name in _SCHEDULES and _SCHEDULES[name] is not cls:
-            raise ValueError(f"a masking schedule named {name!r} is already registered")
-        _SCHEDULES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return SCHEDULES.register(name, *aliases)
 
 
 def available_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+    return SCHEDULES.names()
 
 
 def get_schedule(name: str | MaskingSchedule, **kwargs) -> MaskingSchedule:
     """Build a schedule by registry name (an instance is returned unchanged)."""
     if isinstance(name, MaskingSchedule):
         return name
-    if name not in _SCHEDULES:
-        near = difflib.get_close_matches(str(name), list(_SCHEDULES), n=3)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise KeyError(f"unknown masking schedule {name!r} (available: {', '.join(available_schedules())}){hint}")
-    return _SCHEDULES[name](**kwargs)
+    return SCHEDULES.create(name, **kwargs)
 
 
 class MaskingSchedule(abc.ABC):

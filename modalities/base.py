@@ -26,7 +26,10 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from latent.registry import Registry
+
 __all__ = [
+    "ADAPTERS",
     "PrefixEmbeds",
     "ModalityAdapter",
     "register_adapter",
@@ -102,22 +105,6 @@ class PrefixEmbeds:
 
 
 # ---- registry -------------------------------------------------------------------------------------
-_ADAPTERS: dict[str, type[ModalityAdapter]] = {}
-
-
-def register_adapter(name: str):
-    """Class decorator: make an adapter buildable by `create_adapter(name, ...)`."""
-
-    def deco(cls):
-        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
-            raise ValueError(f"An adapter named {name!r} is already registered ({_ADAPTERS[name].__name__}).")
-        _ADAPTERS[name] = cls
-        cls.adapter_type = name
-        return cls
-
-    return deco
-
-
 def _import_builtin() -> None:
     # Adapters register on import; the built-in ones are imported lazily so `modalities.base` stays light.
     import importlib
@@ -130,17 +117,20 @@ def _import_builtin() -> None:
                 raise
 
 
+ADAPTERS = Registry("adapter", on_miss=_import_builtin, name_attr="adapter_type")
+
+
+def register_adapter(name: str, *aliases: str):
+    """Class decorator: make an adapter buildable by `create_adapter(name, ...)`."""
+    return ADAPTERS.register(name, *aliases)
+
+
 def available_adapters() -> list[str]:
-    _import_builtin()
-    return sorted(_ADAPTERS)
+    return ADAPTERS.names()
 
 
 def adapter_class(name: str) -> type[ModalityAdapter]:
-    if name not in _ADAPTERS:
-        _import_builtin()
-    if name not in _ADAPTERS:
-        raise ValueError(f"Unknown adapter {name!r}; available: {available_adapters()}.")
-    return _ADAPTERS[name]
+    return ADAPTERS.get(name)
 
 
 def create_adapter(name: str | dict | Any, **kwargs) -> ModalityAdapter:
@@ -228,8 +218,7 @@ class ModalityAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"{folder!r} holds no {cls.config_name}; give a folder written by save_pretrained().")
         with open(cfg_file) as f:
             class_name = json.load(f).get("_class_name")
-        _import_builtin()
-        for klass in _ADAPTERS.values():
+        for _, klass in ADAPTERS.items():
             if klass.__name__ == class_name:
                 return klass.from_pretrained(path, **kwargs)
         raise ValueError(f"{cfg_file} names adapter class {class_name!r}, which no registered adapter has.")

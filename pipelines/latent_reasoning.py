@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 
 from latent.continuous import GaussianDiffusion, check_finite, check_scheduler, sample_latents
 from latent.joint import JointLossOutput, joint_loss, joint_sample
+
+from .base import LocalPipelineMixin, PipelineOutput, callback_tensor_inputs, decode_texts
 
 __all__ = ["LatentReasoningPipeline", "LatentReasoningOutput", "reasoning_layout", "latent_reasoning_loss"]
 
@@ -137,23 +138,26 @@ def latent_reasoning_loss(
 
 
 @dataclass
-class LatentReasoningOutput(BaseOutput):
+class LatentReasoningOutput(PipelineOutput):
     """
     answers: decoded answers (``output_type="text"``) or None.
-    thoughts: per row, the text each thought block decodes to through the VAE (readable reasoning).
-    thought_latents: ``[B, K, k, C]`` the generated thoughts (diffusion scale).
     answer_ids: ``[B, answer_length]``.
+    thoughts: per row, the text each thought block decodes to through the VAE (readable reasoning); None
+        with ``decode_thoughts=False``.
+    thought_latents: ``[B, K, k, C]`` the generated thoughts (diffusion scale).
     nfe: backbone forwards (with guidance a forward holds both the conditional and unconditional rows).
+
+    ``return_dict=False`` returns these fields in this order: (answers, answer_ids, thoughts, thought_latents, nfe).
     """
 
     answers: list[str] | None
+    answer_ids: torch.Tensor
     thoughts: list[list[str]] | None
     thought_latents: torch.Tensor
-    answer_ids: torch.Tensor
     nfe: int = 0
 
 
-class LatentReasoningPipeline(DiffusionPipeline):
+class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
     """Question -> latent thought blocks (Gaussian diffusion, block by block) -> answer (masked diffusion).
 
     Modules: ``model`` (``DiffusionTransformer`` with ``latent_dim`` = ``thought_vae.config.latent_dim``),
@@ -164,7 +168,9 @@ class LatentReasoningPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->thought_vae"
-    _callback_tensor_inputs = ["latents", "thought_latents", "answer_ids"]
+    # The callback runs after every thought step: the current block's latents [B, k, C] and the finished
+    # blocks [B, b*k, C] (the answer is decoded after the last thought step, so it has no callback).
+    _callback_tensor_inputs = ["latents", "thought_latents"]
 
     def __init__(self, model, thought_vae, tokenizer, scheduler, question_length: int = 16, answer_length: int = 4,
                  num_thought_blocks: int = 3, prediction_type: str = "v_prediction"):
@@ -204,7 +210,7 @@ class LatentReasoningPipeline(DiffusionPipeline):
         return torch.tensor(rows, dtype=torch.long, device=self.model.device)
 
     def check_inputs(self, num_thought_blocks, num_inference_steps, guidance_scale, scheduler, latents, batch,
-                     callback_on_step_end_tensor_inputs):
+                     callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str]:
         if not isinstance(num_thought_blocks, int) or num_thought_blocks < 1:
             raise ValueError(
                 f"num_thought_blocks must be an int >= 1 (the answer is conditioned on the thoughts), got "
@@ -222,9 +228,8 @@ class LatentReasoningPipeline(DiffusionPipeline):
                 raise ValueError(f"latents (initial noise) must be [B, K, k, latent_dim]={want}, got {tuple(latents.shape)}.")
             check_finite(latents, "latents")
         self._check_modules(self.model, self.thought_vae, self.tokenizer)
-        bad = [x for x in callback_on_step_end_tensor_inputs or [] if x not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}.")
+        return callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                      self._callback_tensor_inputs, ["latents"])
 
     # ---- generation ----------------------------------------------------------------------------------
     def _denoise_fn(self, q_ids, done, block, K, guidance_scale):
@@ -282,8 +287,11 @@ class LatentReasoningPipeline(DiffusionPipeline):
             generator: seeds the initial noise (and stochastic schedulers).
             latents: initial noise ``[B, K, k, C]`` instead of drawing it.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict | None`` after every
-                thought step (``step`` counts over all blocks; ``callback_kwargs["block"]`` says which);
-                a returned ``"latents"`` replaces the current block's latents.
+                thought step (``step`` counts over all blocks; ``callback_kwargs["block"]`` says which), or a
+                diffusers ``PipelineCallback``; a returned ``"latents"`` replaces the current block's latents.
+            callback_on_step_end_tensor_inputs: any of "latents" (default) and "thought_latents".
+
+        Returns ``LatentReasoningOutput``, or its fields as a tuple with ``return_dict=False``.
         """
         K = self._cfg("num_thought_blocks", 3) if num_thought_blocks is None else num_thought_blocks
         scheduler = scheduler or self.scheduler
@@ -291,8 +299,8 @@ class LatentReasoningPipeline(DiffusionPipeline):
             raise ValueError("pass exactly one of question and question_ids")
         q_ids = self.encode_question(question) if question_ids is None else question_ids.to(self.model.device)
         B = q_ids.shape[0]
-        self.check_inputs(K, num_inference_steps, guidance_scale, scheduler, latents, B,
-                          callback_on_step_end_tensor_inputs)
+        names = self.check_inputs(K, num_inference_steps, guidance_scale, scheduler, latents, B,
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs)
         vae = self.thought_vae
         k, C = vae.config.num_latents, vae.config.latent_dim
         device = self.model.device
@@ -300,7 +308,6 @@ class LatentReasoningPipeline(DiffusionPipeline):
             latents = torch.randn((B, K, k, C), generator=generator).to(device)
         latents = latents.to(device)
         done = torch.zeros(B, 0, C, device=device)
-        names = callback_on_step_end_tensor_inputs or ["latents"]
         step_count = [0]
         nfe = 0
         with self.progress_bar(total=K * num_inference_steps) as bar:
@@ -339,17 +346,12 @@ class LatentReasoningPipeline(DiffusionPipeline):
 
         answers = thoughts = None
         if output_type == "text":
-            answers = [self._decode(r) for r in answer_ids.tolist()]
+            answers = decode_texts(self.tokenizer, answer_ids)
         if decode_thoughts:
             ids = vae.from_diffusion(done.reshape(B * K, k, C)).view(B, K, -1)
-            thoughts = [[self._decode(s) for s in row] for row in ids.tolist()]
+            texts = decode_texts(self.tokenizer, ids.reshape(B * K, -1))
+            thoughts = [texts[b * K : (b + 1) * K] for b in range(B)]
         self.maybe_free_model_hooks()
-        out = LatentReasoningOutput(answers=answers, thoughts=thoughts, thought_latents=thought_latents,
-                                    answer_ids=answer_ids, nfe=nfe)
+        out = LatentReasoningOutput(answers=answers, answer_ids=answer_ids, thoughts=thoughts,
+                                    thought_latents=thought_latents, nfe=nfe)
         return out if return_dict else out.to_tuple()
-
-    def _decode(self, ids: list[int]) -> str:
-        eos = self.tokenizer.eos_token_id
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

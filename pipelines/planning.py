@@ -11,7 +11,7 @@ out.waypoints[0]      # [K, 2] ego positions after 1..K decisions (ego frame, me
 out.confidence[0]     # [3K] probability of each plan token when it was committed
 out = pipe(obs_list, threshold=0.7)        # Fast-dLLM threshold decoding (the default rule, 0.9)
 out = pipe(obs_list, steps=9)              # LLaDA schedule: one token per forward
-out = pipe(bad_obs, on_invalid="fallback") # rows with bad input get FALLBACK_ACTION instead of an error
+out = pipe(bad_obs, on_error="record")     # rows with bad input get FALLBACK_ACTION, out.errors says why
 ```
 
 The sensors become prefix embeddings (`modalities.driving.DrivingAdapter`); the plan is a canvas of 3K masked
@@ -25,8 +25,8 @@ The same pipeline runs the autoregressive baseline: a backbone of the same size 
 ``attention_layout="causal"``, trained with next-token loss after a BOS token, decodes the 3K tokens left to
 right (greedy, one forward per token with a KV cache). `decoding` in the output says which one ran.
 
-Bad input: `on_invalid="raise"` (default) raises `DrivingInputError` (a ValueError) naming the field;
-`on_invalid="fallback"` gives the offending rows the documented safe plan instead: ``FALLBACK_ACTION``
+Bad input: `on_error="raise"` (default) raises `DrivingInputError` (a ValueError) naming the field;
+`on_error="record"` gives the offending rows the documented safe plan instead: ``FALLBACK_ACTION``
 ("SLOWER": keep the lane and slow down) for every decision, waypoints NaN (no trajectory is claimed),
 confidence 0, `fallback[row] = True` and the reason in `errors[row]`.
 """
@@ -41,37 +41,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 
 from latent.scheduler import MaskedDiffusionScheduler
 from modalities.driving import DrivingAdapter, DrivingInputError, DrivingInputs
 from modalities.driving_data import ACTION_INDEX, ACTIONS, FALLBACK_ACTION, PlanTokenizer
+
+from .base import MaskedDiffusionPipeline, PipelineOutput, callback_tensor_inputs, check_on_error
 
 __all__ = ["PlanningPipeline", "PlanningPipelineOutput", "DEFAULTS", "load_driving_config", "plan_loss",
            "build_planner", "train_planner", "validation_loss", "main"]
 
 
 @dataclass
-class PlanningPipelineOutput(BaseOutput):
+class PlanningPipelineOutput(PipelineOutput):
     """
     actions: per row the K meta-action names (highway-env's DiscreteMetaAction names).
+    tokens: [B, 3K] plan token ids (the mask id where nothing was decoded, i.e. fallback rows).
     action_ids: [B, K] their indices in `modalities.driving_data.ACTIONS` (what `env.step` takes).
     waypoints: [B, K, 2] ego positions after 1..K decisions (x forward, y right, metres); NaN for fallback rows.
     confidence: [B, 3K] probability of each plan token when committed; 0 for fallback rows.
-    tokens: [B, 3K] plan token ids (the mask id where nothing was decoded, i.e. fallback rows).
     fallback: [B] bool, the row got the fallback plan; errors: the reason per row (None if fine).
     nfe: backbone forwards of the batch (the exact prefix cache's sensor forward included).
     row_steps: [B] decoding forwards each row needed (its last commit + 1; the batch runs until its slowest row
         is done, so at batch size 1 nfe = row_steps (+1 with the prefix cache)); 0 for fallback rows.
     decoding: "diffusion" or "autoregressive".
+
+    `return_dict=False` returns these fields in this order: (actions, tokens, action_ids, waypoints, confidence,
+    fallback, errors, nfe, row_steps, decoding).
     """
 
     actions: list[list[str]]
+    tokens: torch.LongTensor
     action_ids: torch.LongTensor
     waypoints: torch.Tensor
     confidence: torch.Tensor
-    tokens: torch.LongTensor
     fallback: torch.BoolTensor
     errors: list[str | None] = field(default_factory=list)
     nfe: int = 0
@@ -98,14 +101,13 @@ class _SlotConstrained(torch.nn.Module):
         return out
 
 
-class PlanningPipeline(DiffusionPipeline):
+class PlanningPipeline(MaskedDiffusionPipeline):
     """observations -> plan (meta-actions, waypoints, per-token confidence). Modules: `driving_adapter`
     (`DrivingAdapter`), `model` (`latent.DiffusionTransformer`: "prefix" layout for diffusion, "causal" for the
     autoregressive baseline), `scheduler` (`MaskedDiffusionScheduler`: decoding defaults). `plan` is the
     `PlanTokenizer` config, saved in model_index.json."""
 
     model_cpu_offload_seq = "driving_adapter->model"
-    _callback_tensor_inputs = ["sequences", "x0", "confidence", "transfer"]
 
     def __init__(self, driving_adapter, model, scheduler: MaskedDiffusionScheduler, plan: dict | None = None):
         super().__init__()
@@ -128,18 +130,15 @@ class PlanningPipeline(DiffusionPipeline):
         return "autoregressive" if getattr(self.model.config, "attention_layout", None) == "causal" else "diffusion"
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def check_inputs(self, observations, steps, threshold, on_invalid, tensor_inputs):
+    def check_inputs(self, observations, steps, threshold, on_error, callback, tensor_inputs) -> list[str]:
         if observations is None:
             raise DrivingInputError("give `observations`: one observation dict, a list of them, or DrivingInputs.")
-        if on_invalid not in ("raise", "fallback"):
-            raise ValueError(f"`on_invalid` must be 'raise' or 'fallback', got {on_invalid!r}.")
+        check_on_error(on_error)
         if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= self.plan_tokenizer.length):
             raise ValueError(f"`steps` must be an int in [1, {self.plan_tokenizer.length}] (the plan length), got {steps!r}.")
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"`threshold` must be in (0, 1], got {threshold}.")
-        bad = [k for k in tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
+        return callback_tensor_inputs(callback, tensor_inputs, self._callback_tensor_inputs, ["sequences"])
 
     def _row_errors(self, observations) -> tuple[list[str | None], int]:
         """Per-row error messages (None = fine) and the batch size."""
@@ -159,7 +158,7 @@ class PlanningPipeline(DiffusionPipeline):
         temperature: float | None = None,
         remasking: str | None = None,
         cache: str | None = None,
-        on_invalid: str = "raise",
+        on_error: str = "raise",
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], Any] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -177,14 +176,21 @@ class PlanningPipeline(DiffusionPipeline):
             temperature: 0 = argmax; > 0 = Gumbel-max sampling (reproducible with `generator`).
             remasking: the confidence rule ("low_confidence", "margin", "neg_entropy", "random").
             cache: "auto" (exact prefix cache for the prefix layout), "none" or "prefix_exact".
-            on_invalid: "raise" (a `DrivingInputError` naming the field) or "fallback" (see the module doc).
-            callback_on_step_end: `fn(pipe, step, block, callback_kwargs)` after every forward.
+            on_error: "raise" (a `DrivingInputError` naming the field) or "record" (the row gets the fallback
+                plan and its reason in `errors`; see the module doc). A batch no row of which can be read
+                (wrong feature counts, no rows) always raises.
+            callback_on_step_end: `fn(pipe, step, block, callback_kwargs)` after every forward, or a diffusers
+                `PipelineCallback`; a returned dict with "sequences" ([b, 3K], the plan canvas of the decoded
+                rows) replaces the canvas (the diffusion decoder).
             sampler_kwargs: any other `latent.sampling.SamplerConfig` knob (confidence_dtype, factor...).
+
+        Returns `PlanningPipelineOutput`, or its fields as a tuple with `return_dict=False`.
         """
-        self.check_inputs(observations, steps, threshold, on_invalid, callback_on_step_end_tensor_inputs)
+        names = self.check_inputs(observations, steps, threshold, on_error, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs)
         errors, batch = self._row_errors(observations)
         bad = [i for i, e in enumerate(errors) if e is not None]
-        if bad and on_invalid == "raise":
+        if bad and on_error == "raise":
             raise DrivingInputError(errors[bad[0]])
         tok = self.plan_tokenizer
         length = tok.length
@@ -200,7 +206,7 @@ class PlanningPipeline(DiffusionPipeline):
                 obs = [observations] if isinstance(observations, dict) else list(observations)
                 inputs = self.driving_adapter.preprocess([obs[i] for i in good])
             seq, conf, nfe, used = self._decode(inputs, steps, threshold, temperature, remasking, cache, generator,
-                                                callback_on_step_end, callback_on_step_end_tensor_inputs, sampler_kwargs)
+                                                callback_on_step_end, names, sampler_kwargs)
             rows = torch.as_tensor(good)
             tokens[rows], confidence[rows], row_steps[rows] = seq.cpu(), conf.cpu(), used.cpu()
         action_ids, waypoints = tok.decode(tokens)
@@ -210,104 +216,74 @@ class PlanningPipeline(DiffusionPipeline):
             waypoints[fallback] = float("nan")
         actions = [[ACTIONS[int(a)] for a in row] for row in action_ids]
         self.maybe_free_model_hooks()
-        out = PlanningPipelineOutput(actions, action_ids, waypoints, confidence, tokens, fallback, errors, nfe,
-                                     row_steps, self.decoding)
+        out = PlanningPipelineOutput(actions=actions, tokens=tokens, action_ids=action_ids, waypoints=waypoints,
+                                     confidence=confidence, fallback=fallback, errors=errors, nfe=nfe,
+                                     row_steps=row_steps, decoding=self.decoding)
         return out if return_dict else out.to_tuple()
 
     def plan_action(self, observation, **kwargs) -> int:
         """The first meta-action of one observation's plan, as the env's action index (closed-loop driving).
-        Bad input gives FALLBACK_ACTION unless `on_invalid="raise"` is passed."""
-        kwargs.setdefault("on_invalid", "fallback")
+        Bad input gives FALLBACK_ACTION unless `on_error="raise"` is passed."""
+        kwargs.setdefault("on_error", "record")
         return int(self(observation, **kwargs).action_ids[0, 0])
 
     # ---- decoding -------------------------------------------------------------------------------
-    def _prefix(self, inputs: DrivingInputs):
-        device = self._execution_device
-        p = next(self.driving_adapter.parameters())
-        prefix = self.driving_adapter(inputs.to(p.device, p.dtype))
-        dtype = next(self.model.parameters()).dtype
-        return prefix.embeds.to(device=device, dtype=dtype), prefix.mask.to(device)
-
-    def _decode(self, inputs, steps, threshold, temperature, remasking, cache, generator, callback, tensor_inputs,
+    def _decode(self, inputs, steps, threshold, temperature, remasking, cache, generator, callback, names,
                 sampler_kwargs):
-        embeds, pmask = self._prefix(inputs)
+        p = next(self.driving_adapter.parameters())
+        embeds, pmask = self.encode_prefix(self.driving_adapter, inputs.to(p.device, p.dtype))
         allowed = self.plan_tokenizer.allowed_tokens().to(embeds.device)
         if self.decoding == "autoregressive":
             if steps is not None or threshold is not None or remasking is not None:
                 raise ValueError("steps / threshold / remasking are diffusion controls; this pipeline's model is causal "
                                  "(the autoregressive baseline decodes one token per forward).")
             return self._decode_autoregressive(embeds, pmask, allowed, temperature or 0.0, generator, callback)
-        tok = self.plan_tokenizer
-        length = tok.length
-        commit = sampler_kwargs.pop("commit", None)
-        if commit is None and threshold is not None:
-            commit = "threshold"
-        if commit is None and steps is not None:
-            commit = "schedule"  # asking for a step count means the LLaDA schedule rule
         if cache not in (None, "auto", "none", "prefix_exact"):
             raise ValueError(f"`cache` must be 'auto', 'none' or 'prefix_exact' for plans, got {cache!r}.")
-        sampler = self.scheduler.sampler(
-            self.model, gen_length=length, block_length=length, steps=steps, threshold=threshold,
-            temperature=temperature, confidence=remasking, commit=commit, cache=cache,
-            mask_token_id=tok.mask_token_id, **sampler_kwargs,
-        )
+        tok = self.plan_tokenizer
+        length = tok.length
         batch = embeds.shape[0]
         conf = torch.zeros(batch, length, device=embeds.device)
         used = torch.zeros(batch, dtype=torch.long, device=embeds.device)
-        names = tensor_inputs or ["sequences"]
+        user_callback = self._step_callback(callback, names)
 
         def on_step(step, canvas, info):
+            # Each token's confidence when it was committed, and the last step that committed in a row.
             rows, transfer = info["rows"], info["transfer"]
             conf[rows] = torch.where(transfer, info["confidence"].to(conf.dtype), conf[rows])
             used[rows[transfer.any(1)]] = step + 1
-            if callback is not None:
-                tensors = {"sequences": canvas, **{k: info[k] for k in ("x0", "confidence", "transfer")}}
-                callback(self, step, info["block"], {k: tensors[k] for k in names})
+            return None if user_callback is None else user_callback(step, canvas, info)
 
         ids = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
-        result = sampler(
-            _SlotConstrained(self.model, allowed), ids, None, prefix_embeds=embeds,
-            prefix_mask=None if bool(pmask.all()) else pmask.long(), generator=generator,
-            callback_on_step_end=on_step, progress_bar=lambda total: self.progress_bar(total=total or length),
+        # The plan is one block: every slot is decoded in parallel, and `steps` counts forwards for all of it.
+        result = self._sample(
+            ids, None, gen_length=length, block_length=length, model=_SlotConstrained(self.model, allowed),
+            prefix_embeds=embeds, prefix_mask=pmask, steps=steps, threshold=threshold, temperature=temperature,
+            remasking=remasking, cache=cache, mask_token_id=tok.mask_token_id, generator=generator,
+            step_callback=on_step, **sampler_kwargs,
         )
         return result.sequences, conf, result.nfe, used
 
     def _decode_autoregressive(self, embeds, pmask, allowed, temperature, generator, callback):
+        from latent.sampling import autoregressive_generate  # noqa: PLC0415 - only the causal baseline needs it
+
         tok = self.plan_tokenizer
         batch, length = embeds.shape[0], tok.length
-        seq = torch.full((batch, length), tok.mask_token_id, dtype=torch.long, device=embeds.device)
-        conf = torch.zeros(batch, length, device=embeds.device)
-        bos = torch.full((batch, 1), tok.bos_token_id, dtype=torch.long, device=embeds.device)
-        attn = None if bool(pmask.all()) else torch.cat([pmask, torch.ones_like(pmask[:, :1])], 1).long()
-        out = self.model(bos, prefix_embeds=embeds, attention_mask=attn, use_cache=True)
-        bar = self.progress_bar(total=length)
-        for i in range(length):
-            logits = out.logits[:, -1].float().masked_fill(~allowed[i], float("-inf"))
-            probs = logits.softmax(-1)
-            if temperature > 0:
-                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
-                nxt = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-            else:
-                nxt = logits.argmax(-1)
-            seq[:, i] = nxt
-            conf[:, i] = probs.gather(-1, nxt[:, None])[:, 0]
-            if callback is not None:
-                callback(self, i, 0, {"sequences": seq})
-            bar.update(1)
-            if i + 1 < length:
-                out = self.model(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
-        bar.close()
-        return seq, conf, length, torch.full((batch,), length, dtype=torch.long)
+        on_step = None
+        if callback is not None:
 
-    # ---- saving ---------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder written by save_pretrained (never from a hub)."""
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ValueError(f"{path!r} is not a pipeline folder (no model_index.json); give a save_pretrained() folder.")
-        kwargs.setdefault("local_files_only", True)
-        return super().from_pretrained(path, **kwargs)
+            def on_step(step, sequences, info):  # the plan so far, undecoded slots masked, as the diffusion path
+                plan = torch.full((batch, length), tok.mask_token_id, dtype=torch.long, device=embeds.device)
+                plan[:, : step + 1] = sequences[:, 1:]
+                callback(self, step, 0, {"sequences": plan})
+
+        bos = torch.full((batch, 1), tok.bos_token_id, dtype=torch.long, device=embeds.device)
+        out = autoregressive_generate(
+            self.model, bos, length, prefix_embeds=embeds, prefix_mask=None if bool(pmask.all()) else pmask,
+            temperature=temperature, allowed_tokens=allowed, generator=generator, callback=on_step,
+            progress_bar=lambda total: self.progress_bar(total=total),
+        )
+        return out.new_tokens, out.confidence, out.nfe, torch.full((batch,), length, dtype=torch.long)
 
 
 # ================================================================================================ training

@@ -12,94 +12,71 @@ out = pipe(["a", "b"], gen_length=64, threshold=0.9)      # Fast-dLLM threshold 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 
 from latent.scheduler import MaskedDiffusionScheduler
 
+from .base import PipelineOutput, PrefixDiffusionPipeline, check_tokenizer
+
 
 @dataclass
-class TextDiffusionPipelineOutput(BaseOutput):
+class TextDiffusionPipelineOutput(PipelineOutput):
     """
-    sequences: [B, prompt_len + gen_length] the full canvas, prompt included (as LLaDA returns it).
-    texts: the generated part of each row, decoded up to its first EOS (None for output_type="ids").
+    texts: the generated part of each row, decoded up to its first EOS (None for output_type="ids"; None for
+        a row recorded as bad with on_error="record").
+    sequences: [B, prompt_len + gen_length] the full canvas on the CPU, prompt included (as LLaDA returns it);
+        a bad row holds only padding.
+    errors: per row, None or why it was not decoded (on_error="record").
     nfe: model forward passes used.
+
+    `return_dict=False` returns these fields in this order: (texts, sequences, errors, nfe).
     """
 
+    texts: list[str | None] | None
     sequences: torch.LongTensor
-    texts: list[str] | None = None
+    errors: list[str | None] = field(default_factory=list)
     nfe: int = 0
 
 
-def check_tokenizer(tokenizer) -> None:
-    if tokenizer is None:
-        return
-    if getattr(tokenizer, "mask_token_id", None) is None:
-        raise ValueError(
-            "The tokenizer has no mask token; masked diffusion needs one. Add it with "
-            "tokenizer.add_special_tokens({'mask_token': '<|mask|>'}) and resize the model's vocabulary, "
-            "or use a tokenizer trained with one (latent.data.tokenizer.train_tokenizer adds mask, pad, eos)."
-        )
-
-
-class TextDiffusionPipeline(DiffusionPipeline):
+class TextDiffusionPipeline(PrefixDiffusionPipeline):
     """Prompt -> text with a masked-diffusion backbone (`latent.DiffusionTransformer` or any model
     called as `model(x, attention_mask=m).logits`), a tokenizer with a mask token, and a
     `MaskedDiffusionScheduler` holding the decoding defaults."""
 
     model_cpu_offload_seq = "model"
-    _callback_tensor_inputs = ["sequences", "x0", "confidence", "transfer"]
+    strip_texts = False  # a continuation keeps its leading space, so prompt + text reads as written
 
     def __init__(self, model, tokenizer, scheduler: MaskedDiffusionScheduler):
         super().__init__()
-        check_tokenizer(tokenizer)
+        if tokenizer is not None:  # ids in, ids out needs none; EOS is optional (rows then run to gen_length)
+            check_tokenizer(tokenizer, need_eos=False)
         self.register_modules(model=model, tokenizer=tokenizer, scheduler=scheduler)
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Tokenise with left padding, so every row's generated positions follow its prompt."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = side
-        return enc["input_ids"].long(), enc["attention_mask"].long()
-
-    def check_inputs(self, prompt, input_ids, attention_mask, output_type, callback_on_step_end_tensor_inputs):
+    def check_inputs(self, prompt, input_ids, attention_mask, gen_length, on_error, output_type, callback,
+                     callback_on_step_end_tensor_inputs) -> list[str]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("Give exactly one of `prompt` (str or list of str) or `input_ids` ([B, L] int64).")
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else prompt
             if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts) or not prompts:
                 raise ValueError(f"`prompt` must be a non-empty str or list of str, got {type(prompt).__name__}.")
-            if any(not p.strip() for p in prompts):
-                raise ValueError("`prompt` holds an empty string; every row needs at least one prompt token.")
             if self.tokenizer is None:
                 raise ValueError("A `prompt` needs a tokenizer; pass `input_ids` instead or load one.")
         if input_ids is None and attention_mask is not None:
             raise ValueError("`attention_mask` goes with `input_ids`; for `prompt` it is made by the tokenizer.")
-        if output_type not in ("text", "ids"):
-            raise ValueError(f"`output_type` must be 'text' or 'ids', got {output_type!r}.")
-        if output_type == "text" and self.tokenizer is None:
-            raise ValueError("output_type='text' needs a tokenizer; use output_type='ids'.")
-        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
+        return self._check_call(gen_length, None, on_error, output_type, callback, callback_on_step_end_tensor_inputs)
 
-    def decode(self, generated: torch.LongTensor) -> list[str]:
-        eos = self.tokenizer.eos_token_id
-        rows = []
-        for row in generated.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            rows.append(row)
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    @staticmethod
+    def _check_prompt(prompts: list[str], i: int) -> None:
+        if not prompts[i].strip():
+            raise ValueError(f"`prompt` {i} is an empty string; every row needs at least one prompt token.")
+
+    def _prefix(self, batch):
+        return (None, None) if batch is None else batch  # the caller's own prefix rows, already embedded
 
     # ---- call -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -121,6 +98,7 @@ class TextDiffusionPipeline(DiffusionPipeline):
         eos_early_stop: bool = False,
         prefix_embeds: torch.Tensor | None = None,
         prefix_mask: torch.Tensor | None = None,
+        on_error: str = "raise",
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict | None] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -132,65 +110,63 @@ class TextDiffusionPipeline(DiffusionPipeline):
 
         Args:
             prompt: one prompt or a list (left-padded together); or `input_ids` (+ `attention_mask`).
-            gen_length, block_length, steps: LLaDA's knobs; `steps` is the total number of forwards of the
-                schedule rule (steps / (gen_length / block_length) per block). block_length defaults to
-                the scheduler's (for a block_causal model: its block_size).
+            gen_length, block_length, steps: LLaDA's knobs. block_length defaults to the model's block_size
+                for a block_causal model, else to the largest divisor of gen_length up to the scheduler's.
+                `steps` is the total number of forwards of the LLaDA schedule rule (steps / (gen_length /
+                block_length) per block); giving it without `threshold` selects that rule.
             temperature: 0 = argmax; > 0 = float64 Gumbel-max sampling (LLaDA).
             remasking: confidence used to pick what to commit: "low_confidence" (LLaDA), "random",
                 "margin", "neg_entropy".
             threshold: Fast-dLLM parallel decoding: commit every position with confidence >= threshold
-                (at least one per step); steps then depend on the data. `factor` is its factor rule.
+                (at least one per step); steps then depend on the data. `factor` selects its factor rule.
+                With neither, nor `steps`, the scheduler's rule applies.
             cfg_scale: classifier-free guidance (the prompt masked out for the unconditional branch).
             cache: "auto" (the exact cache the model's layout allows), "none", "prefix_exact",
                 "block_exact", or Fast-dLLM's approximate "prefix" / "dual" for bidirectional models.
             eos_early_stop: a row stops once EOS is committed with everything before it decoded.
+            prefix_embeds, prefix_mask: embeddings [B, P, D] placed before the prompt (e.g. from an adapter).
+            on_error: bad input raises a ValueError naming it ("raise", the default). With "record", a row
+                whose prompt is empty gets text None, a padding-only sequence and its message in `errors`;
+                anything else that is wrong with the call (types, shapes, lengths) still raises.
             generator: makes sampling (temperature > 0, random remasking) reproducible.
-            callback_on_step_end: diffusers-style `fn(pipe, step, block, callback_kwargs)` after every
-                forward, with the tensors named in `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end: `fn(pipe, step, block, callback_kwargs)` after every forward, with the
+                tensors named in `callback_on_step_end_tensor_inputs` ("sequences": the full canvas [B, N];
+                "x0", "confidence", "transfer": the current block of the active rows), or a diffusers
+                `PipelineCallback`. A returned dict with "sequences" replaces the canvas (diffusers style).
             output_type: "text" (sequences and decoded texts) or "ids" (sequences only).
             sampler_kwargs: any other `latent.sampling.SamplerConfig` knob (top_k, top_p, logits_eos_inf...).
+
+        Returns `TextDiffusionPipelineOutput`, or its fields as a tuple with `return_dict=False`.
         """
-        self.check_inputs(prompt, input_ids, attention_mask, output_type, callback_on_step_end_tensor_inputs)
-        device = self._execution_device
+        names = self.check_inputs(prompt, input_ids, attention_mask, gen_length, on_error, output_type,
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs)
+        decode = dict(
+            block_length=block_length, steps=steps, temperature=temperature, remasking=remasking,
+            threshold=threshold, factor=factor, cfg_scale=cfg_scale, cache=cache, eos_early_stop=eos_early_stop,
+            generator=generator, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=names, **sampler_kwargs,
+        )
         if prompt is not None:
-            input_ids, attention_mask = self.encode_prompt(prompt)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        input_ids = input_ids.to(device)
-        attention_mask = None if attention_mask is None else attention_mask.to(device)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: the model can skip masking
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
 
-        layout_block = getattr(self.model.config, "block_size", None)
-        if block_length is None:
-            is_block_causal = getattr(self.model.config, "attention_layout", None) == "block_causal"
-            block_length = layout_block if is_block_causal else min(self.scheduler.config.block_length, gen_length)
-        commit = "threshold" if threshold is not None else "factor" if factor is not None else None
-        tok = self.tokenizer
-        sampler = self.scheduler.sampler(
-            self.model, gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            confidence=remasking, commit=commit, threshold=threshold, factor=factor, cfg_scale=cfg_scale,
-            cache=cache, eos_early_stop=eos_early_stop,
-            mask_token_id=getattr(tok, "mask_token_id", None),
-            eos_token_id=getattr(tok, "eos_token_id", None) if tok is not None else None,
-            **sampler_kwargs,
-        )
-        names = callback_on_step_end_tensor_inputs or ["sequences"]
+            def prefix_rows(_items, rows):
+                if prefix_embeds is None:
+                    return None
+                return prefix_embeds[rows], None if prefix_mask is None else prefix_mask[rows]
 
-        def on_step(step, canvas, info):
-            if callback_on_step_end is not None:
-                tensors = {"sequences": canvas, **{k: info[k] for k in ("x0", "confidence", "transfer")}}
-                callback_on_step_end(self, step, info["block"], {k: tensors[k] for k in names})
-
-        result = sampler(
-            self.model, input_ids, attention_mask, prefix_embeds=prefix_embeds, prefix_mask=prefix_mask,
-            generator=generator, callback_on_step_end=on_step,
-            # Data-dependent rules (threshold) have no fixed step count: gen_length forwards is their worst case.
-            progress_bar=lambda total: self.progress_bar(total=total or gen_length),
-        )
-        texts = self.decode(result.sequences[:, input_ids.shape[1] :]) if output_type == "text" else None
+            texts, sequences, errors, nfe = self._decode_rows(
+                len(prompts), prompts, gen_length, prepare=lambda i: self._check_prompt(prompts, i),
+                collate=prefix_rows, on_error=on_error, output_type=output_type, **decode,
+            )
+        else:
+            if input_ids.ndim == 1:
+                input_ids = input_ids[None]
+                attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+            result = self._sample(input_ids, attention_mask, gen_length=gen_length, prefix_embeds=prefix_embeds,
+                                  prefix_mask=prefix_mask, **self._token_ids(), **decode)
+            sequences, nfe = result.sequences.cpu(), result.nfe
+            texts = self.decode(sequences[:, input_ids.shape[1] :]) if output_type == "text" else None
+            errors = [None] * sequences.shape[0]
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return result.sequences, texts
-        return TextDiffusionPipelineOutput(sequences=result.sequences, texts=texts, nfe=result.nfe)
+        out = TextDiffusionPipelineOutput(texts=texts, sequences=sequences, errors=errors, nfe=nfe)
+        return out if return_dict else out.to_tuple()

@@ -1,8 +1,8 @@
 """Samplers (latent/sampling): each part against a direct implementation, and the loop against plain
 re-implementations of LLaDA's `generate` and Fast-dLLM's threshold/factor/caches, token for token.
 
-The references below are written from /work/shared/reference/sampling-semantics.md: plain Python
-loops, one row at a time. Ties in confidence go to the lower position (Python's stable sort) in the
+The references below are written from the semantics in docs/sampling.md: plain Python loops, one row
+at a time. Ties in confidence go to the lower position (Python's stable sort) in the
 references and in the sampler alike.
 """
 
@@ -180,7 +180,7 @@ def test_schedule_commit_is_top_k_per_row():
     conf[0, 2] = conf[0, 5] = 0.99  # a tie: the lower position goes first
     cands = torch.rand(3, 8, generator=g) > 0.3
     conf = conf.masked_fill(~cands, -INF)
-    rule = create_part("commit", "schedule", steps_per_block=2)
+    rule = create_part("commit", "schedule", gen_length=8, block_length=8, steps=2)  # 2 steps per block
     state = SimpleNamespace(batch_size=3, rows=torch.arange(3), block_step=0)
     rule.begin_block(state, cands.sum(1))
     got = rule(conf, cands, state)
@@ -344,7 +344,7 @@ def test_registry_names_and_custom_parts():
                        confidence="test_position_first", callback_on_step_end=lambda s, canvas, info: order.append(
                            info["transfer"].int().argmax(1).tolist()))
     finally:
-        REGISTRIES["confidence"].pop("test_position_first")
+        REGISTRIES["confidence"].unregister("test_position_first")
     assert order == [[i] * 3 for i in range(8)] and not (out.sequences == MASK).any()
 
 

@@ -1,11 +1,14 @@
 """Samplers: one decoding loop over swappable parts (proposal, confidence, commit, stopping, guidance,
 cache), each chosen by name. `generate(...)` is the LLaDA-style entry; `Sampler` is built once from a
-config. New parts: decorate a class with the slot's `register_*` and name it in the config."""
+config. New parts: decorate a class with the slot's `register_*` and name it in the config.
+`autoregressive_generate` is the left-to-right baseline. docs/sampling.md states the semantics."""
 
 from . import cache_approx, cache_exact, commit, confidence, guidance, proposal, stopping  # noqa: F401 - register parts
+from .autoregressive import AutoregressiveOutput, autoregressive_generate
 from .config import SamplerConfig
 from .output import SamplerOutput
 from .registry import (
+    Part,
     create_part,
     list_parts,
     register_cache,
@@ -17,9 +20,10 @@ from .registry import (
 )
 from .sampler import Sampler, generate
 from .state import DecodeState
+from .step import StepResult, decode_step
 
 __all__ = [
-    "DecodeState", "Sampler", "SamplerConfig", "SamplerOutput", "create_part", "generate", "list_parts",
-    "register_cache", "register_commit", "register_confidence", "register_guidance", "register_proposal",
-    "register_stopping",
+    "AutoregressiveOutput", "DecodeState", "Part", "Sampler", "SamplerConfig", "SamplerOutput", "StepResult",
+    "autoregressive_generate", "create_part", "decode_step", "generate", "list_parts", "register_cache",
+    "register_commit", "register_confidence", "register_guidance", "register_proposal", "register_stopping",
 ]

@@ -7,11 +7,11 @@ the check applies when the model has `config.attention_layout`.
 
 from __future__ import annotations
 
-from .registry import register_cache
+from .registry import Part, register_cache
 
 
 @register_cache("none")
-class NoCache:
+class NoCache(Part):
     """A full-canvas forward every step: model(x, attention_mask=m)."""
 
     layouts = None

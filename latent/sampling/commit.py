@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_commit
+from .registry import Part, register_commit
 
 
 def confidence_rank(confidence: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,17 @@ def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @register_commit("schedule")
-class ScheduleCommit:
+class ScheduleCommit(Part):
     """LLaDA: commit the top-k by confidence, k from the per-block transfer schedule. Every step is a
     forward, even one whose quota is 0."""
 
     def __init__(self, steps_per_block: int = 1):
         self.steps_per_block = int(steps_per_block)
         self.quota = None  # [B, S], indexed by the caller's row so it survives rows leaving
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(steps_per_block=config.steps_per_block)
 
     def begin_block(self, state, masked: torch.Tensor):
         self.quota = torch.zeros(state.batch_size, self.steps_per_block, dtype=torch.long, device=masked.device)
@@ -44,13 +48,17 @@ class ScheduleCommit:
 
 
 @register_commit("threshold")
-class ThresholdCommit:
+class ThresholdCommit(Part):
     """Fast-dLLM: every candidate with confidence >= threshold, and always the most confident one."""
 
     steps_per_block = None
 
     def __init__(self, threshold: float = 0.9):
         self.threshold = float(threshold)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(threshold=config.threshold)
 
     def begin_block(self, state, masked):
         pass
@@ -61,7 +69,7 @@ class ThresholdCommit:
 
 
 @register_commit("factor")
-class FactorCommit:
+class FactorCommit(Part):
     """Fast-dLLM: with candidates sorted c_1 >= c_2 >= ..., the longest prefix with
     (r + 1)(1 - c_r) <= factor, and at least one."""
 
@@ -69,6 +77,10 @@ class FactorCommit:
 
     def __init__(self, factor: float = 1.0):
         self.factor = float(factor)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(factor=config.factor)
 
     def begin_block(self, state, masked):
         pass

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_confidence
+from .registry import Part, register_confidence
 
 _DTYPES = {None: None, "float64": torch.float64, "float32": torch.float32}
 
 
-class _LogitConfidence:
+class _LogitConfidence(Part):
     def __init__(self, confidence_dtype: str | None = None):
         self.dtype = _DTYPES[confidence_dtype]
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(confidence_dtype=config.resolved_confidence_dtype)
 
     def probs(self, logits):
         return (logits if self.dtype is None else logits.to(self.dtype)).softmax(-1)
@@ -44,7 +48,7 @@ class NegEntropyConfidence(_LogitConfidence):
 
 
 @register_confidence("random")
-class RandomConfidence:
+class RandomConfidence(Part):
     """LLaDA's `random` remasking: a uniform [B, T] draw per step from the generator."""
 
     def __call__(self, logits, x0, state):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .registry import REGISTRIES, list_parts
+from .registry import REGISTRIES, part_name
 
 NOISE_SHAPES = ("canvas", "block")
 CONFIDENCE_DTYPES = ("auto", None, "float32", "float64")
@@ -66,16 +66,19 @@ class SamplerConfig:
             names["stopping"] = "eos_early_stop"
         return names
 
-    def knobs(self) -> dict[str, Any]:
-        """Constructor arguments offered to every part (each takes the ones it names)."""
-        knobs = self.to_dict()
-        dtype = self.confidence_dtype
-        if dtype == "auto":
-            dtype = None if self.part_names()["commit"] == "schedule" else "float64"
-        knobs["confidence_dtype"] = dtype
+    @property
+    def steps_per_block(self) -> int:
+        """Forwards per block of the schedule rule: steps / num_blocks (steps defaults to gen_length)."""
         steps = self.gen_length if self.steps is None else self.steps
-        knobs["steps_per_block"] = max(1, steps // max(1, self.num_blocks))
-        return knobs
+        return max(1, steps // max(1, self.num_blocks))
+
+    @property
+    def resolved_confidence_dtype(self) -> str | None:
+        """`confidence_dtype` with "auto" resolved: None (the logits' dtype) for the schedule rule, as
+        LLaDA; float64 for the other rules, as Fast-dLLM."""
+        if self.confidence_dtype != "auto":
+            return self.confidence_dtype
+        return None if part_name(self.commit) == "schedule" else "float64"
 
     def validate(self) -> SamplerConfig:
         for name in ("gen_length", "block_length"):
@@ -95,11 +98,8 @@ class SamplerConfig:
                 "set only one of them."
             )
         for slot, name in names.items():
-            if isinstance(name, str) and name not in REGISTRIES[slot]:
-                raise ValueError(
-                    f"Unknown {slot} {name!r}. Known {slot} names: {', '.join(list_parts(slot))}. "
-                    f"Pick one of these, or add yours with @register_{slot}({name!r})."
-                )
+            if isinstance(name, str):
+                REGISTRIES[slot].get(name)  # an unknown name raises, naming the close and the known ones
         if names["commit"] == "schedule":
             steps = self.gen_length if self.steps is None else self.steps
             if not isinstance(steps, int) or steps <= 0:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_guidance
+from .registry import Part, register_guidance
 
 
 @register_guidance("none")
-class NoGuidance:
+class NoGuidance(Part):
     copies = 1
 
     def ids(self, ids, lo, prompt_len, mask_token_id):
@@ -36,6 +36,10 @@ class ClassifierFreeGuidance(NoGuidance):
 
     def __init__(self, cfg_scale: float = 0.0):
         self.scale = float(cfg_scale)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(cfg_scale=config.cfg_scale)
 
     def ids(self, ids, lo, prompt_len, mask_token_id):
         uncond = ids.clone()

@@ -1,10 +1,26 @@
-"""Proposal: which token each position would take this step."""
+"""Proposal: which token each position would take this step, and the one Gumbel-max sampler
+(`gumbel_max`) that every sampling decoder of the project uses."""
 
 from __future__ import annotations
 
 import torch
 
-from .registry import register_proposal
+from .registry import Part, register_proposal
+
+
+def uniform(shape, generator: torch.Generator | None, device, dtype=torch.float64) -> torch.Tensor:
+    """U[0, 1) noise of `shape`, drawn where the generator lives (so a seed gives the same numbers
+    whatever the model's device), then moved to `device`."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=dtype, device=where).to(device)
+
+
+def gumbel_max(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """argmax exp(L) / (-log U)^T in float64 (LLaDA's form of the Gumbel-max trick): an exact sample
+    from softmax(L / T) per position, U of the logits' shape. T = 0 is argmax and reads no noise."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return (logits.double().exp() / (-torch.log(u.double())) ** temperature).argmax(-1)
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -30,22 +46,24 @@ def top_p_filter(logits: torch.Tensor, top_p: float | None, temperature: float =
 
 
 @register_proposal("argmax")
-class ArgmaxProposal:
+class ArgmaxProposal(Part):
     def __call__(self, logits, state):
         return logits.argmax(-1)
 
 
 @register_proposal("gumbel")
-class GumbelProposal:
-    """LLaDA's Gumbel-max sample in float64: argmax exp(L) / (-log U)^T, U uniform with one draw per
-    step (see DecodeState.draw for its shape). An exact sample from softmax(L / T); T = 0 is argmax."""
+class GumbelProposal(Part):
+    """`gumbel_max` on the top-k / top-p filtered logits, U with one draw per step (see DecodeState.draw
+    for its shape). T = 0 is argmax and draws nothing."""
 
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
     def __call__(self, logits, state):
         logits = top_p_filter(top_k_filter(logits, self.top_k), self.top_p, self.temperature)
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        u = state.draw(logits.shape[-1], dtype=torch.float64)
-        return (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
+        u = state.draw(logits.shape[-1], dtype=torch.float64) if self.temperature else None
+        return gumbel_max(logits, self.temperature, u)

@@ -20,8 +20,9 @@ import torch
 from .checks import check_inputs, check_model, model_config_value
 from .config import SamplerConfig
 from .output import SamplerOutput
-from .registry import create_part
-from .state import DecodeState
+from .registry import create_part, part_name
+from .state import DecodeState, key_padding_mask
+from .step import decode_step
 from .stopping import first_eos
 
 
@@ -48,8 +49,8 @@ class Sampler:
         return cls(SamplerConfig(**{k: v for k, v in dict(config).items() if k in known}), **kwargs)
 
     def build_parts(self) -> dict[str, Any]:
-        knobs = self.config.knobs()
-        return {slot: create_part(slot, name, **knobs) for slot, name in self.config.part_names().items()}
+        """Fresh parts for one call (some hold per-call state, e.g. the schedule's quota or a cache)."""
+        return {slot: create_part(slot, name, self.config) for slot, name in self.config.part_names().items()}
 
     @torch.no_grad()
     def __call__(
@@ -68,8 +69,12 @@ class Sampler:
 
         callback_on_step_end(step, canvas, info): after every forward; `canvas` is the full [B, N] canvas,
         `info` holds block, block_step, rows (active rows), x0, confidence, transfer (block-shaped, active
-        rows) and nfe. progress_bar: True for tqdm, or a factory called as progress_bar(total=...) that
-        returns an object with update() and close() (e.g. DiffusionPipeline.progress_bar).
+        rows) and nfe. It may return a dict whose "sequences" ([B, N] int64, the canvas' shape) replaces the
+        canvas, active rows included, from the next forward on (e.g. to force a token). The stopping part
+        has already judged this step, so it sees the new tokens at the next step; with an exact cache, the
+        prompt and finished blocks are cached, so change only the current and later blocks.
+        progress_bar: True for tqdm, or a factory called as progress_bar(total=...) that returns an object
+        with update() and close() (e.g. DiffusionPipeline.progress_bar).
         """
         cfg = self.config
         input_ids, attention_mask, prefix_embeds, prefix_mask = check_inputs(
@@ -86,14 +91,7 @@ class Sampler:
 
         canvas = torch.full((batch, prompt_len + cfg.gen_length), mask_id, dtype=torch.long, device=device)
         canvas[:, :prompt_len] = input_ids
-        attn = None
-        if attention_mask is not None or prefix_mask is not None:
-            ones = torch.ones(batch, 1, dtype=torch.long, device=device)
-            attn = torch.cat([
-                ones.expand(-1, n_prefix) if prefix_mask is None else prefix_mask.to(device),
-                ones.expand(-1, prompt_len) if attention_mask is None else attention_mask,
-                ones.expand(-1, cfg.gen_length),
-            ], dim=1)
+        attn = key_padding_mask(input_ids, attention_mask, n_prefix, prefix_mask, cfg.gen_length)
         state = DecodeState(
             model=model, x=canvas.clone(), rows=torch.arange(batch, device=device), batch_size=batch, attn=attn,
             prefix_embeds=prefix_embeds, prompt_len=prompt_len, block_length=cfg.block_length,
@@ -117,17 +115,20 @@ class Sampler:
                 step < fixed if fixed is not None else bool((state.x[:, start:end] == mask_id).any())
             ):
                 state.block_step = step
-                self._step(state, parts, mask_id)
+                self._step(state, parts)
                 if fixed is None and not state.info["transfer"].any():
                     raise RuntimeError(
-                        f"commit rule {parts['commit'].name!r} committed nothing while the block has masks; "
+                        f"commit rule {part_name(parts['commit'])!r} committed nothing while the block has masks; "
                         "a rule without a fixed step count must commit at least one token per step."
                     )
                 steps[state.rows] += 1
                 done = parts["stopping"](state)
                 canvas[state.rows] = state.x
                 if callback_on_step_end is not None:
-                    callback_on_step_end(global_step, canvas, state.info)
+                    returned = callback_on_step_end(global_step, canvas, state.info)
+                    if isinstance(returned, Mapping) and returned.get("sequences") is not None:
+                        _replace_canvas(canvas, returned["sequences"])
+                        state.x = canvas[state.rows]
                 if bar is not None:
                     bar.update(1)
                 if done is not None and bool(done.any()):
@@ -144,32 +145,27 @@ class Sampler:
             num_generated=_num_generated(canvas[:, prompt_len:], cfg.eos_token_id, mask_id), finished=finished,
         )
 
-    def _step(self, state: DecodeState, parts: dict, mask_id: int) -> None:
-        cfg, start, end = self.config, state.block_start, state.block_end
+    def _step(self, state: DecodeState, parts: dict) -> None:
+        start, end = state.block_start, state.block_end
         raw, lo = parts["cache"].logits(state)
         logits = state.guidance.combine(raw)[:, start - lo : end - lo]
-        if cfg.logits_eos_inf:
-            logits = logits.clone()
-            logits[..., cfg.eos_token_id] = float("-inf")
-        # The mask id is never a proposal: committing it would leave a hole the schedule does not count.
-        proposal_logits = logits.clone()
-        proposal_logits[..., mask_id] = float("-inf")
-        x0 = parts["proposal"](proposal_logits, state)
-        confidence_logits = logits
-        if cfg.confidence_eos_eot_inf:
-            confidence_logits = logits.clone()
-            special = [t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None]
-            confidence_logits[..., special] = float("-inf")
-        block = state.x[:, start:end]
-        candidates = block == mask_id
-        confidence = parts["confidence"](confidence_logits, x0, state)
-        confidence = confidence.masked_fill(~candidates, float("-inf"))
-        transfer = parts["commit"](confidence, candidates, state) & candidates
-        state.x[:, start:end] = torch.where(transfer, x0, block)
+        result = decode_step(logits, state.x[:, start:end], parts, state, self.config)
+        state.x[:, start:end] = result.block
         state.info = {
-            "block": state.block, "block_step": state.block_step, "rows": state.rows, "x0": x0,
-            "confidence": confidence, "transfer": transfer, "nfe": state.nfe,
+            "block": state.block, "block_step": state.block_step, "rows": state.rows, "x0": result.x0,
+            "confidence": result.confidence, "transfer": result.transfer, "nfe": state.nfe,
         }
+
+
+def _replace_canvas(canvas: torch.Tensor, new) -> None:
+    """Write a step callback's returned "sequences" into the canvas, in place (callers keep their reference)."""
+    if not isinstance(new, torch.Tensor) or new.shape != canvas.shape or new.dtype != canvas.dtype:
+        got = f"{type(new).__name__} {tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(
+            f"callback_on_step_end returned sequences {got}; it must be a tensor like the canvas "
+            f"{tuple(canvas.shape)} {canvas.dtype}."
+        )
+    canvas.copy_(new)
 
 
 def _num_generated(gen: torch.Tensor, eos: int | None, mask_id: int) -> torch.Tensor:
@@ -180,16 +176,21 @@ def _num_generated(gen: torch.Tensor, eos: int | None, mask_id: int) -> torch.Te
     return torch.where(found, pos + 1, full)
 
 
-def _progress(progress_bar, commit, cfg: SamplerConfig):
+def progress_bar_for(progress_bar, total: int | None, desc: str = "decoding"):
+    """None, a tqdm bar (progress_bar=True) or progress_bar(total=total) (a factory such as
+    DiffusionPipeline.progress_bar); the result has update() and close()."""
     if not progress_bar:
         return None
-    fixed = commit.steps_per_block
-    total = None if fixed is None else fixed * cfg.num_blocks
     if progress_bar is True:
         from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
 
-        return tqdm(total=total, desc="decoding")
+        return tqdm(total=total, desc=desc)
     return progress_bar(total=total)
+
+
+def _progress(progress_bar, commit, cfg: SamplerConfig):
+    fixed = commit.steps_per_block
+    return progress_bar_for(progress_bar, None if fixed is None else fixed * cfg.num_blocks)
 
 
 def generate(

@@ -16,6 +16,20 @@ import torch
 PREFIX_LAYOUTS = ("prefix", "block_causal")
 
 
+def key_padding_mask(input_ids, attention_mask, n_prefix: int, prefix_mask, gen_length: int) -> torch.Tensor | None:
+    """The [B, P + prompt_len + gen_length] key padding mask (1 = real slot) over prefix embeddings, the
+    (left-padded) prompt and the generated positions; None when nothing is padded."""
+    if attention_mask is None and prefix_mask is None:
+        return None
+    batch, prompt_len = input_ids.shape
+    ones = torch.ones(batch, 1, dtype=torch.long, device=input_ids.device)
+    return torch.cat([
+        ones.expand(-1, n_prefix) if prefix_mask is None else prefix_mask.to(input_ids.device),
+        ones.expand(-1, prompt_len) if attention_mask is None else attention_mask,
+        ones.expand(-1, gen_length),
+    ], dim=1)
+
+
 @dataclass
 class DecodeState:
     model: Any

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_stopping
+from .registry import Part, register_stopping
 
 
 @register_stopping("block_full")
-class BlockFull:
+class BlockFull(Part):
     """Rows run to the end of the last block (LLaDA)."""
 
     def __call__(self, state):
@@ -28,11 +28,15 @@ def first_eos(gen: torch.Tensor, eos_token_id: int, mask_token_id: int) -> tuple
 
 
 @register_stopping("eos_early_stop")
-class EosEarlyStop:
+class EosEarlyStop(Part):
     """A row stops once an EOS is committed and everything before it is decoded; its tail becomes EOS."""
 
     def __init__(self, eos_token_id: int | None = None):
         self.eos = eos_token_id
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(eos_token_id=config.eos_token_id)
 
     def __call__(self, state):
         gen = state.x[:, state.prompt_len :]

@@ -2,8 +2,8 @@
 
 Layout of ``<run>/checkpoints/step_00000100/``::
 
-    model/config.json, model/diffusion_pytorch_model.safetensors   (diffusers save format)
-    state.safetensors + state.json    optimizer, LR scheduler, data position, step, metrics
+    modules.safetensors               every module's weights, named <module>.<parameter>
+    state.safetensors + state.json    stage, step, optimizer, LR scheduler, the task's data position
     rng_rank<r>.safetensors + .json   each rank's torch / CUDA / Python RNG states
     COMPLETE                          written last
 
@@ -30,11 +30,12 @@ from safetensors.torch import save_file
 
 __all__ = [
     "flatten", "unflatten", "write_state", "read_state", "latest_checkpoint", "list_checkpoints",
-    "CheckpointWriter", "rng_state", "set_rng_state", "check_model_compatible", "MODEL_WEIGHTS",
+    "CheckpointWriter", "rng_state", "set_rng_state", "check_compatible", "load_module_weights", "save_module_weights",
+    "resolve_checkpoint", "saved_shapes", "MODULES_FILE",
 ]
 
 STEP_RE = re.compile(r"^step_(\d+)$")
-MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MODULES_FILE = "modules.safetensors"
 
 
 # ------------------------------------------------------------------------------ flatten / unflatten
@@ -164,49 +165,65 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def check_model_compatible(model_dir: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Raise a clear ValueError when the saved weights do not fit ``model`` (other shape or names)."""
-    model_dir = Path(model_dir)
-    weights = model_dir / MODEL_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {MODEL_WEIGHTS} in {model_dir}")
-    problems = []
-    cfg_path = model_dir / "config.json"
-    if cfg_path.is_file() and hasattr(model, "config"):
-        from latent.training.models import SHAPE_KEYS
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete checkpoint folder, from itself or from a run folder (its newest complete checkpoint)."""
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        newest = latest_checkpoint(root)
+        if newest is not None:
+            return newest
+    raise FileNotFoundError(f"{str(path)!r} is neither a complete checkpoint folder nor a run folder holding one")
 
-        saved = json.loads(cfg_path.read_text())
-        for k in SHAPE_KEYS:
-            if k in saved and saved[k] != getattr(model.config, k, saved[k]):
-                problems.append(f"{k}: checkpoint {saved[k]} vs model {getattr(model.config, k)}")
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+def saved_shapes(weights: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     with safe_open(str(weights), framework="pt") as f:
-        saved_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for k, shape in saved_shapes.items():
-        if k not in own:
-            problems.append(f"{k}: in the checkpoint, not in the model")
-        elif own[k] != shape:
-            problems.append(f"{k}: checkpoint {list(shape)} vs model {list(own[k])}")
-    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
-    for k in own:
-        if k not in saved_shapes and k not in tied:
-            problems.append(f"{k}: in the model, not in the checkpoint")
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_compatible(shapes: dict[str, tuple[int, ...]], module: torch.nn.Module, where: str,
+                     strict: bool = True) -> list[str]:
+    """Raise a clear ValueError when saved weights do not fit ``module`` (another shape, or with ``strict``
+    other names); returns the names that will load."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = [f"{k}: saved {list(s)} vs module {list(own[k])}" for k, s in shapes.items() if k in own and own[k] != s]
+    if strict:
+        problems += [f"{k}: saved, not in the module" for k in shapes if k not in own]
+        problems += [f"{k}: in the module, not saved" for k in own if k not in shapes]
+    loadable = [k for k in shapes if k in own]
+    if not loadable and not problems:
+        problems.append("no saved weight name matches the module's (they look like "
+                        f"{', '.join(list(shapes)[:3])} vs {', '.join(list(own)[:3])})")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
-        raise ValueError(f"the checkpoint {model_dir} was saved from a different model shape:\n  {shown}")
+        raise ValueError(f"the weights in {where} were saved from a different model:\n  {shown}")
+    return loadable
 
 
-def load_model_weights(model_dir: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Load safetensors weights (after :func:`check_model_compatible`) into ``model`` in place."""
-    check_model_compatible(model_dir, model)
+def save_module_weights(state_dict: dict, folder: Path) -> None:
+    """All modules' weights in one safetensors file (tied tensors are stored as copies; safetensors refuses
+    shared storage)."""
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(sd, str(folder / MODULES_FILE), metadata={"format": "pt"})
+    _fsync_file(folder / MODULES_FILE)
+
+
+def load_module_weights(folder: str | os.PathLike, module: torch.nn.Module, what: str = "checkpoint",
+                        strict: bool = True) -> list[str]:
+    """Load a checkpoint's weights into ``module`` after :func:`check_compatible`; returns the loaded names.
+    With ``strict=False`` only the weights whose names the module has are loaded (a stage starting from
+    another run that holds a subset of the modules)."""
+    weights = Path(folder) / MODULES_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{what}: no {MODULES_FILE} in {folder}")
+    names = check_compatible(saved_shapes(weights), module, f"{what} ({folder})", strict=strict)
     sd = {}
-    with safe_open(str(Path(model_dir) / MODEL_WEIGHTS), framework="pt") as f:
-        for k in f.keys():
+    with safe_open(str(weights), framework="pt") as f:
+        for k in names:
             sd[k] = f.get_tensor(k)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"weights in {model_dir} do not match: missing {missing}, unexpected {unexpected}")
+    module.load_state_dict(sd, strict=strict)
+    return names
 
 
 # ------------------------------------------------------------------------------ writing

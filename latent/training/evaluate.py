@@ -1,4 +1,4 @@
-"""Validation bound (bits per token) and text samples for a trained backbone.
+"""Validation bound (bits per token) of a backbone, and plain autoregressive sampling for the causal baseline.
 
 - ``mdm``: Monte-Carlo masked-diffusion ELBO (:func:`latent.losses.elbo_nll`).
 - ``block_diffusion``: the block-diffusion bound (each block given the clean blocks before it).
@@ -21,7 +21,7 @@ import torch
 
 from latent.losses import causal_nll, elbo_nll
 
-__all__ = ["validation_bound", "sample_texts", "ar_generate", "build_text_pipeline"]
+__all__ = ["validation_bound", "ar_generate"]
 
 
 def _raw(model):
@@ -91,62 +91,3 @@ def ar_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature
         if eos_token_id is not None and bool((nxt == eos_token_id).all()):
             break
     return x
-
-
-def build_text_pipeline(model, tokenizer, block_length: int = 32):
-    """``pipelines.text.TextDiffusionPipeline`` around a backbone and tokenizer (None if not installed)."""
-    try:
-        from latent.scheduler import MaskedDiffusionScheduler
-        from pipelines.text import TextDiffusionPipeline
-    except ImportError:
-        return None
-    return TextDiffusionPipeline(model=model, tokenizer=tokenizer,
-                                 scheduler=MaskedDiffusionScheduler(block_length=block_length))
-
-
-@torch.no_grad()
-def sample_texts(model, tokenizer, objective: str, prompts, gen_length: int = 64, steps: int = 64,
-                 block_length: int = 32, temperature: float = 0.0, seed: int = 0, device=None,
-                 pipeline=None) -> list[dict]:
-    """One continuation per prompt: through the text pipeline (``pipeline``, or one built around the
-    model) for the diffusion objectives, with :func:`ar_generate` for the autoregressive baseline. Each
-    prompt is preceded by EOS (documents follow an EOS in training), so an empty prompt is allowed."""
-    if pipeline is not None:
-        model = pipeline.model
-    model = _raw(model)
-    model.eval()
-    device = device or next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    max_ctx = model.config.max_position_embeddings
-    if objective == "block_diffusion":
-        block_length = model.config.block_size
-    bl = min(block_length, gen_length)
-    gl = max(bl, (gen_length // bl) * bl)
-    nb = gl // bl
-    st = max(nb, (steps // nb) * nb)
-    if objective != "causal" and pipeline is None:
-        pipeline = build_text_pipeline(model, tokenizer, bl)
-    out = []
-    for k, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        ids = ([eos] + ids) if eos is not None else ids
-        g = torch.Generator().manual_seed(int(seed) + k)
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        if objective == "causal":
-            seq = ar_generate(model, x, min(gen_length, max_ctx - x.shape[1]), temperature, eos, g)[0, x.shape[1]:]
-        elif pipeline is not None:
-            res = pipeline(input_ids=x, gen_length=gl, block_length=bl, steps=st, temperature=temperature,
-                           generator=g)
-            out.append({"prompt": prompt, "text": res.texts[0]})
-            continue
-        else:  # no pipeline package: the sampler's generate function
-            from latent.sampling import generate
-
-            res = generate(model, x, gen_length=gl, block_length=bl, steps=st, temperature=temperature,
-                           generator=g, eos_token_id=eos)
-            seq = res.sequences[0, x.shape[1]:]
-        seq = seq.tolist()
-        if eos is not None and eos in seq:
-            seq = seq[: seq.index(eos)]
-        out.append({"prompt": prompt, "text": tokenizer.decode(seq, skip_special_tokens=True)})
-    return out

@@ -1,43 +1,17 @@
 """AdamW with decay / no-decay parameter groups, frozen parameters left out, and warmup + cosine.
 
-Frozen parameters (``optim.freeze`` glob patterns, or ``requires_grad=False`` set by the caller, e.g.
-a backbone while an adapter trains) are in no group, so AdamW keeps no state for them: no optimizer
+Frozen parameters (``requires_grad=False``, set by the trainer from a stage's ``train`` / ``freeze``
+patterns) are in no group, so AdamW keeps no state for them: no optimizer
 memory, and they never change.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
 
-__all__ = ["apply_freeze", "param_groups", "build_optimizer", "warmup_cosine", "build_scheduler"]
-
-
-def _clean(name: str) -> str:
-    for junk in ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(junk, "")
-    return name
-
-
-def apply_freeze(model: torch.nn.Module, patterns) -> list[str]:
-    """Set ``requires_grad=False`` on parameters whose name matches a glob pattern; returns their
-    names. A pattern that matches nothing is an error (a typo would silently train everything)."""
-    patterns = list(patterns or [])
-    frozen = []
-    hit = dict.fromkeys(patterns, False)
-    for name, p in model.named_parameters():
-        for pat in patterns:
-            if fnmatch.fnmatchcase(_clean(name), pat):
-                p.requires_grad_(False)
-                frozen.append(_clean(name))
-                hit[pat] = True
-    unused = [p for p, h in hit.items() if not h]
-    if unused:
-        some = ", ".join(_clean(n) for n, _ in list(model.named_parameters())[:6])
-        raise ValueError(f"optim.freeze pattern(s) {unused} match no parameter (names look like: {some}, ...)")
-    return frozen
+__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "build_scheduler"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,21 +1,24 @@
-"""The training loop behind ``train.py``: one loop for every objective, single process or distributed.
+"""The one training loop behind ``train.py``, for every task: single process or distributed, in stages.
 
-``Trainer(cfg).fit()`` (or :func:`train`) runs a resolved config from :mod:`latent.training.config`:
+``Trainer(cfg).fit()`` (or :func:`train`) runs a resolved config from :mod:`latent.training.config`. The
+task (:mod:`latent.training.task`, chosen by ``cfg.task``) builds the modules and the batches and computes
+the loss; everything else is here:
 
-1. Data and tokenizer: the built-in English corpus is built (and a BPE tokenizer trained) on first use;
-   any txt/jsonl files and any local HF tokenizer work instead. Bad input (missing files, an empty
-   corpus, a sequence longer than the model's context, a checkpoint of another shape) raises before
-   the first step.
-2. Model from the registry (``model.name`` / ``model.preset``), frozen parameters outside the
-   optimizer, AdamW + warmup/cosine, gradient clipping and accumulation, bf16 autocast on CUDA.
-3. Data parallel through accelerate (``accelerate launch`` or ``torchrun``: DDP; accelerate's FSDP
-   config for models that do not fit one GPU). ``trainer.batch_size`` is the global batch: every rank
-   reads the same stream and takes its rows, and the noise (times and mask draws) is drawn for the
-   global batch from a generator seeded by the step, so N processes compute the same losses as one.
-4. Checkpoints every ``save_every`` steps (atomic; see :mod:`latent.training.checkpoint`), resume
-   from the newest complete one with the exact data position and RNG state.
-5. Logs (CSV, TensorBoard, tqdm with loss and tokens/s, a PNG plot), the validation bound at the
-   start and end, and samples from the final model.
+1. Stages, in order: each sets which parameters train (frozen ones never enter the optimizer), its steps,
+   learning rate and warmup, and may load weights from another run first (``init_from``). Every stage has
+   its own AdamW (decay on matrices only) and warmup + cosine schedule; gradient clipping and accumulation.
+2. Data parallel through accelerate (``torchrun`` or ``accelerate launch``: DDP; accelerate's FSDP config
+   for models that do not fit one GPU), bf16 autocast on CUDA. The batch size is the global one: every
+   process gets the same global batch from the task and takes its rows, so N processes compute the losses
+   of one process with the whole batch.
+3. Checkpoints every ``trainer.save_every`` steps and at every stage end: atomic safetensors + JSON
+   (:mod:`latent.training.checkpoint`); a rerun resumes from the newest complete one with the stage, the
+   optimizer, the data position and the RNG, so N + N steps log the losses of 2N.
+4. Logs: ``train.csv`` / ``eval.csv`` (the record resume is checked against), TensorBoard, tqdm, a loss
+   plot; evaluation every ``trainer.eval_every`` steps, at the start and the end.
+5. Exports (the task writes them, the trainer renames them into place): ``<run>/pipelines/<stage>`` at the
+   end of each stage of a multi-stage recipe and ``<run>/pipeline`` at the end (or when the time limit
+   stops the run).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,28 +36,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latent.losses import block_diffusion_loss, causal_lm_loss, masked_diffusion_loss, sft_loss
-from latent.schedules import sample_times
 from latent.training.checkpoint import (
-    MODEL_WEIGHTS,
     CheckpointWriter,
-    check_model_compatible,
     latest_checkpoint,
-    load_model_weights,
+    load_module_weights,
     read_state,
+    save_module_weights,
     set_rng_state,
     write_state,
 )
 from latent.training.config import ConfigError, save_config
-from latent.training.evaluate import sample_texts, validation_bound
-from latent.training.metrics import MetricsLogger, plot_run
-from latent.training.models import build_model
-from latent.training.optim import apply_freeze, build_optimizer, build_scheduler
+from latent.training.logs import MetricsLogger, plot_run
+from latent.training.optim import build_optimizer, build_scheduler
+from latent.training.task import TASKS, TaskContext
 
-__all__ = ["Trainer", "TrainResult", "train", "prepare_data"]
-
-_LAYOUT_FOR = {"causal": ("causal",), "block_diffusion": ("block_causal",), "mdm": ("bidirectional", "prefix"),
-               "sft": ("bidirectional", "prefix")}
+__all__ = ["Trainer", "TrainResult", "train", "replace_dir"]
 
 
 @dataclass
@@ -61,78 +58,54 @@ class TrainResult:
     run_dir: Path
     step: int
     completed: bool
-    initial_bits_per_token: float | None = None
-    final_bits_per_token: float | None = None
     losses: list[float] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
+    pipeline_dir: Path | None = None
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+    resumed_from: Path | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # what the task's after_export returned (e.g. samples)
 
 
-# ------------------------------------------------------------------------------------------ data
-def prepare_data(cfg: DictConfig, is_main: bool = True):
-    """Resolve the data files (building the built-in corpus if needed) and the tokenizer."""
-    from latent.data.stream import check_files
+class TaskModules(torch.nn.Module):
+    """The task's modules under one root, so that one DDP/FSDP wrapper, one state dict and one optimizer
+    cover them; its forward is the task's loss (DDP synchronises gradients of what runs through forward)."""
 
-    d = cfg.data
-    corpus_names = ("sft_train.jsonl", "sft_valid.jsonl") if d.format == "sft" else ("train.jsonl", "valid.jsonl")
-    if d.train_files is None or d.valid_files is None:
-        if d.corpus is None:
-            raise ConfigError("set data.train_files and data.valid_files (or data.corpus: english)")
-        if d.corpus != "english":
-            raise ConfigError(f"data.corpus={d.corpus!r} is unknown; the built-in corpus is 'english'")
-        if is_main:
-            from latent.data.corpus import build_corpus
+    def __init__(self, modules: dict[str, torch.nn.Module], task):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self._task = [task]  # a list: not a submodule
 
-            build_corpus(d.corpus_dir, max_docs=d.corpus_max_docs, progress=cfg.trainer.progress)
-    train_files = list(d.train_files) if d.train_files is not None else [str(Path(d.corpus_dir) / corpus_names[0])]
-    valid_files = list(d.valid_files) if d.valid_files is not None else [str(Path(d.corpus_dir) / corpus_names[1])]
-    train_files = [str(p) for p in check_files(train_files, "training")]
-    valid_files = [str(p) for p in check_files(valid_files, "validation")]
+    def forward(self, batch, stage):
+        return self._task[0].loss(self, batch, stage)
 
-    from latent.data.tokenizer import load_tokenizer, train_tokenizer
 
-    t = cfg.tokenizer
-    if t.path:
-        tok = load_tokenizer(t.path)
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a fully written folder into place (the old one, if any, is removed only after the rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        # The tokenizer is trained on documents: the built-in corpus's train.jsonl (for the SFT recipe
-        # too, so pre-training and fine-tuning share it), or the text training files.
-        if d.train_files is None:
-            tok_files = [str(check_files([Path(d.corpus_dir) / "train.jsonl"], "tokenizer training")[0])]
-            key = "text"
-        elif d.format == "text":
-            tok_files, key = train_files, d.text_key
-        else:
-            raise ConfigError("SFT on your own files needs tokenizer.path (the tokenizer of the model it tunes)")
-        folder = Path(t.train_dir)
-        args_file = folder / "training_args.json"
-        want = {"files": tok_files, "vocab_size": t.vocab_size, "max_chars": t.train_max_chars, "text_key": key}
-        have = json.loads(args_file.read_text()) if args_file.is_file() else None
-        if have is not None and any(have.get(k) != v for k, v in want.items()):
-            raise ConfigError(
-                f"tokenizer.train_dir={str(folder)!r} holds a tokenizer trained with other settings "
-                f"({ {k: have.get(k) for k in want} }); use it with tokenizer.path={str(folder)!r}, "
-                "or give another tokenizer.train_dir"
-            )
-        if have is None and is_main:
-            train_tokenizer(tok_files, folder, vocab_size=t.vocab_size, text_key=key, max_chars=t.train_max_chars)
-        tok = load_tokenizer(folder)
-    return train_files, valid_files, tok
+        os.rename(src, dst)
 
 
-def _first_document_exists(files, key) -> None:
-    from latent.data.stream import LineReader
-
-    reader = LineReader(files, loop=False, what="training")
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
     try:
-        item = reader.next_line()  # raises on a corpus with no line at all
-    finally:
-        reader.close()
-    if item is None:
-        raise ValueError(f"the training corpus is empty: {', '.join(map(str, files))}")
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
 
 
-# ------------------------------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -145,87 +118,60 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         self.device = acc.device
-        per_step = self.world * tc.grad_accum
-        if tc.batch_size % per_step:
-            raise ConfigError(
-                f"trainer.batch_size={tc.batch_size} must be divisible by processes x grad_accum = "
-                f"{self.world} x {tc.grad_accum}"
-            )
-        self.micro = tc.batch_size // per_step
         self.seed = int(cfg.run.seed)
         _seed_everything(self.seed)
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        task_cls = TASKS.get(cfg.task)
+        self.stages = [OmegaConf.create(s) for s in cfg.stages]
+        self.stage_ends = []
+        total = 0
+        for st in self.stages:
+            total += st.steps
+            self.stage_ends.append(total)
+            self._micro(st)  # divisibility checked before any work
 
-        # ---- data and tokenizer (the main process builds, the others wait and load)
-        with acc.main_process_first():
-            self.train_files, self.valid_files, self.tokenizer = prepare_data(cfg, self.is_main)
-        d = cfg.data
-        _first_document_exists(self.train_files, d.text_key)
-        self.objective = cfg.objective.name
-        self.eos = self.tokenizer.eos_token_id
-        if d.format == "sft":
-            from latent.data.stream import SFTStream
+        def reduce(x, op="sum"):
+            return acc.reduce(x, op) if self.world > 1 else x
 
-            self.stream = SFTStream(self.train_files, self.tokenizer, d.seq_len, d.prompt_key, d.answer_key)
-            vstream = SFTStream(self.valid_files, self.tokenizer, d.seq_len, d.prompt_key, d.answer_key,
-                                loop=False, what="validation")
-            self.val_ids, self.val_plens = vstream.next_batch(cfg.eval.valid_sequences)
-            vstream.close()
-            if len(self.val_ids) == 0:
-                raise ValueError(f"no usable validation pair in {self.valid_files}")
-        else:
-            from latent.data.stream import PackedTextStream, load_sequences
-
-            self.stream = PackedTextStream(self.train_files, self.tokenizer, d.seq_len, text_key=d.text_key)
-            self.val_ids = load_sequences(self.valid_files, self.tokenizer, d.seq_len, cfg.eval.valid_sequences,
-                                          text_key=d.text_key)
-            self.val_plens = None
-
-        # ---- model
-        model = build_model(cfg.model, self.tokenizer)
-        self._check_model(model)
-        init_from = cfg.model.get("init_from")
-        if init_from:
-            load_model_weights(_model_dir(init_from), model)
-        self.frozen = apply_freeze(model, cfg.optim.freeze)
-        self.mask_id = int(model.config.mask_token_id) if hasattr(model, "config") else None
-        self.block_size = getattr(getattr(model, "config", None), "block_size", None)
-
-        # ---- resume point (weights go into the raw model before wrapping)
+        self.ctx = TaskContext(cfg=cfg, run_dir=self.run_dir, device=self.device, seed=self.seed, rank=self.rank,
+                               world_size=self.world, is_main=self.is_main, progress=bool(tc.progress),
+                               autocast=acc.autocast, reduce=reduce,
+                               log=(lambda s: print(s, flush=True)) if self.is_main else (lambda s: None))
+        self.task = task_cls(self.ctx)
+        with acc.main_process_first():  # the main process builds data files, the others then read them
+            modules = self.task.build()
+        self.modules = TaskModules(modules, self.task)
         self.resume_dir = self._find_resume()
         self.start_step = 0
+        self._resume_state = None
         if self.resume_dir is not None:
-            check_model_compatible(self.resume_dir / "model", model)
-            load_model_weights(self.resume_dir / "model", model)
-
-        self.model = acc.prepare(model)
-        self.optimizer = acc.prepare(build_optimizer(self.model, cfg.optim))
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        self.inner_opt = inner
-        self.scheduler = build_scheduler(inner, cfg.optim.warmup_steps, tc.max_steps, cfg.optim.min_lr_ratio)
+            load_module_weights(self.resume_dir, self.modules, what="trainer.resume")
+            self._resume_state = read_state(self.resume_dir, "state")
+            self.start_step = int(self._resume_state["step"])
+            self.task.load_state_dict(self._resume_state.get("task") or {})
+        self.modules.to(self.device)
         self.writer = CheckpointWriter(self.ckpt_root, keep=tc.keep_checkpoints, is_main=self.is_main,
                                        barrier=acc.wait_for_everyone)
-        if self.resume_dir is not None:
-            self._load_state(self.resume_dir)
         self.writer.cleanup_partial()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
-        self.log = MetricsLogger(self.run_dir, tc.tensorboard, self.start_step, fresh=self.start_step == 0) \
+        self.log = MetricsLogger(self.run_dir, tc.tensorboard, self.start_step, fresh=self.start_step == 0,
+                                 train_fields=task_cls.metric_fields, eval_fields=task_cls.eval_fields) \
             if self.is_main else None
+        if self.is_main and self.resume_dir is not None:
+            print(f"[train] resumed from {self.resume_dir} (step {self.start_step})", flush=True)
         if self.is_main and tc.progress:
             dist = "single process" if self.world == 1 else str(acc.distributed_type).split(".")[-1]
-            wrapped = type(self.model).__name__
-            resumed = f", resumed from {self.resume_dir} (step {self.start_step})" if self.resume_dir else ""
-            print(f"[train] {dist} x{self.world} ({wrapped}) on {self.device}, micro-batch {self.micro}, "
-                  f"mixed precision {acc.mixed_precision}{resumed}", flush=True)
+            n = sum(p.numel() for p in self.modules.parameters())
+            print(f"[train] task {cfg.task}: {', '.join(modules)} ({n / 1e6:.2f} M parameters); {dist} x{self.world} "
+                  f"on {self.device}, mixed precision {acc.mixed_precision}", flush=True)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ setup helpers
     def _accelerator(self):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState
 
         tc = self.cfg.trainer
@@ -237,31 +183,20 @@ class Trainer:
             mp = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
         if cpu and mp != "no":
             mp = "no"  # autocast on CPU is slower than fp32 for these sizes
-        return Accelerator(cpu=cpu, mixed_precision=mp)
+        unused = TASKS.get(self.cfg.task).may_skip_parameters
+        return Accelerator(cpu=cpu, mixed_precision=mp,
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
-    def _check_model(self, model) -> None:
-        cfg = self.cfg
-        mc = getattr(model, "config", None)
-        if mc is None:
-            return
-        layout = mc.attention_layout
-        allowed = _LAYOUT_FOR[self.objective]
-        if layout not in allowed:
+    def _micro(self, stage) -> int:
+        tc = self.cfg.trainer
+        batch = stage.batch_size or tc.batch_size
+        per_step = self.world * tc.grad_accum
+        if batch % per_step:
             raise ConfigError(
-                f"objective.name={self.objective!r} needs model.attention_layout in {allowed}, got {layout!r}"
+                f"the batch size of stage {stage.name!r} ({batch}) must be divisible by processes x "
+                f"trainer.grad_accum = {self.world} x {tc.grad_accum}"
             )
-        n = cfg.data.seq_len
-        slots = 2 * n if self.objective == "block_diffusion" else n
-        if slots > mc.max_position_embeddings:
-            extra = " (block diffusion feeds [noisy | clean], 2 x seq_len slots)" if slots != n else ""
-            raise ConfigError(
-                f"data.seq_len={n} needs {slots} positions{extra} but model.max_position_embeddings="
-                f"{mc.max_position_embeddings}; lower data.seq_len or raise model.max_position_embeddings"
-            )
-        if self.objective == "block_diffusion" and n % mc.block_size:
-            raise ConfigError(f"data.seq_len={n} must be a multiple of model.block_size={mc.block_size}")
-        if len(self.tokenizer) > mc.vocab_size:
-            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens, model.vocab_size={mc.vocab_size}")
+        return batch // per_step
 
     def _find_resume(self) -> Path | None:
         r = self.cfg.trainer.resume
@@ -274,101 +209,80 @@ class Trainer:
             raise FileNotFoundError(f"trainer.resume={r!r} is not a complete checkpoint folder")
         return p
 
-    def _load_state(self, folder: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that global step ``step`` (0-based, the step about to run) belongs to."""
+        for i, end in enumerate(self.stage_ends):
+            if step < end:
+                return i
+        return len(self.stages) - 1
 
-        state = read_state(folder, "state")
-        self.start_step = int(state["step"])
-        set_optimizer_state_dict(self.model, self.inner_opt, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
-        if state.get("scaler") is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(state["scaler"])
-        rng_name = f"rng_rank{self.rank}"
-        if not (folder / f"{rng_name}.json").is_file():
-            rng_name = "rng_rank0"  # resumed on more processes than saved: ranks share rank 0's state
-        set_rng_state(read_state(folder, rng_name))
+    # ------------------------------------------------------------------ one stage
+    def _begin_stage(self, i: int, step: int) -> None:
+        st, oc = self.stages[i], self.cfg.optim
+        raw = self.modules
+        if st.init_from and (self._resume_state is None or step == self.stage_ends[i] - st.steps):
+            self.task.init_from(raw, st.init_from, st)  # before its first step only, never on a mid-stage resume
+        self.trained = self.task.trainable(raw, st, oc.freeze)
+        self.model = self.acc.prepare_model(raw) if self.world > 1 else raw
+        opt = build_optimizer(raw, OmegaConf.merge(oc, {"lr": st.lr if st.lr is not None else oc.lr}))
+        self.inner_opt = opt
+        self.optimizer = self.acc.prepare_optimizer(opt)
+        warm = st.warmup_steps if st.warmup_steps is not None else oc.warmup_steps
+        self.scheduler = build_scheduler(opt, min(warm, max(0, st.steps - 1)), st.steps, oc.min_lr_ratio)
+        self.micro = self._micro(st)
+        self.stage_index = i
+        state = self._resume_state
+        if state is not None and int(state["stage"]) == i and step == self.start_step and step < self.stage_ends[i]:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # ------------------------------------------------------------------ training
-    def _global_batch(self):
-        B = self.cfg.trainer.batch_size
-        if self.cfg.data.format == "sft":
-            ids, plens = self.stream.next_batch(B)
-        else:
-            ids, plens = self.stream.next_sequences(B), None
-        if len(ids) < B:
-            raise RuntimeError("the training stream ran dry")  # cannot happen while looping
-        return ids, plens
+            set_optimizer_state_dict(self.model, opt, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") is not None and self.acc.scaler is not None:
+                self.acc.scaler.load_state_dict(state["scaler"])
 
-    def _noise(self, step: int, B: int, N: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        oc = self.cfg.objective
-        if self.objective == "block_diffusion" and oc.per_block_t:
-            nb = -(-N // self.block_size)
-            t = sample_times(B * nb, g, oc.low_discrepancy).view(B, nb)
-        else:
-            t = sample_times(B, g, oc.low_discrepancy)
-        return t, torch.rand(B, N, generator=g)
-
-    def _loss(self, ids, plens, t, noise):
-        oc = self.cfg.objective
-        dev = self.device
-        ids, t, noise = ids.to(dev), t.to(dev), noise.to(dev)
-        common = dict(schedule=oc.schedule, eps=oc.eps, t=t, noise=noise)
-        if self.objective == "mdm":
-            return masked_diffusion_loss(self.model, ids, self.mask_id, **common)
-        if self.objective == "sft":
-            return sft_loss(self.model, ids, self.mask_id, prompt_lengths=plens.to(dev), **common)
-        if self.objective == "block_diffusion":
-            return block_diffusion_loss(self.model, ids, self.mask_id, self.block_size,
-                                        per_block_t=oc.per_block_t, **common)
-        return causal_lm_loss(self.model, ids, bos_token_id=self.eos)
-
-    def train_step(self, step: int) -> tuple[float, float, int]:
-        tc = self.cfg.trainer
-        ids, plens = self._global_batch()
-        t, noise = self._noise(step, *ids.shape)
-        self.model.train()
+    def train_step(self, step: int) -> tuple[float, float, int, dict]:
+        tc, st = self.cfg.trainer, self.stages[self.stage_index]
+        batch = self.task.batch(step, st)
+        self.task.train_mode(self.modules)
         loss_sum = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
         for m in range(tc.grad_accum):
             lo = (m * self.world + self.rank) * self.micro
-            rows = slice(lo, lo + self.micro)
+            part = self.task.split(batch, slice(lo, lo + self.micro))
             last = m == tc.grad_accum - 1
-            ctx = nullcontext() if last else self.acc.no_sync(self.model)
+            ctx = nullcontext() if last or self.world == 1 else self.acc.no_sync(self.model)
             with ctx:
                 with self.acc.autocast():
-                    out = self._loss(ids[rows], None if plens is None else plens[rows], t[rows], noise[rows])
+                    out = self.model(part, st)
                 self.acc.backward(out.loss / tc.grad_accum)
             loss_sum += out.loss.detach().float() / tc.grad_accum
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / tc.grad_accum
         clip = self.cfg.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.modules.parameters() if p.requires_grad]
         grad_norm = self.acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(self.acc.reduce(loss_sum, "mean")) if self.world > 1 else float(loss_sum)
-        return loss, float(grad_norm), int(ids.numel())
+        if self.world > 1 and metrics:
+            vals = self.acc.reduce(torch.tensor(list(metrics.values()), device=self.device), "mean")
+            metrics = dict(zip(metrics, vals.tolist()))
+        return loss, float(grad_norm), self.task.count(batch), metrics
 
+    # ------------------------------------------------------------------ evaluation, checkpoints, exports
     def evaluate(self, step: int) -> dict:
-        ec = self.cfg.eval
-
-        def reduce(x):
-            return self.acc.reduce(x, "sum") if self.world > 1 else x
-
-        res = validation_bound(
-            self.model, self.val_ids, self.objective, self.mask_id, self.eos, num_samples=ec.elbo_samples,
-            batch_size=ec.batch_size, schedule=self.cfg.objective.schedule, prompt_lengths=self.val_plens,
-            seed=self.seed, rank=self.rank, world_size=self.world, device=self.device,
-            autocast=self.acc.autocast, reduce=reduce, block_size=self.block_size,
-        )
-        if self.is_main:
-            self.log.log_eval({"step": step, "val_bits_per_token": res["bits_per_token"],
-                               "val_nll_per_token": res["nll_per_token"], "val_tokens": res["tokens"]})
+        was = self.modules.training
+        self.modules.eval()
+        with torch.no_grad():
+            res = self.task.evaluate(self.modules, step)
+        self.modules.train(was)
+        if res and self.is_main:
+            self.log.log_eval({"step": step, **res})
         return res
 
     def save(self, step: int) -> Path:
-        from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -378,185 +292,160 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.inner_opt, options=opts)
-        raw = self.acc.unwrap_model(self.model)
+        task_state = self.task.state_dict()
 
         def write_main(folder: Path) -> None:
-            (folder / "model").mkdir()
-            raw.save_config(str(folder / "model"))
-            sd = {k: v.detach().cpu().contiguous() for k, v in model_sd.items()}
-            save_file(sd, str(folder / "model" / MODEL_WEIGHTS), metadata={"format": "pt"})
+            save_module_weights({k.removeprefix("module."): v for k, v in model_sd.items()}, folder)
             write_state(folder, "state", {
                 "step": step,
+                "stage": self.stage_index,
                 "optimizer": optim_sd,
                 "scheduler": self.scheduler.state_dict(),
-                "data": self.stream.state_dict(),
+                "task": task_state,
                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
                 "world_size": self.world,
             })
 
         return self.writer.save(step, write_main, self.rank)
 
-    def export(self, ckpt: Path) -> Path:
-        """``<run>/final``: the backbone (diffusers format), the tokenizer and the training record; and,
-        for the diffusion objectives, ``<run>/pipeline``: a ``TextDiffusionPipeline`` folder
-        (``TextDiffusionPipeline.from_pretrained(run/"pipeline")``)."""
-        final = self.run_dir / "final"
+    def export(self, folder: Path, stage) -> Path:
+        """The task writes ``folder`` through a temporary sibling that is renamed into place (main only)."""
         if self.is_main:
-            import shutil
-
-            tmp = self.run_dir / ".tmp-final"
+            tmp = folder.with_name(f".tmp-{folder.name}")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(ckpt / "model", tmp / "backbone")
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            (tmp / "training.json").write_text(json.dumps(
-                {"objective": self.objective, "step": int(ckpt.name.split("_")[-1]),
-                 "config": OmegaConf.to_container(self.cfg)}, indent=2))
-            _replace_dir(tmp, final)
-            if self.objective != "causal":
-                from latent.backbone import DiffusionTransformer
-                from latent.training.evaluate import build_text_pipeline
-
-                block = self.block_size if self.objective == "block_diffusion" else self.cfg.eval.sample_block_length
-                pipe = build_text_pipeline(DiffusionTransformer.from_pretrained(str(final / "backbone")),
-                                           self.tokenizer, block)
-                if pipe is not None:
-                    tmp = self.run_dir / ".tmp-pipeline"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    pipe.save_pretrained(str(tmp))
-                    _replace_dir(tmp, self.run_dir / "pipeline")
+            tmp.mkdir(parents=True)
+            was = self.modules.training
+            self.modules.eval()
+            self.task.export(self.modules, tmp, stage)
+            self.modules.train(was)
+            replace_dir(tmp, folder)
         self.acc.wait_for_everyone()
-        return final
+        return folder
 
+    # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         try:
             return self._fit()
         finally:
             torch.set_num_threads(self._threads_before)
+            self.task.close()
 
     def _fit(self) -> TrainResult:
         cfg, tc = self.cfg, self.cfg.trainer
-        result = TrainResult(self.run_dir, self.start_step, False)
+        result = TrainResult(self.run_dir, self.start_step, False, resumed_from=self.resume_dir)
+        t_start = time.perf_counter()
+        deadline = t_start + 60 * tc.time_limit_minutes if tc.time_limit_minutes else math.inf
         end = tc.max_steps if tc.stop_at_step is None else min(tc.max_steps, tc.stop_at_step)
         if self.start_step == 0 and tc.eval_at_start:
-            result.initial_bits_per_token = self.evaluate(0)["bits_per_token"]
+            result.evals.append(self._report(0, self.evaluate(0)))
+        if self.resume_dir is not None:
+            rng_name = f"rng_rank{self.rank}"
+            if not (self.resume_dir / f"{rng_name}.json").is_file():
+                rng_name = "rng_rank0"  # resumed on more processes than saved: ranks share rank 0's state
+            set_rng_state(read_state(self.resume_dir, rng_name))
         step = self.start_step
         bar = None
         if self.is_main and tc.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tc.max_steps, initial=step, desc=f"train {cfg.run.name}", dynamic_ncols=True)
-        t_start, tok_rate = time.perf_counter(), None
+        rate = None
         last_saved = self.start_step if self.resume_dir is not None else None
+        multi = len(self.stages) > 1
+        stage_i = -1
+        stopped = None
         while step < end:
+            if self.stage_at(step) != stage_i:
+                stage_i = self.stage_at(step)
+                self._begin_stage(stage_i, step)
             t0 = time.perf_counter()
-            loss, gnorm, ntok = self.train_step(step)
+            loss, gnorm, count, metrics = self.train_step(step)
             step += 1
             dt = time.perf_counter() - t0
-            rate = ntok / max(dt, 1e-9)
-            tok_rate = rate if tok_rate is None else 0.9 * tok_rate + 0.1 * rate
+            rate = count / max(dt, 1e-9) if rate is None else 0.9 * rate + 0.1 * count / max(dt, 1e-9)
             result.losses.append(loss)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at step {step}; lower optim.lr")
-            if self.is_main and (step % tc.log_every == 0 or step == end):
-                self.log.log_train({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                                    "grad_norm": gnorm, "tokens": step * ntok, "tokens_per_s": round(tok_rate, 1),
-                                    "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                raise FloatingPointError(f"the loss became {loss} at step {step}; lower optim.lr (or the stage's lr)")
+            st = self.stages[stage_i]
+            stage_done = step == self.stage_ends[stage_i]
+            if self.is_main and (step % tc.log_every == 0 or step == end or stage_done):
+                self.log.log_train({"step": step, "stage": st.name, "loss": loss,
+                                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": gnorm, "samples": count,
+                                    "samples_per_s": round(rate, 1),
+                                    "elapsed_s": round(time.perf_counter() - t_start, 3), **metrics})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_rate:,.0f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(stage=st.name, loss=f"{loss:.3f}", per_s=f"{rate:,.0f}",
+                                lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                res = self.evaluate(step)
-                if bar is not None:
-                    bar.write(f"step {step}: validation bound {res['bits_per_token']:.4f} bits/token")
-            if tc.save_every and step % tc.save_every == 0:
+                result.evals.append(self._report(step, self.evaluate(step), bar))
+            if stage_done or (tc.save_every and step % tc.save_every == 0):
                 result.checkpoint = self.save(step)
                 last_saved = step
+            if stage_done and multi and step < tc.max_steps:
+                result.stage_dirs[st.name] = self.export(self.run_dir / "pipelines" / st.name, st)
+            if time.perf_counter() > deadline and step < end:
+                stopped = "time"
+                break
         if bar is not None:
             bar.close()
+        # stages that ended in an earlier run whose export was cut short by a kill are exported now
+        self._export_missing_stages(result, step)
         result.step = step
         if last_saved != step:
             result.checkpoint = self.save(step)
         elif result.checkpoint is None and self.resume_dir is not None:
             result.checkpoint = self.resume_dir
-        if step >= tc.max_steps:
-            result.completed = True
-            if cfg.eval.final:
-                res = self.evaluate(step)
-                result.final_bits_per_token = res["bits_per_token"]
-            final = self.export(latest_checkpoint(self.ckpt_root))
+        st = self.stages[self.stage_at(max(step - 1, 0))]
+        if step >= tc.max_steps or stopped == "time":
+            result.completed = step >= tc.max_steps
+            if stopped == "time":
+                self.ctx.log(f"trainer.time_limit_minutes={tc.time_limit_minutes} reached at step {step}; "
+                             "exporting what was trained (rerun the command to go on)")
+            if result.completed:
+                result.evals.append(self._report(step, self.evaluate(step)))
+            if multi and result.completed:
+                result.stage_dirs[st.name] = self.export(self.run_dir / "pipelines" / st.name, st)
+            result.pipeline_dir = self.export(self.run_dir / "pipeline", st)
             if self.is_main:
+                result.extra = self.task.after_export(result.pipeline_dir) or {}
                 if tc.plot:
-                    plot_run(self.run_dir, title=f"{cfg.run.name} ({self.objective})")
-                if cfg.eval.num_samples > 0:
-                    result.samples = self.samples(final)
+                    plot_run(self.run_dir, title=f"{cfg.run.name} ({cfg.task})")
+        result.seconds = time.perf_counter() - t_start
         if self.is_main:
             self.log.close()
             with open(self.run_dir / "result.json", "w") as f:
-                json.dump({"step": result.step, "completed": result.completed,
-                           "initial_bits_per_token": result.initial_bits_per_token,
-                           "final_bits_per_token": result.final_bits_per_token,
-                           "samples": result.samples}, f, indent=2)
-        self.stream.close()
+                json.dump({"step": result.step, "completed": result.completed, "evals": result.evals,
+                           "pipeline": str(result.pipeline_dir) if result.pipeline_dir else None,
+                           "stages": {k: str(v) for k, v in result.stage_dirs.items()},
+                           **{k: v for k, v in result.extra.items() if _jsonable(v)}}, f, indent=2)
         self.acc.wait_for_everyone()
         return result
 
-    def samples(self, final: Path) -> list[dict]:
-        """Samples of the exported model, loaded back from disk (the pipeline folder for the diffusion
-        objectives), so any wrapping or sharding is gone and the export is exercised."""
-        ec = self.cfg.eval
-        prompts = list(ec.prompts)[: ec.num_samples]
-        while len(prompts) < ec.num_samples:
-            prompts.append("")
-        pipe, model = None, None
-        if (self.run_dir / "pipeline" / "model_index.json").is_file():
-            from pipelines.text import TextDiffusionPipeline
+    def _export_missing_stages(self, result: TrainResult, step: int) -> None:
+        if len(self.stages) < 2:
+            return
+        for i, st in enumerate(self.stages[:-1]):
+            folder = self.run_dir / "pipelines" / st.name
+            if self.stage_ends[i] <= step and st.steps > 0:
+                if not (folder / "model_index.json").is_file() and self.stage_ends[i] == step:
+                    result.stage_dirs[st.name] = self.export(folder, st)
+                elif folder.is_dir():
+                    result.stage_dirs.setdefault(st.name, folder)
 
-            pipe = TextDiffusionPipeline.from_pretrained(str(self.run_dir / "pipeline")).to(self.device)
-            pipe.set_progress_bar_config(disable=True)
-        else:
-            from latent.backbone import DiffusionTransformer
-
-            model = DiffusionTransformer.from_pretrained(str(final / "backbone")).to(self.device)
-        out = sample_texts(model, self.tokenizer, self.objective, prompts, gen_length=ec.sample_length,
-                           steps=ec.sample_steps, block_length=ec.sample_block_length,
-                           temperature=ec.temperature, seed=self.seed, device=self.device, pipeline=pipe)
-        with open(self.run_dir / "samples.txt", "w") as f:
-            for s in out:
-                f.write(f"[{s['prompt']}] {s['text']}\n")
-        self.log.log_text("samples", "\n\n".join(f"**{s['prompt']}** {s['text']}" for s in out), self.start_step)
-        return out
+    def _report(self, step: int, res: dict, bar=None) -> dict:
+        if res and self.is_main and self.cfg.trainer.progress:
+            text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
+            (bar.write if bar is not None else print)(f"step {step}: {text}")
+        return {"step": step, **res}
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    import shutil
-
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
-
-
-def _model_dir(path) -> Path:
-    p = Path(path)
-    for cand in (p, p / "model", p / "backbone"):
-        if (cand / MODEL_WEIGHTS).is_file():
-            return cand
-    raise FileNotFoundError(f"model.init_from={str(path)!r}: no {MODEL_WEIGHTS} there (or in model/, backbone/)")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def _jsonable(v) -> bool:
     try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
 
 
 def train(cfg: DictConfig) -> TrainResult:

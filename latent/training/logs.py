@@ -58,17 +58,21 @@ def _fmt(v):
     return v
 
 
-TRAIN_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
-EVAL_FIELDS = ["step", "val_bits_per_token", "val_nll_per_token", "val_tokens"]
+TRAIN_FIELDS = ["step", "stage", "loss", "lr", "grad_norm", "samples", "samples_per_s", "elapsed_s"]
+EVAL_FIELDS = ["step"]
 
 
 class MetricsLogger:
-    """``train.csv`` / ``eval.csv`` in the run folder, plus TensorBoard under ``tb/`` (main process)."""
+    """``train.csv`` / ``eval.csv`` in the run folder, plus TensorBoard under ``tb/`` (main process). The
+    columns are the trainer's (``TRAIN_FIELDS``) followed by the task's metrics."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, start_step: int = 0, fresh: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, start_step: int = 0, fresh: bool = True,
+                 train_fields=(), eval_fields=()):
         self.run_dir = Path(run_dir)
-        self.train = CSVLog(self.run_dir / "train.csv", TRAIN_FIELDS)
-        self.eval = CSVLog(self.run_dir / "eval.csv", EVAL_FIELDS)
+        self.train_fields = TRAIN_FIELDS + [f for f in train_fields if f not in TRAIN_FIELDS]
+        self.eval_fields = EVAL_FIELDS + [f for f in eval_fields if f not in EVAL_FIELDS]
+        self.train = CSVLog(self.run_dir / "train.csv", self.train_fields)
+        self.eval = CSVLog(self.run_dir / "eval.csv", self.eval_fields)
         for log in (self.train, self.eval):
             if fresh:
                 log.reset()
@@ -86,14 +90,16 @@ class MetricsLogger:
     def log_train(self, row: dict) -> None:
         self.train.append(row)
         if self.tb is not None:
-            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                if row.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+            for k, v in row.items():
+                if k not in ("step", "stage", "elapsed_s") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
 
     def log_eval(self, row: dict) -> None:
         self.eval.append(row)
         if self.tb is not None:
-            self.tb.add_scalar("val/bits_per_token", row["val_bits_per_token"], row["step"])
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"val/{k}", v, row["step"])
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         if self.tb is not None:
@@ -115,6 +121,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, t
     run_dir = Path(run_dir)
     train = CSVLog(run_dir / "train.csv", TRAIN_FIELDS).read()
     evals = CSVLog(run_dir / "eval.csv", EVAL_FIELDS).read()
+    eval_key = next((k for k in (evals[0] if evals else {}) if k != "step" and evals[0][k] not in ("", None)), None)
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [int(r["step"]) for r in train]
@@ -126,12 +133,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, t
             smooth.append(ema)
         ax[0].plot(steps, smooth, label="smoothed")
         ax[0].set_xlabel("step")
-        ax[0].set_ylabel("training loss (nats / token)")
+        ax[0].set_ylabel("training loss")
         ax[0].legend()
-    if evals:
-        ax[1].plot([int(r["step"]) for r in evals], [float(r["val_bits_per_token"]) for r in evals], "o-")
+    if evals and eval_key is not None:
+        ax[1].plot([int(r["step"]) for r in evals], [float(r[eval_key]) for r in evals], "o-")
         ax[1].set_xlabel("step")
-        ax[1].set_ylabel("validation bound (bits / token)")
+        ax[1].set_ylabel(eval_key.replace("_", " "))
     fig.suptitle(title or run_dir.name)
     fig.tight_layout()
     out = Path(out) if out is not None else run_dir / "loss.png"

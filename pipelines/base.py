@@ -1,0 +1,332 @@
+"""What the task pipelines share: local loading, outputs, step callbacks, decoding settings, and the
+glue of prefix-conditioned masked-diffusion generation.
+
+- `LocalPipelineMixin`: `from_pretrained` loads only a local folder written by `save_pretrained`.
+- `PipelineOutput`: `return_dict=False` gives `out.to_tuple()`, every field in declaration order (None
+  fields included, so positions never shift); each pipeline puts its primary output first (texts,
+  captions, answers, actions), then its token ids, then the rest.
+- Bad rows: `on_error="raise"` (default) raises naming the row; `on_error="record"` gives the row an empty
+  result (None text, padding-only sequence, or the task's documented fallback) and its message in
+  `out.errors`, and decodes the other rows.
+- Step callbacks behave as in diffusers: `callback_on_step_end(pipe, step, timestep, callback_kwargs)` gets
+  the tensors named in `callback_on_step_end_tensor_inputs` (a `PipelineCallback` /
+  `MultiPipelineCallbacks` brings its own `tensor_inputs`) and may return a dict; a returned "sequences"
+  ([B, N] int64, the full canvas) replaces the canvas from the next forward on. For masked diffusion
+  `timestep` is the block index.
+- Decoding settings (`resolve_decoding`), one rule for every masked-diffusion pipeline:
+  `block_length` defaults to the model's `block_size` for a block_causal model, else to the largest divisor
+  of `gen_length` up to the scheduler's `block_length`; `commit=` wins, else `threshold=` selects the
+  threshold rule, else `factor=` the factor rule, else `steps=` the LLaDA schedule rule, else the
+  scheduler's rule applies.
+- `PrefixDiffusionPipeline`: prompt encoding (left padding), adapter prefix, the sampler call, decoding to
+  text up to the first EOS, and the per-chunk decode of captioning and spoken QA.
+
+docs/sampling.md describes the sampler loop and its parts; README.md the pipelines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+
+__all__ = [
+    "LocalPipelineMixin", "PipelineOutput", "MaskedDiffusionPipeline", "PrefixDiffusionPipeline",
+    "encode_prompts", "decode_texts", "check_tokenizer", "resolve_decoding", "callback_tensor_inputs", "check_on_error",
+    "ON_ERROR",
+]
+
+ON_ERROR = ("raise", "record")
+
+
+# ---- text in and out ------------------------------------------------------------------------------
+def encode_prompts(tokenizer, texts: Sequence[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token ids [B, L] and attention mask [B, L] (1 = token), left padded so that every row's next
+    position follows its prompt; no special tokens are added. L is 0 when every text is empty.
+    Training builds its prompts with this function too, so pipelines see what they were trained on."""
+    texts = list(texts)
+    if not any(texts):
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return empty, empty.clone()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def check_tokenizer(tokenizer, need_eos: bool = True) -> None:
+    """Masked diffusion needs a mask token; decoding a row to text needs an EOS, where it ends."""
+    if getattr(tokenizer, "mask_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer has no mask token; masked diffusion needs one. Add it with "
+            "tokenizer.add_special_tokens({'mask_token': '<|mask|>'}) and resize the model's vocabulary, "
+            "or use a tokenizer trained with one (latent.data.tokenizer.train_tokenizer adds mask, pad, eos)."
+        )
+    if need_eos and getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("The tokenizer needs an EOS token, where a decoded row ends (latent.data.tokenizer adds it).")
+
+
+def decode_texts(tokenizer, ids: torch.Tensor | list[list[int]], strip: bool = True) -> list[str]:
+    """Each row decoded up to (without) its first EOS, special tokens skipped."""
+    eos = tokenizer.eos_token_id
+    rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(r) for r in ids]
+    rows = [r[: r.index(eos)] if eos is not None and eos in r else r for r in rows]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [t.strip() for t in texts] if strip else texts
+
+
+def _full_to_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A mask without padding is dropped: the model then skips masking."""
+    return None if mask is None or bool(mask.all()) else mask
+
+
+# ---- decoding settings ----------------------------------------------------------------------------
+def resolve_decoding(model, scheduler, gen_length: int, block_length: int | None = None, steps: int | None = None,
+                     threshold: float | None = None, factor: float | None = None,
+                     commit: str | None = None) -> dict[str, Any]:
+    """The block length and commit rule of a call (see the module docstring for the rule); the other
+    settings pass through. None values leave the scheduler's defaults in place."""
+    config = getattr(model, "config", None)
+    if block_length is None:
+        if getattr(config, "attention_layout", None) == "block_causal":
+            block_length = config.block_size  # exact block cache: decoding blocks are the model's blocks
+        else:
+            block_length = max(1, min(scheduler.config.block_length, gen_length))
+            while gen_length % block_length:
+                block_length -= 1
+    if commit is None:
+        if threshold is not None:
+            commit = "threshold"
+        elif factor is not None:
+            commit = "factor"
+        elif steps is not None:
+            commit = "schedule"  # a step count only means something for the LLaDA schedule rule
+    return dict(block_length=block_length, steps=steps, threshold=threshold, factor=factor, commit=commit)
+
+
+# ---- outputs and checks ---------------------------------------------------------------------------
+class PipelineOutput(BaseOutput):
+    """A diffusers `BaseOutput` whose `to_tuple()` (what `return_dict=False` returns) keeps every field in
+    declaration order, None included, so a field's position does not depend on `output_type`."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"`on_error` must be 'raise' or 'record', got {on_error!r}.")
+
+
+def callback_tensor_inputs(callback, names: list[str] | None, allowed: list[str], default: list[str]) -> list[str]:
+    """The tensors a step callback asked for: a `PipelineCallback` / `MultiPipelineCallbacks` names its own
+    (`tensor_inputs`), as in diffusers; every name must be one the pipeline offers."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        names = callback.tensor_inputs
+    if callback is not None and not callable(callback):
+        raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback).__name__}.")
+    bad = [k for k in names or [] if k not in allowed]
+    if bad:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {allowed}.")
+    return list(names) if names else list(default)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+class LocalPipelineMixin:
+    """`from_pretrained` from a local folder written by `save_pretrained` only; a hub id or a folder without
+    model_index.json is refused with an error saying what to give instead. Put it before
+    `DiffusionPipeline` among the bases."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"{path!r} is not a local folder; {cls.__name__}.from_pretrained loads only a folder written by "
+                "save_pretrained() (nothing is downloaded)."
+            )
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(
+                f"{path!r} is not a pipeline folder (no model_index.json); give a folder written by "
+                f"{cls.__name__}.save_pretrained()."
+            )
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(path, **kwargs)
+
+
+# ---- masked diffusion -----------------------------------------------------------------------------
+class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
+    """A pipeline that decodes a token canvas with `latent.sampling` through its `MaskedDiffusionScheduler`
+    (`self.scheduler`) and backbone (`self.model`)."""
+
+    # Tensors a step callback may ask for: the full canvas [B, N], and the current block's proposal,
+    # confidence and committed positions for the active rows [b, block_length].
+    _callback_tensor_inputs = ["sequences", "x0", "confidence", "transfer"]
+
+    def encode_prefix(self, adapter, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """An adapter's prefix embeddings [B, P, D] (on the model's device, in its dtype) and mask [B, P]."""
+        prefix = adapter(inputs)
+        dtype = next(self.model.parameters()).dtype
+        device = self._execution_device
+        return prefix.embeds.to(device=device, dtype=dtype), prefix.mask.long().to(device)
+
+    def _step_callback(self, callback, names: list[str]) -> Callable | None:
+        """The pipeline callback as the sampler calls it; a returned "sequences" goes back to the sampler."""
+        if callback is None:
+            return None
+
+        def on_step(step, canvas, info):
+            tensors = {"sequences": canvas, "x0": info["x0"], "confidence": info["confidence"],
+                       "transfer": info["transfer"]}
+            returned = callback(self, step, info["block"], {k: tensors[k] for k in names})
+            return returned if isinstance(returned, dict) else None
+
+        return on_step
+
+    def _sample(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *, gen_length: int,
+                model=None, prefix_embeds=None, prefix_mask=None, block_length=None, steps=None, threshold=None,
+                factor=None, commit=None, temperature=None, remasking=None, cache=None, eos_early_stop=False,
+                mask_token_id=None, eos_token_id=None, generator=None, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=None, step_callback: Callable | None = None, **sampler_kwargs):
+        """One run of the sampler loop with this pipeline's scheduler defaults, progress bar and callback.
+        `model` defaults to `self.model`; `step_callback(step, canvas, info)` is the raw sampler callback when
+        a pipeline needs one (it then calls the user's callback itself)."""
+        device = self._execution_device
+        settings = resolve_decoding(self.model, self.scheduler, gen_length, block_length, steps, threshold, factor,
+                                    commit)
+        sampler = self.scheduler.sampler(
+            self.model, gen_length=gen_length, temperature=temperature, confidence=remasking, cache=cache,
+            eos_early_stop=eos_early_stop, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+            **settings, **sampler_kwargs,
+        )
+        if step_callback is None:
+            step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs or ["sequences"])
+        return sampler(
+            self.model if model is None else model, input_ids.to(device),
+            None if attention_mask is None else _full_to_none(attention_mask.to(device)),
+            prefix_embeds=prefix_embeds, prefix_mask=_full_to_none(prefix_mask), generator=generator,
+            callback_on_step_end=step_callback,
+            # Data-dependent rules (threshold) have no fixed step count: gen_length forwards is their worst case.
+            progress_bar=lambda total: self.progress_bar(total=total or gen_length),
+        )
+
+
+class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
+    """[adapter prefix | left-padded text prompt | gen_length masked positions] -> decoded text.
+
+    A subclass names its adapter module (`adapter_name`, None for text only) and keeps its own `__call__`,
+    `check_inputs` and output dataclass; the rest is here."""
+
+    adapter_name: str | None = None
+    strip_texts = True  # captions and answers are stripped; a text continuation keeps its leading space
+
+    @property
+    def adapter(self):
+        return None if self.adapter_name is None else getattr(self, self.adapter_name)
+
+    def _check_adapter_width(self, adapter, model) -> None:
+        d_adapter = getattr(adapter.config, "hidden_size", None)
+        d_model = getattr(model.config, "hidden_size", None)
+        if d_adapter is not None and d_model is not None and d_adapter != d_model:
+            raise ValueError(
+                f"{self.adapter_name}.config.hidden_size={d_adapter} but model.config.hidden_size={d_model}; the "
+                "adapter must project to the backbone's width."
+            )
+
+    def _check_call(self, gen_length, batch_size, on_error, output_type, callback, tensor_inputs) -> list[str]:
+        """Checks every prefix pipeline makes; returns the callback's tensor names."""
+        if not isinstance(gen_length, int) or isinstance(gen_length, bool) or gen_length <= 0:
+            raise ValueError(f"`gen_length` must be a positive int, got {gen_length!r}.")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+        check_on_error(on_error)
+        if output_type not in ("text", "ids"):
+            raise ValueError(f"`output_type` must be 'text' or 'ids', got {output_type!r}.")
+        if output_type == "text" and self.tokenizer is None:
+            raise ValueError("output_type='text' needs a tokenizer; use output_type='ids'.")
+        return callback_tensor_inputs(callback, tensor_inputs, self._callback_tensor_inputs, ["sequences"])
+
+    # ---- text in and out ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Left-padded prompt ids [B, L] and mask [B, L] (`encode_prompts`)."""
+        return encode_prompts(self.tokenizer, [prompt] if isinstance(prompt, str) else prompt)
+
+    def decode(self, generated: torch.LongTensor) -> list[str]:
+        """Generated ids [B, G] -> one text per row, up to its first EOS."""
+        return decode_texts(self.tokenizer, generated, strip=self.strip_texts)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _token_ids(self) -> dict[str, int | None]:
+        tok = self.tokenizer
+        return {"mask_token_id": getattr(tok, "mask_token_id", None), "eos_token_id": getattr(tok, "eos_token_id", None)}
+
+    # ---- decoding -----------------------------------------------------------------------------------
+    def _prefix(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Prefix embeddings and mask of a chunk's adapter input (None, None without an adapter input)."""
+        return (None, None) if batch is None else self.encode_prefix(self.adapter, batch)
+
+    def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, **decode):
+        """Decode one chunk: the adapter's prefix for `batch` (None: no adapter input), then the prompts,
+        then `gen_length` masked positions. Returns (sequences on the CPU, texts or None, nfe)."""
+        prefix_embeds, prefix_mask = self._prefix(batch)
+        input_ids, attention_mask = self.encode_prompt(prompts)
+        result = self._sample(input_ids, attention_mask, gen_length=gen_length, prefix_embeds=prefix_embeds,
+                              prefix_mask=prefix_mask, **self._token_ids(), **decode)
+        seq = result.sequences
+        texts = self.decode(seq[:, input_ids.shape[1] :]) if output_type == "text" else None
+        return seq.cpu(), texts, result.nfe
+
+    def _decode_rows(self, n: int, prompts: list[str], gen_length: int, *, prepare: Callable | None = None,
+                     collate: Callable, batch_size: int | None = None, on_error: str = "raise",
+                     error_types: tuple[type[BaseException], ...] = (ValueError,), output_type: str = "text",
+                     **decode):
+        """Decode n rows in chunks of `batch_size` (default: all at once).
+
+        `prepare(i)` turns row i's raw input into what `collate(items, rows)` batches for the adapter (None:
+        the input is ready, `collate` gets the row indices only). A row whose `prepare` raises one of
+        `error_types` raises (on_error="raise") or is recorded: text None, sequence of padding only, message
+        in errors. Each chunk is prepared just before it is decoded, so a long list is never held whole.
+        Returns (texts or None, sequences [n, W] left padded, errors, nfe)."""
+        texts: list[str | None] = [None] * n
+        errors: list[str | None] = [None] * n
+        rows: dict[int, torch.Tensor] = {}
+        nfe = 0
+        chunk = batch_size or n
+        for lo in range(0, n, chunk):
+            idx, items = [], []
+            for i in range(lo, min(n, lo + chunk)):
+                try:
+                    items.append(None if prepare is None else prepare(i))
+                except error_types as err:
+                    if on_error == "raise":
+                        raise
+                    errors[i] = str(err) or type(err).__name__
+                    continue
+                idx.append(i)
+            if not idx:
+                continue
+            seq, decoded, used = self._decode_chunk(collate(items, idx), [prompts[i] for i in idx], gen_length,
+                                                    output_type, **decode)
+            nfe += used
+            for j, i in enumerate(idx):
+                rows[i] = seq[j]
+                if decoded is not None:
+                    texts[i] = decoded[j]
+        width = max([r.shape[0] for r in rows.values()], default=gen_length)
+        sequences = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        for i, r in rows.items():
+            sequences[i, width - r.shape[0] :] = r  # chunks differ in prompt width: left pad them all alike
+        return (texts if output_type == "text" else None), sequences, errors, nfe
