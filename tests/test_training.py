@@ -1,4 +1,5 @@
-"""train.py and latent/training: recipes, objectives, exact resume, atomic checkpoints, bad input."""
+"""train.py, the one trainer (latent/training) and the text task: recipes, objectives, exact resume, atomic
+checkpoints, stages, distributed runs, bad input."""
 
 import csv
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli
 from latent.data.corpus import build_corpus, missing_sources
 from latent.data.tokenizer import train_tokenizer
@@ -20,6 +22,7 @@ from latent.training.checkpoint import flatten, latest_checkpoint, read_state, u
 from latent.training.config import ConfigError, load_config
 from latent.training.optim import warmup_cosine
 from latent.training.trainer import Trainer, train
+from trainer_checks import check_exact_resume
 
 REPO = Path(__file__).resolve().parents[1]
 needs_corpus = pytest.mark.skipif(bool(missing_sources()), reason=f"missing {missing_sources()} (.ci/run installs them)")
@@ -72,6 +75,10 @@ def evals(run_dir):
         return [(int(r["step"]), float(r["val_bits_per_token"])) for r in csv.DictReader(f)]
 
 
+def bits(result, step):
+    return next(e["val_bits_per_token"] for e in result.evals if e["step"] == step)
+
+
 # ------------------------------------------------------------------------------------ config
 
 
@@ -105,17 +112,36 @@ def test_cli_reports_config_errors(capsys):
     assert "max_steps: 9" in capsys.readouterr().out
 
 
-def test_cli_dispatches_other_tasks(tmp_path, capsys):
-    """A recipe with `task: caption` goes to that task's own loop, with the same command line."""
-    recipe = tmp_path / "cap.yaml"
-    recipe.write_text("task: caption\nrun:\n  name: cap\n")
-    train_cli.main([str(recipe), "--print-config", "run.seed=7"])
-    out = capsys.readouterr().out
-    assert "task: caption" in out and "seed: 7" in out
+def test_every_recipe_loads_with_the_same_keys(capsys):
+    """Every recipe in configs/ resolves through the one schema, and --print-config works for it."""
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        for key in ("trainer.max_steps", "trainer.save_every", "trainer.log_every", "trainer.resume",
+                    "run.output_dir", "run.seed"):
+            assert OmegaConf.select(cfg, key) is not None, (recipe.name, key)
+        assert cfg.trainer.max_steps == sum(s["steps"] for s in cfg.stages)
+        train_cli.main([str(recipe), "--print-config"])
+        assert f"task: {cfg.task}" in capsys.readouterr().out
+
+
+def test_unknown_task_and_stage_keys_are_refused(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
     recipe.write_text("task: juggling\n")
     with pytest.raises(SystemExit):
         train_cli.main([str(recipe)])
-    assert "known tasks" in capsys.readouterr().err
+    assert "unknown task 'juggling'" in capsys.readouterr().err.lower()
+    recipe.write_text("stages:\n  - {name: a, steps: 2, lr: 1.0e-3}\n  - {name: b, stepz: 2}\n")
+    with pytest.raises(ConfigError, match=r"stages\.1\.stepz -- did you mean steps"):
+        load_config(recipe)
+    recipe.write_text("stages:\n  - {name: a, steps: 2}\n  - {name: b, steps: 3}\n")
+    assert load_config(recipe).trainer.max_steps == 5
+    assert load_config(recipe, ["stages.1.steps=7"]).trainer.max_steps == 9
+    with pytest.raises(ConfigError, match="add up to 5"):
+        load_config(recipe, ["trainer.max_steps=4"])
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(recipe, ["stages.1.name=a"])
 
 
 def test_warmup_cosine_shape():
@@ -152,18 +178,25 @@ def test_train_mdm_learns_and_writes_everything(corpus, tmp_path):
     ev = evals(out)
     assert [s for s, _ in ev] == [0, 20] and ev[1][1] < ev[0][1]
     assert abs(ev[0][1] - math.log2(320)) < 2.0  # untrained ~ uniform over the vocabulary
-    for name in ("config.yaml", "loss.png", "result.json", "samples.txt", "final/backbone/config.json",
-                 "pipeline/model_index.json",
-                 "final/tokenizer/tokenizer.json"):
+    for name in ("config.yaml", "loss.png", "result.json", "samples.txt", "pipeline/model/config.json",
+                 "pipeline/model_index.json", "pipeline/tokenizer/tokenizer.json", "pipeline/training.json"):
         assert (out / name).exists(), name
     assert list((out / "tb").iterdir())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
     assert OmegaConf.load(out / "config.yaml").trainer.max_steps == 20
-    assert res.samples and isinstance(res.samples[0]["text"], str)
-    from latent.backbone import DiffusionTransformer
+    samples = res.extra["samples"]
+    assert samples and isinstance(samples[0]["text"], str)
+    from pipelines.text import TextDiffusionPipeline
 
-    model = DiffusionTransformer.from_pretrained(str(out / "final/backbone"))
-    assert model.config.hidden_size == 32
+    pipe = TextDiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    assert pipe.model.config.hidden_size == 32
+    # the exported weights are the trained ones: the pipeline's bound equals the final evaluation
+    from latent.training.evaluate import validation_bound
+
+    trainer_val = bits(res, 20)
+    again = validation_bound(pipe.model, Trainer(tiny(corpus, tmp_path / "v", "trainer.max_steps=20")).task.val_ids,
+                             "mdm", pipe.model.config.mask_token_id, None, num_samples=4, batch_size=4)
+    assert again["bits_per_token"] == pytest.approx(trainer_val, rel=1e-5)
 
 
 @needs_corpus
@@ -176,7 +209,7 @@ def test_other_objectives_train(corpus, tmp_path, recipe, extra):
     out = tmp_path / "run"
     res = train(tiny(corpus, out, *extra, "eval.num_samples=1", recipe=recipe))
     assert res.completed and all(math.isfinite(v) for _, v in losses(out))
-    assert math.isfinite(res.final_bits_per_token) and res.samples
+    assert math.isfinite(bits(res, res.step)) and res.extra["samples"]
 
 
 @needs_corpus
@@ -194,13 +227,65 @@ def test_exact_resume_and_half_written_checkpoints(corpus, tmp_path):
     shutil.copytree(split / "checkpoints" / "step_00000003", split / "checkpoints" / "step_00000005")
     (split / "checkpoints" / "step_00000005" / "COMPLETE").unlink()
     with open(split / "train.csv", "a") as f:
-        f.write("4,123.0,0,0,0,0,0\n")
+        f.write("4,main,123.0,0,0,0,0,0\n")
     assert latest_checkpoint(split / "checkpoints").name == "step_00000003"
     second = train(tiny(corpus, split, *common))
     assert second.completed and second.step == 6
     assert losses(split) == losses(straight)
     assert evals(split) == evals(straight)
     assert not (split / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+@needs_corpus
+def test_killed_during_a_checkpoint_write_resumes_exactly(corpus, tmp_path):
+    """The check every task's recipe passes: SIGKILL while checkpoint N + 1 is written, rerun, same losses."""
+    check_exact_resume(REPO / "configs/text_tiny.yaml", tiny_overrides(corpus, tmp_path) + ["trainer.max_steps=4"],
+                       tmp_path, n=2)
+
+
+@needs_corpus
+def test_stages_train_what_they_name_and_resume_across_them(corpus, tmp_path):
+    """Stage 1 trains only the blocks, stage 2 everything at its own lr; frozen weights never move and are
+    not in the optimizer; a run stopped at the stage boundary resumes into stage 2 exactly."""
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text((REPO / "configs/text_tiny.yaml").read_text().replace("max_steps: 800", "") + (
+        "stages:\n"
+        "  - {name: blocks, steps: 2, lr: 3.0e-3, train: [model.blocks.*]}\n"
+        "  - {name: all, steps: 2, lr: 1.0e-3, warmup_steps: 0}\n"))
+    over = [o for o in tiny_overrides(corpus, tmp_path / "a") if not o.startswith("trainer.max_steps")]
+    tr = Trainer(load_config(recipe, over))
+    embed = tr.modules.model.embed.weight.detach().clone()
+    seen = {}
+    orig = tr._begin_stage
+
+    def spy(i, step):
+        orig(i, step)
+        names = {n for n, p in tr.modules.named_parameters() if p.requires_grad}
+        seen[i] = (names, {id(p) for g in tr.inner_opt.param_groups for p in g["params"]},
+                   {id(p) for n, p in tr.modules.named_parameters() if n in names}, tr.inner_opt.param_groups[0]["lr"])
+
+    tr._begin_stage = spy
+    res = tr.fit()
+    assert res.completed and res.step == 4
+    names0, opt0, want0, _ = seen[0]
+    assert names0 and all(n.startswith("model.blocks.") for n in names0) and opt0 == want0
+    assert "model.embed.weight" in seen[1][0] and seen[1][1] == seen[1][2]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "train.csv")))
+    assert [r["stage"] for r in rows] == ["blocks", "blocks", "all", "all"]
+    assert float(rows[2]["lr"]) <= 1e-3 < float(rows[0]["lr"]) * 10
+    assert (tmp_path / "a" / "pipelines" / "blocks" / "model_index.json").is_file()
+    # the first stage never moved the embedding, the second did
+    from safetensors.torch import load_file
+
+    first = load_file(str(tmp_path / "a" / "pipelines" / "blocks" / "model" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(first["embed.weight"], embed)
+    assert not torch.equal(tr.modules.model.embed.weight, embed)
+    # stop exactly at the stage boundary, resume into the second stage: the same losses
+    b = tmp_path / "b"
+    over_b = [o for o in tiny_overrides(corpus, b) if not o.startswith("trainer.max_steps")]
+    train(load_config(recipe, over_b + ["trainer.stop_at_step=2"]))
+    train(load_config(recipe, over_b))
+    assert losses(b) == losses(tmp_path / "a")
 
 
 @needs_corpus
@@ -214,21 +299,21 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
 
 @needs_corpus
 def test_frozen_parameters_have_no_optimizer_state(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "f", "optim.freeze=[embed.*,blocks.0.*]", "trainer.max_steps=2",
+    cfg = tiny(corpus, tmp_path / "f", "optim.freeze=[model.embed.*,model.blocks.0.*]", "trainer.max_steps=2",
                "trainer.eval_at_start=false", "eval.final=false")
     tr = Trainer(cfg)
-    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in tr.modules.named_parameters()}
     tr.fit()
-    frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
-    assert "embed.weight" in frozen and any(n.startswith("blocks.0.") for n in frozen)
+    frozen = {n for n, p in tr.modules.named_parameters() if not p.requires_grad}
+    assert "model.embed.weight" in frozen and any(n.startswith("model.blocks.0.") for n in frozen)
     state_params = {id(p) for p in tr.inner_opt.state}
-    for n, p in tr.model.named_parameters():
+    for n, p in tr.modules.named_parameters():
         if n in frozen:
             assert id(p) not in state_params and torch.equal(p, before[n])
         else:
             assert id(p) in state_params
-    with pytest.raises(ValueError, match="match no parameter"):
-        Trainer(tiny(corpus, tmp_path / "g", "optim.freeze=[encoder.*]"))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(tiny(corpus, tmp_path / "g", "optim.freeze=[encoder.*]")).fit()
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -246,18 +331,18 @@ def test_bad_input_fails_before_training(corpus, tmp_path):
         Trainer(tiny(corpus, out, f"data.train_files=[{empty}]", f"data.valid_files=[{corpus / 'valid.jsonl'}]"))
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         Trainer(tiny(corpus, out, "data.seq_len=128"))
-    with pytest.raises(ConfigError, match="2 x seq_len"):
-        Trainer(tiny(corpus, out, "data.seq_len=40", "model.block_size=8", recipe="text_tiny_bd3.yaml"))
+    with pytest.raises(ConfigError, match="multiple of model.block_size"):
+        Trainer(tiny(corpus, out, "data.seq_len=36", "model.block_size=8", recipe="text_tiny_bd3.yaml"))
     with pytest.raises(ConfigError, match="attention_layout"):
         Trainer(tiny(corpus, out, "model.attention_layout=bidirectional", recipe="text_tiny_ar.yaml"))
     assert not (out / "train.csv").exists()
     # a checkpoint from a different model shape
     ok = tmp_path / "ok"
     train(tiny(corpus, ok, "trainer.max_steps=1", "trainer.eval_at_start=false", "eval.final=false"))
-    with pytest.raises(ValueError, match=r"(?s)different model shape.*hidden_size: checkpoint 32 vs model 48"):
+    with pytest.raises(ValueError, match=r"(?s)different model shape.*model\.hidden_size: checkpoint 32 vs now 48"):
         Trainer(tiny(corpus, ok, "model.hidden_size=48"))
-    with pytest.raises(ValueError, match="different model shape"):
-        Trainer(tiny(corpus, tmp_path / "x", "model.hidden_size=48", f"model.init_from={ok / 'final'}"))
+    with pytest.raises(ValueError, match="different model"):
+        Trainer(tiny(corpus, tmp_path / "x", "model.hidden_size=48", f"model.init_from={ok / 'pipeline'}"))
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -291,8 +376,8 @@ def test_tokenizer_is_trained_once_and_shared_with_sft(corpus, tmp_path):
     tok_dir = tmp_path / "tok"
     common = ["tokenizer.path=null", f"tokenizer.train_dir={tok_dir}", "tokenizer.vocab_size=300"]
     a = Trainer(tiny(corpus, tmp_path / "a", *common))
-    assert (tok_dir / "tokenizer.json").is_file() and len(a.tokenizer) == 300
+    assert (tok_dir / "tokenizer.json").is_file() and len(a.task.tokenizer) == 300
     b = Trainer(tiny(corpus, tmp_path / "b", *common, recipe="text_tiny_sft.yaml"))  # same tokenizer for SFT
-    assert b.tokenizer.get_vocab() == a.tokenizer.get_vocab()
+    assert b.task.tokenizer.get_vocab() == a.task.tokenizer.get_vocab()
     with pytest.raises(ConfigError, match="other settings"):
         Trainer(tiny(corpus, tmp_path / "c", *common[:-1], "tokenizer.vocab_size=310"))

@@ -146,6 +146,7 @@ class Trainer:
         self.start_step = 0
         self._resume_state = None
         if self.resume_dir is not None:
+            self._check_configs(self.resume_dir)
             load_module_weights(self.resume_dir, self.modules, what="trainer.resume")
             self._resume_state = read_state(self.resume_dir, "state")
             self.start_step = int(self._resume_state["step"])
@@ -197,6 +198,22 @@ class Trainer:
                 f"trainer.grad_accum = {self.world} x {tc.grad_accum}"
             )
         return batch // per_step
+
+    def _module_configs(self) -> dict:
+        return {name: {k: v for k, v in dict(m.config).items() if not k.startswith("_") and _jsonable(v)}
+                for name, m in self.modules.named_children() if hasattr(m, "config")}
+
+    def _check_configs(self, folder: Path) -> None:
+        """A checkpoint of modules configured otherwise is refused naming the keys (before any weight)."""
+        path = folder / "module_configs.json"
+        if not path.is_file():
+            return
+        saved, now = json.loads(path.read_text()), self._module_configs()
+        diff = [f"{name}.{k}: checkpoint {v!r} vs now {now[name].get(k)!r}" for name, cfg in saved.items()
+                if name in now for k, v in cfg.items() if k in now[name] and now[name][k] != v]
+        if diff:
+            raise ValueError(f"the checkpoint {folder} was saved from a different model shape:\n  " + "\n  ".join(diff)
+                             + "\n(resume with the recipe it was trained with, or set trainer.resume=never)")
 
     def _find_resume(self) -> Path | None:
         r = self.cfg.trainer.resume
@@ -294,8 +311,11 @@ class Trainer:
         optim_sd = get_optimizer_state_dict(self.model, self.inner_opt, options=opts)
         task_state = self.task.state_dict()
 
+        configs = self._module_configs()
+
         def write_main(folder: Path) -> None:
             save_module_weights({k.removeprefix("module."): v for k, v in model_sd.items()}, folder)
+            (folder / "module_configs.json").write_text(json.dumps(configs, indent=1))
             write_state(folder, "state", {
                 "step": step,
                 "stage": self.stage_index,

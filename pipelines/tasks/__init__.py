@@ -18,7 +18,7 @@ from latent.training.trainer import Trainer, TrainResult, train
 __all__ = ["BUILTIN", "ConfigError", "StepLoss", "TASKS", "Task", "TrainResult", "Trainer", "load_config",
            "register_task", "train"]
 
-BUILTIN = ("text",)
+BUILTIN = ("text", "caption", "spoken_qa", "driving")
 
 for _name in BUILTIN:
     importlib.import_module(f"pipelines.tasks.{_name}")
