@@ -9,7 +9,7 @@ with the mask probability). The trainer draws both for the *global* batch from a
 the step, and each data-parallel rank slices its rows, so one process with the combined batch and N
 processes see exactly the same masks. Without them, ``generator`` (or the global RNG) is used.
 
-Objectives (reference: sampling-semantics.md §5):
+Objectives:
 
 - :func:`masked_diffusion_loss` -- pre-training (LLaDA / MDLM): ``p = (1 - eps) t + eps``, each token
   masked with probability ``p``, ``loss = sum_masked CE * w(p) / #tokens`` with ``w = 1 / p`` for the

@@ -1,3 +1,4 @@
 """Modality adapters: raw images, speech and driving-sensor frames -> prefix embeddings for the backbone.
 
-Coming with the vision, audio and driving issues: each adapter is one file here plus a config."""
+Each adapter is one file here (vision.py, audio.py, driving.py); data builders and metrics are in data/.
+A new modality is an adapter here, a task in pipelines/tasks/ and a recipe in configs/ (docs/adding-a-modality.md)."""

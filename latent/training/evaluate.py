@@ -1,4 +1,4 @@
-"""Validation bound (bits per token) of a backbone, and plain autoregressive sampling for the causal baseline.
+"""Validation bound (bits per token) of a backbone.
 
 - ``mdm``: Monte-Carlo masked-diffusion ELBO (:func:`latent.losses.elbo_nll`).
 - ``block_diffusion``: the block-diffusion bound (each block given the clean blocks before it).
@@ -21,7 +21,7 @@ import torch
 
 from latent.losses import causal_nll, elbo_nll
 
-__all__ = ["validation_bound", "ar_generate"]
+__all__ = ["validation_bound"]
 
 
 def _raw(model):
@@ -69,25 +69,3 @@ def validation_bound(model, ids: torch.Tensor, objective: str, mask_token_id: in
     model.train(was_training)
     per_tok = float(nll / tokens.clamp(min=1))
     return {"bits_per_token": per_tok / math.log(2), "nll_per_token": per_tok, "tokens": int(tokens)}
-
-
-@torch.no_grad()
-def ar_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                eos_token_id: int | None = None, generator: torch.Generator | None = None, top_k: int | None = 50):
-    """Plain ancestral sampling from a causal backbone (greedy at temperature 0), one row."""
-    x = input_ids
-    for _ in range(max_new_tokens):
-        logits = model(x).logits[:, -1].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(x.device)
-        x = torch.cat([x, nxt], dim=1)
-        if eos_token_id is not None and bool((nxt == eos_token_id).all()):
-            break
-    return x

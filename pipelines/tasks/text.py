@@ -315,7 +315,7 @@ def sample_texts(folder, prompts, gen_length: int = 64, steps: int = 64, block_l
     follow an EOS in training), so an empty prompt is allowed."""
     from latent.backbone import DiffusionTransformer
     from latent.data.tokenizer import load_tokenizer
-    from latent.training.evaluate import ar_generate
+    from latent.sampling import autoregressive_generate
 
     folder = Path(folder)
     pipe = None
@@ -345,7 +345,8 @@ def sample_texts(folder, prompts, gen_length: int = 64, steps: int = 64, block_l
         x = torch.tensor([ids], dtype=torch.long, device=model.device)
         if causal:
             room = model.config.max_position_embeddings - x.shape[1]
-            seq = ar_generate(model, x, min(gen_length, room), temperature, eos, g)[0, x.shape[1]:].tolist()
+            seq = autoregressive_generate(model, x, min(gen_length, room), temperature=temperature, top_k=50,
+                                          eos_token_id=eos, generator=g).new_tokens[0].tolist()
             if eos is not None and eos in seq:
                 seq = seq[: seq.index(eos)]
             text = tokenizer.decode(seq, skip_special_tokens=True)
