@@ -1,17 +1,22 @@
 """Task pipelines (diffusers `DiffusionPipeline`s), batch jobs and the `mmdlm` command line.
 
 Pipelines are imported lazily, so `import pipelines` stays cheap and one task's extra dependencies
-never break another's import.
+never break another's import. What they share (local loading, outputs, callbacks, decoding settings,
+prompt encoding) is in `pipelines.base`.
 """
 
 import importlib
 
 _LAZY = {
+    "PipelineOutput": "pipelines.base",
+    "PrefixDiffusionPipeline": "pipelines.base",
+    "encode_prompts": "pipelines.base",
     "TextDiffusionPipeline": "pipelines.text",
     "TextDiffusionPipelineOutput": "pipelines.text",
     "CaptioningPipeline": "pipelines.captioning",
     "CaptioningPipelineOutput": "pipelines.captioning",
     "LatentReasoningPipeline": "pipelines.latent_reasoning",
+    "LatentReasoningOutput": "pipelines.latent_reasoning",
     "PlanningPipeline": "pipelines.planning",
     "PlanningPipelineOutput": "pipelines.planning",
     "SpokenQAPipeline": "pipelines.spoken_qa",

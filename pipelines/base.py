@@ -151,8 +151,8 @@ class LocalPipelineMixin:
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             raise ValueError(
-                f"{path!r} is not a local folder; {cls.__name__}.from_pretrained loads only a folder written by "
-                "save_pretrained() (nothing is downloaded)."
+                f"{path!r} is not a local folder; {cls.__name__}.from_pretrained loads only a pipeline folder "
+                "(with model_index.json) written by save_pretrained(); nothing is downloaded."
             )
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ValueError(

@@ -9,9 +9,13 @@ One JSON line per image: `{"path", "caption", "index", "seconds", "load_seconds"
   arguments skips every path that already has a complete line (success or error; `--retry-errors` redoes
   errors) and drops a torn last line left by a kill, so nothing is lost or written twice, SIGKILL included.
 - Sharding: `--shard i/n` keeps the paths whose CRC32 is i mod n, a pure function of the path string, so n
-  processes given the same `--images` cover the set exactly once. Shards write
-  `<out>.shards/shard-0000i-of-0000n.jsonl`; the last shard to finish merges all of them into `<out>`.
-  Under `torchrun` the shard comes from RANK / WORLD_SIZE and the device from LOCAL_RANK.
+  processes given the same `--images` cover the set exactly once. Shard i writes
+  `<out>.shards/shard-0000i-of-0000n.jsonl` and, when it is complete, a `.done` marker beside it; `<out>`
+  itself stays untouched until every shard is done. Then the shard that finishes last merges all shard
+  files into `<out>` (lines already in `<out>` are kept, no path is written twice, lines follow the input
+  order), under a lock file so two shards never merge at once. A stopped shard resumes when rerun. With
+  `--no-merge` (or when the merging process died), `--merge-only --shard 0/n --out <out>` merges once all
+  n are done (exit status 1 while some are not). Under `torchrun` the shard comes from RANK / WORLD_SIZE and the device from LOCAL_RANK.
 
 A captioner is any object with `preprocessor` (picklable: one image or path -> float [3, H, W]) and
 `caption(pixel_values [B, 3, H, W]) -> list[str]`; `CaptioningPipeline` is one. `--model` takes a
@@ -300,6 +304,9 @@ def run_captioning(
     summary = Summary(target, len(items), ok, failed, new, elapsed, new / elapsed if elapsed > 0 else 0.0)
     if shard is not None and merge:
         summary.merged = merge_shards(out, shard[1], log=log)
+    elif shard is not None:
+        log(f"--no-merge: {out} is not written; once all {shard[1]} shards are done, merge them with "
+            f"mmdlm caption --merge-only --shard 0/{shard[1]} --out {out}")
     log(summary.line())
     return summary
 
@@ -374,7 +381,12 @@ def merge_shards(out: str, n: int, log: Callable[[str], Any] | None = None) -> b
     shards = [shard_path(out, (i, n)) for i in range(n)]
     missing = [i for i, s in enumerate(shards) if not os.path.exists(s + ".done")]
     if missing:
-        log(f"shards {missing[:8]}{'...' if len(missing) > 8 else ''} of {n} are not finished; merging waits for them.")
+        log(
+            f"shards {missing[:8]}{'...' if len(missing) > 8 else ''} of {n} are not finished, so {out} is not "
+            f"written yet: each shard writes its lines to {out}.shards/, and the shard that finishes last merges "
+            f"them all into {out}. If a shard was stopped, rerun it (it resumes), or merge by hand once all are "
+            f"done: mmdlm caption --merge-only --shard 0/{n} --out {out}"
+        )
         return False
     lock = os.path.join(out + ".shards", "merge.lock")
     for _attempt in range(2):
@@ -437,17 +449,30 @@ def load_captioner(model: str, device: str | None, dtype: str | None = None):
     return pipe
 
 
+SHARDING_HELP = (
+    "Sharding: with --shard i/n (or under torchrun) a process captions only its share of the images into "
+    "OUT.shards/shard-0000i-of-0000n.jsonl and leaves OUT untouched; when a shard finishes it marks its file "
+    "done, and the shard that finishes last merges every shard file into OUT (lines already in OUT are kept, "
+    "no image twice, input order). Until then the other shards print that they wait. A stopped shard resumes "
+    "when rerun with the same arguments. With --no-merge, merge by hand with --merge-only --shard 0/n "
+    "--out OUT once all n shards are done."
+)
+
+
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="CaptioningPipeline folder, or package.module:factory")
-    p.add_argument("--images", required=True, help="folder (recursive), glob pattern, or .txt list of paths")
+    p.epilog = SHARDING_HELP
+    p.add_argument("--model", help="CaptioningPipeline folder, or package.module:factory (needed unless --merge-only)")
+    p.add_argument("--images", help="folder (recursive), glob pattern, or .txt list of paths (needed unless --merge-only)")
     p.add_argument("--out", required=True, help="JSONL output; appended to, so a re-run resumes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes loading images")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    p.add_argument("--shard", default=None, help="i/n: caption only shard i of n (default: RANK/WORLD_SIZE)")
-    p.add_argument("--no-merge", action="store_true", help="do not merge shard files when all are done")
-    p.add_argument("--merge-only", action="store_true", help="merge finished shards of --shard ?/n and exit")
+    p.add_argument("--shard", default=None,
+                   help="i/n: caption only shard i of n into OUT.shards/ (default: RANK/WORLD_SIZE); see below")
+    p.add_argument("--no-merge", action="store_true", help="leave OUT untouched even when this shard finishes last")
+    p.add_argument("--merge-only", action="store_true",
+                   help="merge the finished shard files of --shard ?/n into OUT and exit (1 if some are unfinished)")
     p.add_argument("--retry-errors", action="store_true", help="caption again images recorded as errors")
     p.add_argument("--prompt", default=None)
     p.add_argument("--gen-length", type=int, default=None)
@@ -476,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
         if shard is None:
             raise BatchJobError("--merge-only needs --shard i/n (any i) to know n.")
         return 0 if merge_shards(args.out, shard[1]) else 1
+    if args.model is None or args.images is None:
+        raise BatchJobError("--model and --images are needed (only --merge-only runs without them).")
     # Check everything cheap before loading the model.
     _check_writable(args.out)
     list_images(args.images)

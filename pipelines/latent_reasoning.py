@@ -106,6 +106,11 @@ def latent_reasoning_loss(
     lam: float = 1.0,
     p_uncond: float = 0.0,
     generator: torch.Generator | None = None,
+    uncond_noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    latent_noise: torch.Tensor | None = None,
 ) -> JointLossOutput:
     """Training loss of the pipeline: masked-diffusion CE on the answer + ``lam`` * MSE on noisy thoughts.
 
@@ -113,18 +118,25 @@ def latent_reasoning_loss(
     the model sees a clean copy of every block beside the noisy one (:func:`reasoning_layout`), so block b
     is denoised from the clean blocks before it, as at sampling time. With ``p_uncond`` the question of a
     row is replaced by mask tokens (for classifier-free guidance of the thoughts).
+
+    Random draws made by the caller instead of ``generator``: ``uncond_noise`` ``[B]`` (uniform; a row is
+    unconditional where it is below ``p_uncond``), ``timesteps`` ``[B, K]`` (one per block), and ``t``,
+    ``noise``, ``latent_noise`` as :func:`latent.joint.joint_loss` takes them.
     """
     B, K, k, C = thought_latents.shape
     Q, A = question_ids.shape[1], answer_ids.shape[1]
     if p_uncond > 0:
-        drop = torch.rand(B, generator=generator).to(question_ids.device) < p_uncond
+        u = uncond_noise if uncond_noise is not None else torch.rand(B, generator=generator)
+        drop = u.to(question_ids.device) < p_uncond
         question_ids = torch.where(drop[:, None], torch.full_like(question_ids, mask_token_id), question_ids)
     ids = torch.cat([question_ids, answer_ids], 1)
     prompt = torch.zeros_like(ids, dtype=torch.bool)
     prompt[:, :Q] = True
     clean = thought_latents.reshape(B, K * k, C)
     mask, pos = reasoning_layout(B, Q, A, k, K, K, range(K), device=ids.device)
-    timesteps = diffusion.sample_timesteps((B, K), generator, ids.device).repeat_interleave(k, dim=1)
+    if timesteps is None:
+        timesteps = diffusion.sample_timesteps((B, K), generator, ids.device)
+    timesteps = timesteps.to(ids.device).repeat_interleave(k, dim=1)
 
     def forward(noisy_ids, latents, timestep, attention_mask=None, **kw):
         out = model(noisy_ids, latents=torch.cat([clean, latents], 1),
@@ -133,8 +145,10 @@ def latent_reasoning_loss(
         out.latent_pred = out.latent_pred[:, K * k :]
         return out
 
+    if latent_noise is not None:
+        latent_noise = latent_noise.reshape(B, K * k, C)
     return joint_loss(forward, ids, clean, mask_token_id, diffusion, lam=lam, prompt_mask=prompt,
-                      timesteps=timesteps, generator=generator)
+                      timesteps=timesteps, t=t, noise=noise, latent_noise=latent_noise, generator=generator)
 
 
 @dataclass

@@ -171,3 +171,13 @@ def test_bad_config_is_refused(tiny_config):
         DiffusionTransformer(**{**tiny_config, "attention_layout": "sideways"})
     with pytest.raises(ValueError, match="num_heads"):
         DiffusionTransformer(**{**tiny_config, "num_heads": 5})
+
+
+def test_unknown_forward_keywords_are_refused(tiny_config):
+    m = _model(tiny_config)
+    x = _ids()
+    with pytest.raises(TypeError, match=r"\['attn_mask'\].*accepts input_ids, .*attention_mask.*return_dict"):
+        m(x, attn_mask=torch.ones_like(x))
+    # what diffusers' LLaDA2Pipeline passes, and the diffusers/transformers return_dict switch
+    logits, *_ = m(x, attention_mask=torch.ones_like(x), position_ids=torch.arange(12)[None], return_dict=False)
+    assert logits.shape == (2, 12, 64)

@@ -170,6 +170,30 @@ def test_shards_union_equals_unsharded_output(tmp_path):
         run_captioning(FakeCaptioner(), d, out, shard="3/3", progress=False)
 
 
+def test_waiting_shards_say_how_the_merge_works(tmp_path, capsys):
+    d = make_images(tmp_path / "imgs", 9)
+    out = tmp_path / "o.jsonl"
+    logs = []
+    first = run_captioning(FakeCaptioner(), d, out, num_workers=0, shard="0/2", progress=False, log=logs.append)
+    assert not first.merged and out.read_text() == ""
+    wait = " ".join(next(m for m in logs if "not finished" in m).split())
+    assert "finishes last merges them all into" in wait and f"--merge-only --shard 0/2 --out {out}" in wait
+    logs.clear()
+    run_captioning(FakeCaptioner(), d, out, num_workers=0, shard="1/2", merge=False, progress=False, log=logs.append)
+    assert out.read_text() == "" and any("--no-merge" in m and "--merge-only" in m for m in logs)
+    # the merge by hand needs neither --model nor --images
+    assert cli_main(["caption", "--merge-only", "--shard", "0/2", "--out", str(out)]) == 0
+    assert len(lines(out)) == 9
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["caption", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "the shard that finishes last merges every shard file into OUT" in helptext
+    assert "--merge-only --shard 0/n --out OUT" in helptext
+    assert cli_main(["caption", "--out", str(out), "--images", str(d)]) == 2
+    assert "--model and --images are needed" in capsys.readouterr().err
+
+
 def _cli(*args, env=None, **kw):
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]), OMP_NUM_THREADS="1", **(env or {}))
     return [sys.executable, "-m", "pipelines.cli", "caption", "--model", "test_batch:make_fake", *args], e

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import PipelineCallback
 
 from autoencoders.thought_vae import ThoughtVAE
 from experiments.latent_tasks import make_tokenizer
@@ -124,6 +125,27 @@ def test_callback_replaces_latents(parts):
     assert torch.equal(out.thought_latents, torch.zeros(1, 1, k, C))
 
 
+class ZeroLatents(PipelineCallback):
+    tensor_inputs = ["latents", "thought_latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        assert set(callback_kwargs) == {"latents", "thought_latents", "block"}
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+
+def test_pipeline_callback_objects_and_tuple_order(parts):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("1+1", num_thought_blocks=1, num_inference_steps=2, callback_on_step_end=ZeroLatents())
+    assert torch.equal(out.thought_latents, torch.zeros(1, 1, k, C))
+    answers, answer_ids, thoughts, thought_latents, nfe = pipe(
+        "1+1", num_thought_blocks=1, num_inference_steps=2, callback_on_step_end=ZeroLatents(), return_dict=False)
+    assert answers == out.answers and torch.equal(answer_ids, out.answer_ids) and thoughts == out.thoughts
+    assert torch.equal(thought_latents, out.thought_latents) and nfe == out.nfe
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("1+1", callback_on_step_end_tensor_inputs=["answer_ids"])  # the answer has no step callback
+
+
 def test_save_load_round_trip(parts, tmp_path):
     pipe = make_pipe(parts)
     pipe.set_progress_bar_config(disable=True)
@@ -135,6 +157,8 @@ def test_save_load_round_trip(parts, tmp_path):
     b = pipe2("3*3", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a.thought_latents, b.thought_latents)
     assert a.answers == b.answers and a.thoughts == b.thoughts
+    with pytest.raises(ValueError, match="model_index.json"):
+        LatentReasoningPipeline.from_pretrained(tmp_path / "nowhere")  # never looked up on a hub
 
 
 def test_bad_input(parts):

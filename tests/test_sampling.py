@@ -741,3 +741,200 @@ def test_cached_rows_leave_the_batch_with_the_cache():
         if len(hits):
             gen[row, int(hits[0]) + 1:] = eos
     assert torch.equal(out.sequences, want)
+
+
+# =====================================================================================================
+# Parts read their settings from the config; the scheduler's one step is the loop's
+# =====================================================================================================
+def test_parts_read_their_fields_from_the_config():
+    from latent.sampling import Part
+    from latent.sampling.commit import FactorCommit, ScheduleCommit, ThresholdCommit
+
+    cfg = SamplerConfig(gen_length=16, block_length=4, steps=8, threshold=0.7, factor=2.0, temperature=0.5,
+                        top_k=3, cfg_scale=1.5, eos_token_id=EOS)
+    assert cfg.steps_per_block == 2 and SamplerConfig(gen_length=16, block_length=4).steps_per_block == 4
+    assert create_part("commit", "schedule", cfg).steps_per_block == 2
+    assert create_part("commit", "threshold", cfg).threshold == 0.7
+    assert create_part("commit", "factor", cfg, factor=3.0).factor == 3.0  # overrides replace config fields
+    gumbel = create_part("proposal", "gumbel", cfg)
+    assert (gumbel.temperature, gumbel.top_k, gumbel.top_p) == (0.5, 3, None)
+    assert create_part("guidance", "cfg", cfg).scale == 1.5
+    assert create_part("stopping", "eos_early_stop", cfg).eos == EOS
+    # confidence dtype "auto": the logits' dtype for the schedule rule (LLaDA), float64 otherwise (Fast-dLLM)
+    assert cfg.resolved_confidence_dtype is None and create_part("confidence", "probability", cfg).dtype is None
+    assert create_part("confidence", "margin", cfg, commit="threshold").dtype == torch.float64
+    assert SamplerConfig(commit=ScheduleCommit(2)).resolved_confidence_dtype is None  # ready-made parts count too
+    assert SamplerConfig(commit="factor", confidence_dtype="float32").resolved_confidence_dtype == "float32"
+    # parts without settings inherit Part.from_config; ready-made objects pass through
+    assert isinstance(create_part("cache", "none", cfg), Part)
+    rule = ThresholdCommit(0.5)
+    assert create_part("commit", rule, cfg) is rule
+    assert FactorCommit.from_config(cfg).factor == 2.0
+    with pytest.raises(ValueError, match="Unknown commit 'treshold'; did you mean threshold"):
+        create_part("commit", "treshold")
+
+
+def _scheduler_block(model, ids, mask, scheduler, steps, generator=None, **overrides):
+    """A hand-written diffusers-style loop over one block after the prompt."""
+    length = scheduler.config.block_length
+    canvas = torch.cat([ids, torch.full((ids.shape[0], length), MASK)], 1)
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], length, dtype=torch.long)], 1)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        logits = model(canvas, attention_mask=full_mask).logits[:, -length:]
+        out = scheduler.step(logits, t, canvas[:, -length:], mask_token_id=MASK, generator=generator, **overrides)
+        assert torch.equal(out.prev_sample[out.transfer_index], out.pred_original_sample[out.transfer_index])
+        canvas[:, -length:] = out.prev_sample
+    return canvas
+
+
+@pytest.mark.parametrize("kw", [
+    dict(commit="schedule"),
+    dict(commit="schedule", temperature=0.9),
+    dict(commit="threshold", threshold=0.6),
+    dict(commit="schedule", logits_eos_inf=True, eos_token_id=EOS),
+    dict(commit="schedule", confidence_eos_eot_inf=True, eos_token_id=EOS, eot_token_id=EOT),
+])
+def test_scheduler_step_is_the_sampler_step(kw):
+    from latent.scheduler import MaskedDiffusionScheduler
+
+    model = ToyModel(eos_bias=2.0, sharpness=1.25)
+    ids, mask = prompts()
+    length, steps = 8, 4 if kw["commit"] == "schedule" else 8
+    scheduler = MaskedDiffusionScheduler(block_length=length, num_inference_steps=steps, commit=kw["commit"])
+    overrides = {k: v for k, v in kw.items() if k != "commit"}
+    got = _scheduler_block(model, ids, mask, scheduler, steps, torch.Generator().manual_seed(3), **overrides)
+    want = generate(model, ids, mask, gen_length=length, block_length=length, steps=steps, mask_token_id=MASK,
+                    noise_shape="block", generator=torch.Generator().manual_seed(3), **kw)
+    if kw["commit"] == "schedule":
+        assert torch.equal(got, want.sequences)
+    else:  # threshold: the sampler stops when the block is full, the hand-written loop runs every timestep
+        assert torch.equal(got[:, : want.sequences.shape[1]], want.sequences)
+    if kw.get("logits_eos_inf"):
+        assert not (got[:, ids.shape[1]:] == EOS).any()
+
+
+def test_gumbel_max_is_llada_formula():
+    from latent.sampling.proposal import gumbel_max
+
+    logits = torch.randn(3, 5, V, generator=torch.Generator().manual_seed(0)) * 2
+    u = torch.rand(3, 5, V, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(gumbel_max(logits, 0.6, u), (logits.double().exp() / (-u.log()) ** 0.6).argmax(-1))
+    assert torch.equal(gumbel_max(logits, 0.0, None), logits.argmax(-1))
+
+
+# =====================================================================================================
+# The autoregressive decoder against plain uncached loops
+# =====================================================================================================
+def plain_greedy(model, ids, steps, mask=None, prefix_embeds=None, prefix_mask=None, allowed=None):
+    """Recompute the whole [prefix | prompt | so far] for every token, no cache; rows as given."""
+    x, probs = ids, []
+    for i in range(steps):
+        call = {}
+        if prefix_embeds is not None:
+            call["prefix_embeds"] = prefix_embeds
+        if mask is not None or prefix_mask is not None:
+            keys = torch.ones(x.shape, dtype=torch.long) if mask is None else torch.cat(
+                [mask, torch.ones(x.shape[0], i, dtype=torch.long)], 1)
+            call["attention_mask"] = keys if prefix_mask is None else torch.cat([prefix_mask, keys], 1)
+        logits = model(x, **call).logits[:, -1]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[i], -INF)
+        p = logits.softmax(-1)
+        probs.append(p.max(-1).values)
+        x = torch.cat([x, p.argmax(-1, keepdim=True)], 1)
+    return x, torch.stack(probs, 1)
+
+
+def test_autoregressive_matches_plain_greedy_loop():
+    from latent.sampling import autoregressive_generate
+
+    model = tiny_backbone("causal")
+    ids = torch.randint(3, 60, (3, 4), generator=torch.Generator().manual_seed(2))
+    want, want_conf = plain_greedy(model, ids, 10)
+    steps = []
+    out = autoregressive_generate(model, ids, 10, callback=lambda i, seq, info: steps.append((i, seq.shape[1])))
+    assert torch.equal(out.sequences, want) and torch.equal(out.new_tokens, want[:, 4:])
+    torch.testing.assert_close(out.confidence, want_conf, atol=1e-5, rtol=1e-4)
+    assert out.nfe == 10 and steps == [(i, 5 + i) for i in range(10)]
+    uncached = autoregressive_generate(model, ids, 10, use_cache=False)
+    assert torch.equal(uncached.sequences, want)
+
+
+def test_autoregressive_left_padded_rows_equal_rows_alone():
+    from latent.sampling import autoregressive_generate
+
+    model = tiny_backbone("causal")
+    ids, mask, _ = backbone_inputs()
+    out = autoregressive_generate(model, ids, 8, attention_mask=mask)
+    for row in range(3):
+        real = ids[row : row + 1, mask[row].bool()]
+        alone = autoregressive_generate(model, real, 8)
+        assert torch.equal(out.new_tokens[row : row + 1], alone.new_tokens)
+        torch.testing.assert_close(out.confidence[row : row + 1], alone.confidence, atol=1e-5, rtol=1e-4)
+
+
+def test_autoregressive_prefix_embeds_and_allowed_tokens():
+    from latent.sampling import autoregressive_generate
+
+    model = tiny_backbone("causal")
+    ids, mask, extra = backbone_inputs(with_prefix=True)
+    allowed = torch.rand(6, 64, generator=torch.Generator().manual_seed(5)) < 0.3
+    want, want_conf = plain_greedy(model, ids, 6, mask, extra["prefix_embeds"], extra["prefix_mask"], allowed)
+    out = autoregressive_generate(model, ids, 6, attention_mask=mask, allowed_tokens=allowed, **extra)
+    assert torch.equal(out.sequences, want)
+    torch.testing.assert_close(out.confidence, want_conf, atol=1e-5, rtol=1e-4)
+    assert all(bool(allowed[i, out.new_tokens[:, i]].all()) for i in range(6))
+    other = autoregressive_generate(model, ids, 6, attention_mask=mask, prefix_embeds=extra["prefix_embeds"].flip(0),
+                                    prefix_mask=extra["prefix_mask"])
+    assert not torch.equal(other.sequences, out.sequences)  # the prefix really conditions the answer
+
+
+def test_autoregressive_eos_pads_rows_and_stops_when_all_are_done():
+    from latent.sampling import autoregressive_generate
+
+    model = tiny_backbone("causal")
+    ids, mask, _ = backbone_inputs()
+    plain = autoregressive_generate(model, ids, 12, attention_mask=mask)
+    eos = int(plain.new_tokens[0, 3])
+    out = autoregressive_generate(model, ids, 12, attention_mask=mask, eos_token_id=eos)
+    first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in plain.new_tokens]
+    for row, k in enumerate(first):
+        if k is None:  # never emits EOS: the plain run
+            assert torch.equal(out.new_tokens[row], plain.new_tokens[row, : out.new_tokens.shape[1]])
+            continue
+        assert torch.equal(out.new_tokens[row, : k + 1], plain.new_tokens[row, : k + 1])
+        assert (out.new_tokens[row, k:] == eos).all() and (out.confidence[row, k + 1 :] == 1).all()
+    if all(k is not None for k in first):
+        assert out.new_tokens.shape[1] == max(first) + 1 == out.nfe
+    alone = autoregressive_generate(model, ids[:1, mask[0].bool()], 12, eos_token_id=eos)
+    assert alone.nfe == alone.new_tokens.shape[1] == first[0] + 1  # one row: stops at its EOS
+
+
+def test_autoregressive_sampling_is_gumbel_max_of_one_draw_per_token():
+    from latent.sampling import autoregressive_generate
+
+    model = tiny_backbone("causal")
+    ids = torch.randint(3, 60, (2, 3), generator=torch.Generator().manual_seed(4))
+    out = autoregressive_generate(model, ids, 6, temperature=0.8, generator=torch.Generator().manual_seed(7))
+    gen, x = torch.Generator().manual_seed(7), ids
+    for _ in range(6):
+        logits = model(x).logits[:, -1]
+        u = torch.rand(logits.shape, dtype=torch.float64, generator=gen)
+        x = torch.cat([x, (logits.double().exp() / (-u.log()) ** 0.8).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, x)
+    # top_k=1 leaves only the argmax to sample, however hot the temperature
+    top1 = autoregressive_generate(model, ids, 6, temperature=5.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(top1.sequences, autoregressive_generate(model, ids, 6).sequences)
+
+
+def test_autoregressive_errors_name_the_argument():
+    from latent.sampling import autoregressive_generate
+
+    ids = torch.randint(3, 60, (2, 3))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        autoregressive_generate(tiny_backbone("bidirectional"), ids, 4)
+    with pytest.raises(ValueError, match="at least one"):
+        autoregressive_generate(tiny_backbone("causal"), ids[:, :0], 4, prefix_embeds=torch.zeros(2, 2, 32))
+    with pytest.raises(ValueError, match="allowed_tokens"):
+        autoregressive_generate(tiny_backbone("causal"), ids, 4, allowed_tokens=torch.ones(2, 64, dtype=torch.bool))

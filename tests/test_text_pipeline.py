@@ -1,8 +1,10 @@
 """TextDiffusionPipeline: equals the sampler it wraps, save/load round trip, diffusers' LLaDA2Pipeline
-on the same backbone, tokenizer checks and bad input."""
+on the same backbone, tokenizer checks and bad input; the shared pipeline glue (pipelines.base): decoding
+settings, tuple outputs, bad rows, callbacks that return tensors."""
 
 import pytest
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -11,6 +13,7 @@ from latent.losses import masked_diffusion_loss
 from latent.sampling import generate
 from latent.scheduler import MaskedDiffusionScheduler
 from pipelines import TextDiffusionPipeline
+from pipelines.base import resolve_decoding
 
 WORDS = "the a cat dog sat on mat ran to house big small red blue and with".split()
 
@@ -157,3 +160,102 @@ def test_llada2_pipeline_runs_our_backbone_with_equal_tokens():
     out = ours(input_ids=ids, gen_length=12, block_length=4, steps=6, output_type="ids")
     assert torch.equal(out.sequences[:, 4:], ref.sequences)
     assert not (ref.sequences == ours.tokenizer.mask_token_id).any()
+
+
+# ---- the shared glue (pipelines.base) --------------------------------------------------------------
+def test_decoding_settings_rule():
+    sched = MaskedDiffusionScheduler(block_length=8)
+    bidir, causal = make_pipe().model, make_pipe(layout="block_causal", block_size=4).model
+    assert resolve_decoding(bidir, sched, 24)["block_length"] == 8
+    assert resolve_decoding(bidir, sched, 12)["block_length"] == 6  # the largest divisor up to 8
+    assert resolve_decoding(bidir, sched, 5)["block_length"] == 5
+    assert resolve_decoding(causal, sched, 24)["block_length"] == 4  # the model's block_size
+    assert resolve_decoding(bidir, sched, 24, block_length=12)["block_length"] == 12
+    assert resolve_decoding(bidir, sched, 8)["commit"] is None  # the scheduler's rule
+    assert resolve_decoding(bidir, sched, 8, steps=8)["commit"] == "schedule"
+    assert resolve_decoding(bidir, sched, 8, steps=8, threshold=0.5)["commit"] == "threshold"
+    assert resolve_decoding(bidir, sched, 8, factor=1.0)["commit"] == "factor"
+    assert resolve_decoding(bidir, sched, 8, steps=8, commit="factor")["commit"] == "factor"
+
+
+def test_steps_select_the_schedule_rule_over_a_threshold_scheduler():
+    pipe = make_pipe(commit="threshold", threshold=1e-9)  # the scheduler's rule: everything in one step
+    assert pipe("the cat", gen_length=8).nfe == 2
+    assert pipe("the cat", gen_length=8, steps=8).nfe == 8  # asking for steps means the LLaDA schedule
+
+
+def test_return_dict_false_is_the_output_fields_in_order():
+    pipe = make_pipe()
+    out = pipe(["the cat", "a dog"], gen_length=8, steps=8)
+    texts, sequences, errors, nfe = pipe(["the cat", "a dog"], gen_length=8, steps=8, return_dict=False)
+    assert texts == out.texts and torch.equal(sequences, out.sequences) and errors == [None, None] and nfe == 8
+    ids_only = pipe("the cat", gen_length=8, steps=8, output_type="ids", return_dict=False)
+    assert len(ids_only) == 4 and ids_only[0] is None and ids_only[1].shape == (1, 10)  # positions never shift
+
+
+def test_empty_prompt_rows_raise_or_are_recorded():
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match="`prompt` 1 is an empty string"):
+        pipe(["the cat", " ", "a dog"], gen_length=8, steps=8)
+    out = pipe(["the cat", " ", "a dog"], gen_length=8, steps=8, on_error="record")
+    assert out.texts[1] is None and "empty" in out.errors[1] and out.errors[0] is None and out.errors[2] is None
+    alone = pipe(["the cat", "a dog"], gen_length=8, steps=8)
+    assert [out.texts[0], out.texts[2]] == alone.texts
+    assert (out.sequences[1] == pipe.tokenizer.pad_token_id).all()
+    with pytest.raises(ValueError, match="on_error"):
+        pipe("the cat", on_error="ignore")
+
+
+def unused_token(pipe, seq):
+    """A word the pipeline did not write in `seq`, so that forcing it is visible."""
+    return next(i for i in pipe.tokenizer.convert_tokens_to_ids(WORDS) if i not in seq.tolist())
+
+
+def test_callback_returning_sequences_changes_the_output():
+    pipe = make_pipe(train=True)
+    plain = pipe("the cat", gen_length=8, steps=8, output_type="ids").sequences
+    forced = unused_token(pipe, plain[0])
+
+    def force(p, step, block, kw):
+        if step == 0:  # fill block 1 (canvas positions 6..9) before it is decoded
+            seq = kw["sequences"].clone()
+            seq[:, 6:] = forced
+            return {"sequences": seq}
+        return None
+
+    seen = []
+    out = pipe("the cat", gen_length=8, steps=8, output_type="ids",
+               callback_on_step_end=lambda p, s, b, kw: seen.append(kw["sequences"].clone()) or force(p, s, b, kw))
+    assert (out.sequences[0, 6:] == forced).all()
+    assert (seen[1][0, 6:] == forced).all()  # the next step already decodes the returned canvas
+    assert out.nfe == 8  # the schedule still runs its forwards; block 1 has nothing left to commit
+    with pytest.raises(ValueError, match="callback_on_step_end returned sequences"):
+        pipe("the cat", gen_length=8, steps=8, callback_on_step_end=lambda p, s, b, kw: {"sequences": kw["sequences"][:, :3]})
+
+
+class ForceLast(PipelineCallback):
+    """Writes `token` at the last canvas position after every step."""
+
+    tensor_inputs = ["sequences", "transfer"]
+    token = None
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        assert set(callback_kwargs) == {"sequences", "transfer"}  # its own tensor_inputs, not the argument's
+        seq = callback_kwargs["sequences"].clone()
+        seq[:, -1] = self.token
+        callback_kwargs["sequences"] = seq
+        return callback_kwargs
+
+
+def test_pipeline_callback_objects_are_accepted():
+    pipe = make_pipe(train=True)
+    plain = pipe("the cat", gen_length=8, steps=8, output_type="ids").sequences
+    ForceLast.token = forced = unused_token(pipe, plain[0])
+    out = pipe("the cat", gen_length=8, steps=8, output_type="ids", callback_on_step_end=ForceLast(),
+               callback_on_step_end_tensor_inputs=["x0"])
+    assert out.sequences[0, -1] == forced
+    both = pipe("the cat", gen_length=8, steps=8, output_type="ids",
+                callback_on_step_end=MultiPipelineCallbacks([ForceLast(), ForceLast()]))
+    assert both.sequences[0, -1] == forced
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("the cat", gen_length=8, callback_on_step_end_tensor_inputs=["logits"])

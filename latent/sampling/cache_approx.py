@@ -1,4 +1,4 @@
-"""Fast-dLLM's approximate caches for bidirectional models (sampling-semantics.md section 2).
+"""Fast-dLLM's approximate caches for bidirectional models (docs/sampling.md, "Caches").
 
 At every block start one full forward refreshes the cache; its logits serve the block's step 0.
 Later steps of the block reuse K/V that were computed before this block's commits, so they are

@@ -67,10 +67,14 @@ class SamplerConfig:
         return names
 
     @property
+    def total_steps(self):
+        """The schedule rule's forwards over the whole answer: `steps`, or gen_length when it is None."""
+        return self.gen_length if self.steps is None else self.steps
+
+    @property
     def steps_per_block(self) -> int:
-        """Forwards per block of the schedule rule: steps / num_blocks (steps defaults to gen_length)."""
-        steps = self.gen_length if self.steps is None else self.steps
-        return max(1, steps // max(1, self.num_blocks))
+        """Forwards per block of the schedule rule: total_steps / num_blocks."""
+        return max(1, self.total_steps // max(1, self.num_blocks))
 
     @property
     def resolved_confidence_dtype(self) -> str | None:
@@ -101,7 +105,7 @@ class SamplerConfig:
             if isinstance(name, str):
                 REGISTRIES[slot].get(name)  # an unknown name raises, naming the close and the known ones
         if names["commit"] == "schedule":
-            steps = self.gen_length if self.steps is None else self.steps
+            steps = self.total_steps
             if not isinstance(steps, int) or steps <= 0:
                 raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
             if steps % self.num_blocks:

@@ -208,7 +208,8 @@ class Trainer:
         path = folder / "module_configs.json"
         if not path.is_file():
             return
-        saved, now = json.loads(path.read_text()), self._module_configs()
+        # through JSON as the saved side went (a tuple in a config reads back as a list)
+        saved, now = json.loads(path.read_text()), json.loads(json.dumps(self._module_configs()))
         diff = [f"{name}.{k}: checkpoint {v!r} vs now {now[name].get(k)!r}" for name, cfg in saved.items()
                 if name in now for k, v in cfg.items() if k in now[name] and now[name][k] != v]
         if diff:
