@@ -37,6 +37,7 @@ LABELS = {"mdm": "masked diffusion (bidirectional)", "causal": "autoregressive (
 
 
 def run(objective: str, args) -> dict:
+    import pipelines.tasks  # noqa: F401 - registers the text task
     from latent.training.config import load_config
     from latent.training.trainer import train
 
@@ -55,10 +56,10 @@ def run(objective: str, args) -> dict:
         evals = [(int(r["step"]), float(r["val_bits_per_token"])) for r in csv.DictReader(f)]
     return {
         "objective": objective, "label": LABELS[objective], "steps": res.step,
-        "tokens": int(rows[-1]["tokens"]) if rows else 0, "minutes": round(minutes, 2),
-        "initial_bits_per_token": res.initial_bits_per_token, "final_bits_per_token": res.final_bits_per_token,
+        "tokens": int(rows[-1]["step"]) * int(rows[-1]["samples"]) if rows else 0, "minutes": round(minutes, 2),
+        "initial_bits_per_token": evals[0][1], "final_bits_per_token": evals[-1][1],
         "eval_curve": evals, "train_curve": [(int(r["step"]), float(r["loss"])) for r in rows],
-        "samples": res.samples, "run_dir": str(out),
+        "samples": res.extra.get("samples", []), "run_dir": str(out),
     }
 
 

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
 
     ensure_corpus_packages(not args.no_install)
 
+    import pipelines.tasks  # noqa: F401 - registers the text task
     from latent.training.config import ConfigError, load_config
     from latent.training.trainer import Trainer
 
@@ -72,8 +73,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"[demo] corpus {', '.join(trainer.train_files)}; tokenizer {len(trainer.tokenizer)} tokens; "
+    n_params = sum(p.numel() for p in trainer.modules.parameters())
+    task = trainer.task
+    print(f"[demo] corpus {', '.join(task.train_files)}; tokenizer {len(task.tokenizer)} tokens; "
           f"model {n_params / 1e6:.2f} M parameters; {cfg.trainer.max_steps} steps x {cfg.trainer.batch_size} "
           f"x {cfg.data.seq_len} tokens", flush=True)
     result = trainer.fit()
@@ -87,9 +89,10 @@ def main(argv=None) -> int:
           f"{result.run_dir / 'tb'}")
     print(f"validation bound (masked-diffusion ELBO, {cfg.eval.elbo_samples} draws, {cfg.eval.valid_sequences} "
           f"sequences), bits per token:")
-    print(f"  uniform guess  {math.log2(len(trainer.tokenizer)):.3f}")
-    print(f"  untrained      {result.initial_bits_per_token:.3f}")
-    print(f"  trained        {result.final_bits_per_token:.3f}")
+    bound = {e["step"]: e["val_bits_per_token"] for e in result.evals}
+    print(f"  uniform guess  {math.log2(len(task.tokenizer)):.3f}")
+    print(f"  untrained      {bound[0]:.3f}")
+    print(f"  trained        {bound[result.step]:.3f}")
 
     import torch
 
