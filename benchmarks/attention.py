@@ -2,7 +2,7 @@
 
 Run on a CUDA GPU (bf16):   python benchmarks/attention.py --device cuda --dtype bfloat16
 On CPU it compares SDPA with eager in float32 (xformers' kernels need CUDA) and says so.
-Writes a JSON result (default benchmarks/results/attention-<device>.json).
+Writes a JSON result (default experiments/results/attention-<device>.json).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         dtype=str(dtype), args=vars(args), xformers=xformers_available(), rows=rows,
     )
-    out = Path(args.out or f"benchmarks/results/attention-{args.device}.json")
+    out = Path(args.out or f"experiments/results/attention-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("wrote", out)

@@ -3,10 +3,11 @@ block cache, and diffusers' LLaDA2Pipeline, all on trained models, on CPU (or a 
 
 The task has a verifiable answer so quality is exact-match accuracy: the prompt is a random sequence
 of `--prompt` symbols and the answer repeats it up to `--gen` tokens. Two small models learn it first
-(a few minutes on 2 CPU cores): a bidirectional one (SFT loss) and a block_causal one (BD3-LM loss).
+(a few minutes on 2 CPU cores) with the copy task's recipes (configs/copy_*.yaml, through the one trainer):
+a bidirectional one (SFT loss) and a block_causal one (BD3-LM loss).
 Every configuration then runs in its own process, so its peak memory (max RSS) is its own.
 
-    python benchmarks/decoding.py                      # train, measure, write benchmarks/results/decoding-cpu.json
+    python benchmarks/decoding.py                      # train, measure, write experiments/results/decoding-cpu.json
     python benchmarks/decoding.py --gen 256 --batch 4  # the defaults
 """
 
@@ -24,51 +25,35 @@ from pathlib import Path
 import torch
 
 from latent import DiffusionTransformer
-from latent.losses import block_diffusion_loss, sft_loss
 from latent.sampling import generate
+from pipelines.tasks.copy import copy_batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 SYMBOLS = 48  # answer/prompt symbols are ids 0..47; the mask id is SYMBOLS
 
 
 def make_batch(n: int, prompt: int, gen: int, generator: torch.Generator) -> torch.Tensor:
-    p = torch.randint(0, SYMBOLS, (n, prompt), generator=generator)
-    reps = -(-(prompt + gen) // prompt)
-    return p.repeat(1, reps)[:, : prompt + gen]
-
-
-def build_model(layout: str, args) -> DiffusionTransformer:
-    torch.manual_seed(0)
-    return DiffusionTransformer(
-        vocab_size=SYMBOLS + 1, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-        mask_token_id=SYMBOLS, max_position_embeddings=args.prompt + args.gen, attention_layout=layout,
-        block_size=args.block,
-    )
+    return copy_batch(n, prompt, gen, SYMBOLS, generator)
 
 
 def train(layout: str, args, out_dir: Path) -> Path:
-    path = out_dir / layout
+    """The model of a layout, trained once by its recipe (configs/copy_<layout>.yaml) through the trainer."""
+    import pipelines.tasks  # noqa: F401 - registers the copy task
+    from latent.training.config import load_config
+    from latent.training.trainer import train as run_recipe
+
+    run = out_dir / layout
+    path = run / "pipeline" / "model"
     if (path / "config.json").exists():
         return path
-    model = build_model(layout, args).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    start = time.time()
-    for step in range(args.train_steps):
-        lr = args.lr * min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = make_batch(args.train_batch, args.prompt, args.gen, g)
-        if layout == "block_causal":  # the prompt is exactly one block: it is the clean first block
-            loss = block_diffusion_loss(model, x, SYMBOLS, block_size=args.block, generator=g).loss
-        else:
-            loss = sft_loss(model, x, SYMBOLS, prompt_lengths=torch.full((x.shape[0],), args.prompt), generator=g).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == args.train_steps - 1:
-            print(f"[{layout}] step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-    model.eval().save_pretrained(path)
+    cfg = load_config(REPO / "configs" / f"copy_{layout}.yaml", [
+        f"run.output_dir={run}", f"data.prompt_length={args.prompt}", f"data.answer_length={args.gen}",
+        f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.block_size={args.block}",
+        f"trainer.max_steps={args.train_steps}", f"trainer.batch_size={args.train_batch}", f"optim.lr={args.lr}",
+        f"trainer.threads={args.threads}",
+    ])
+    run_recipe(cfg)
     return path
 
 
@@ -150,7 +135,7 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_decoding", help="where the trained models are kept")
-    ap.add_argument("--out", default="benchmarks/results/decoding-cpu.json")
+    ap.add_argument("--out", default="experiments/results/decoding-cpu.json")
     args = ap.parse_args(argv)
     if args.prompt != args.block:
         sys.exit("--prompt must equal --block: the block_causal model is trained with the prompt as block 0")

@@ -1,8 +1,9 @@
-"""Spoken QA, end to end: synthesise the espeak-ng data, train the three stages, report what the issue asks.
+"""Spoken QA, end to end: the recipe through the one trainer (it synthesises the espeak-ng data on first use and
+trains every stage, resumably), then the stage pipelines measured on the test splits.
 
-    python experiments/audio_spoken_qa.py                        # data + training (resumable) + evaluation
+    python experiments/audio_spoken_qa.py                        # training (resumable) + evaluation
     python experiments/audio_spoken_qa.py --eval-only --test 100 # evaluate an existing run
-    python experiments/audio_spoken_qa.py --overrides stages.1.steps=500   # recipe overrides
+    python experiments/audio_spoken_qa.py --overrides stages.3.steps=500   # recipe overrides (as for train.py)
 
 Reports, on the training voices (test_seen: new questions) and on voices never trained on (test_heldout):
 - stage 1: word error rate of the ASR pipeline (speech -> transcript, backbone frozen);
@@ -46,8 +47,23 @@ def text_oracle(pipe, rows, batch_size=50) -> dict:
     acc = answer_accuracy([r["answer"] for r in rows], preds)
     kinds = sorted({r["kind"] for r in rows})
     by_kind = {k: answer_accuracy([r["answer"] for r in rows if r["kind"] == k],
-                                  [p for r, p in zip(rows, preds) if r["kind"] == k]) for k in kinds}
+                                  [p for r, p in zip(rows, preds, strict=True) if r["kind"] == k]) for k in kinds}
     return {"accuracy": acc, "accuracy_by_kind": by_kind}
+
+
+def stage_folder(run: Path, cfg, name: str) -> Path:
+    """Where the trainer exported a stage: <run>/pipelines/<stage>, or <run>/pipeline for a one-stage recipe."""
+    return run / "pipeline" if len(cfg.stages) == 1 else run / "pipelines" / name
+
+
+def train_record(run: Path) -> tuple[int, float]:
+    """Steps trained (result.json) and the seconds of the last run that logged (train.csv)."""
+    import csv
+
+    step = json.loads((run / "result.json").read_text())["step"]
+    with open(run / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    return int(step), float(rows[-1]["elapsed_s"]) if rows else 0.0
 
 
 def main(argv=None) -> int:
@@ -62,20 +78,23 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
+    import pipelines.tasks  # noqa: F401 - registers the built-in tasks
+    from latent.training.config import load_config
+    from latent.training.trainer import train
     from pipelines.spoken_qa import SpokenQAPipeline
-    from pipelines.spoken_qa_training import evaluate_spoken_qa, load_rows, load_spoken_qa_config, train_spoken_qa
+    from pipelines.tasks.spoken_qa import evaluate_spoken_qa, load_rows
 
-    cfg = load_spoken_qa_config(a.config, a.overrides)
+    cfg = load_config(a.config, a.overrides)
     run = Path(cfg.run.output_dir)
     if not a.eval_only:
-        train_spoken_qa(cfg)
-    stages = {st.name: run / "pipelines" / st.name for st in cfg.stages}
+        train(cfg)
+    stages = {st.name: stage_folder(run, cfg, st.name) for st in cfg.stages}
     splits = {s: load_rows(cfg, s)[: a.test] for s in ("test_seen", "test_heldout")}
-    log = json.loads((run / "train_log.json").read_text())
+    steps, seconds = train_record(run)
     report = {
         "command": " ".join(["python", "experiments/audio_spoken_qa.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": a.config, "overrides": a.overrides, "train_steps": log["steps"],
-        "train_seconds": round(log["seconds"], 1), "threads": a.threads, "machine": platform.processor() or "cpu",
+        "config": a.config, "overrides": a.overrides, "train_steps": steps,
+        "train_seconds": round(seconds, 1), "threads": a.threads, "machine": platform.processor() or "cpu",
         "test_clips_per_split": a.test,
     }
     decodings = {

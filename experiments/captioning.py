@@ -1,4 +1,5 @@
-"""Captioning experiment: train a captioner, then report quality and speed on held-out splits.
+"""Captioning experiment: train a captioner (the recipe through train.py's trainer), then report quality
+and speed on held-out splits.
 
     python experiments/captioning.py --recipe configs/caption_quickstart.yaml --minutes 12
     python experiments/captioning.py --recipe configs/caption_real.yaml --minutes 12
@@ -27,14 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pipelines.tasks  # noqa: E402, F401 - registers the built-in tasks
+from latent.training.config import load_config  # noqa: E402
+from latent.training.trainer import train  # noqa: E402
 from pipelines.batch import run_captioning  # noqa: E402
-from pipelines.caption_training import (  # noqa: E402
-    evaluate_captioner,
-    load_caption_config,
-    load_pairs,
-    train_captioner,
-)
 from pipelines.captioning import CaptioningPipeline  # noqa: E402
+from pipelines.tasks.caption import eval_splits, evaluate_captioner, load_pairs  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,20 +64,24 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = load_caption_config(a.recipe, a.overrides)
     name = os.path.splitext(os.path.basename(a.recipe))[0]
+    run = [f"run.output_dir={a.out_dir or f'runs/{name}_experiment'}", f"trainer.time_limit_minutes={a.minutes}",
+           f"trainer.threads={a.threads}"]
+    cfg = load_config(a.recipe, [*run, *a.overrides])
     if a.pipeline is None:
-        cfg.run.output_dir = a.out_dir or f"runs/{name}_experiment"
-        cfg.trainer.time_limit_minutes = a.minutes
-        res = train_captioner(cfg)
-        pipe_dir, train_info = res.pipeline_dir, {"steps": res.steps, "seconds": round(res.seconds, 1),
-                                                    "final_loss": sum(res.losses[-50:]) / max(1, len(res.losses[-50:]))}
+        res = train(cfg)
+        last = res.losses[-50:]
+        pipe_dir = str(res.pipeline_dir)
+        train_info = {"steps": res.step, "completed": res.completed, "seconds": round(res.seconds, 1),
+                      "final_loss": sum(last) / max(1, len(last))}
     else:
         pipe_dir, train_info = a.pipeline, None
     pipe = CaptioningPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     gen_length = pipe.config.gen_length
-    splits = ("test", "heldout") if cfg.data.kind == "scenes" else ("test",)
+    splits = eval_splits(cfg)
+    if not splits:
+        raise SystemExit(f"{a.recipe} names no evaluation split (set data.eval_splits)")
     decodings = {
         "1_token_per_step": dict(threshold=None, steps=gen_length),
         "threshold_0.9": dict(threshold=0.9),

@@ -65,7 +65,7 @@ def batch1_latency(planners: dict, data, n=60):
 def closed_loop(name, policy, densities, episodes, seed, duration=None):
     from tqdm.auto import tqdm
 
-    from modalities.driving_data import make_env, observe
+    from modalities.data.driving import make_env, observe
 
     rows = []
     bar = tqdm(total=len(densities) * episodes, desc=f"closed loop {name}")
@@ -137,7 +137,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from modalities.driving_data import ACTION_INDEX, DrivingDataset, RuleBasedDriver
+    from modalities.data.driving import ACTION_INDEX, DrivingDataset, RuleBasedDriver
     from pipelines.planning import PlanningPipeline
 
     data = DrivingDataset.load(args.valid)

@@ -55,6 +55,7 @@ class Registry:
         self._on_miss = on_miss
         self._name_attr = name_attr
         self._hint = hint
+        self._lazy: dict[str, str] = {}  # name -> module that registers it when imported
 
     def register(self, name: str, *aliases: str, obj: Any = None):
         """Decorator (or direct call with ``obj=``): register under ``name`` and any ``aliases``.
@@ -82,9 +83,26 @@ class Registry:
 
         return add if obj is None else add(obj)
 
+    def register_lazy(self, name: str, module: str) -> None:
+        """Announce ``name`` without importing it: ``module`` registers it when imported, on first ``get``
+        (so listing the names, or using one member, does not import every member's dependencies)."""
+        if name in self._items or self._lazy.get(name, module) != module:
+            raise ValueError(f"a {self.what} named {name!r} is already registered; pick another name")
+        self._lazy[name] = module
+
     def unregister(self, name: str) -> None:
         """Remove a name (tests that register throw-away members clean up with it)."""
         self._items.pop(name, None)
+        self._lazy.pop(name, None)
+
+    def _import_lazy(self, name) -> None:
+        module = self._lazy.get(name)
+        if module is not None and name not in self._items:
+            import importlib
+
+            importlib.import_module(module)
+            if name not in self._items:
+                raise ImportError(f"importing {module} did not register the {self.what} {name!r}")
 
     def _load(self) -> None:
         hook, self._on_miss = self._on_miss, None
@@ -96,31 +114,35 @@ class Registry:
                 raise
 
     def __contains__(self, name: object) -> bool:
-        if name not in self._items:
+        if name not in self._items and name not in self._lazy:
             self._load()
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def names(self) -> list[str]:
         self._load()
-        return sorted(self._items)
+        return sorted({*self._items, *self._lazy})
 
     def items(self) -> list[tuple[str, Any]]:
-        """(name, member) pairs, sorted by name; an aliased member appears once per name."""
+        """(name, member) pairs, sorted by name; an aliased member appears once per name (lazy ones are
+        imported)."""
         self._load()
+        for name in list(self._lazy):
+            self._import_lazy(name)
         return sorted(self._items.items())
 
     def get(self, name: str) -> Any:
         if name not in self:
-            known = sorted(self._items)
+            known = self.names()
             near = difflib.get_close_matches(str(name), known, n=3)
             maybe = f"; did you mean {', '.join(near)}?" if near else "."
             raise UnknownNameError(
                 f"Unknown {self.what} {name!r}{maybe} Known {self.what} names: {', '.join(known) or 'none'}."
                 + (" " + self._hint.format(name=name) if self._hint else "")
             )
+        self._import_lazy(name)
         return self._items[name]
 
     def create(self, name: str, *args, **kwargs) -> Any:

@@ -5,6 +5,9 @@ images with the `mmdlm caption` job, and print BLEU-4, CIDEr, attribute accuracy
     python -m pipelines.demo_captioning --minutes 10    # better captions
     python -m pipelines.demo_captioning --reuse         # skip training when the pipeline exists
 
+Training is `python train.py configs/caption_quickstart.yaml` with a time limit: the trainer stops,
+checkpoints and exports what it trained; running the demo again goes on from that checkpoint.
+
 The data is generated (modalities.data.scenes): the held-out images show colour/shape pairs that never
 appear in training, so the attribute accuracy measures composition, not memory.
 """
@@ -20,7 +23,8 @@ import time
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="demo_captioning", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=5.0, help="training time limit (data preparation included)")
+    ap.add_argument("--minutes", type=float, default=5.0,
+                    help="training time limit (trainer.time_limit_minutes; a rerun goes on from the checkpoint)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on a shared machine; 2 may help on an idle 2-core one)")
     ap.add_argument("--out", default="runs/demo_captioning")
@@ -30,10 +34,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--reuse", action="store_true", help="reuse <out>/pipeline if it exists")
     a = ap.parse_args(argv)
 
+    import pipelines.tasks  # noqa: F401 - registers the built-in tasks
+    from latent.training.config import load_config
+    from latent.training.trainer import train
     from modalities.data.metrics import caption_scores
     from modalities.data.scenes import attribute_accuracy, make_split, write_split
     from pipelines.batch import run_captioning
-    from pipelines.caption_training import load_caption_config, train_captioner
     from pipelines.captioning import CaptioningPipeline
 
     recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -41,13 +47,13 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    cfg = load_caption_config(recipe, [f"run.output_dir={a.out}", f"trainer.time_limit_minutes={a.minutes}",
-                                       f"trainer.threads={a.threads}"])
+    cfg = load_config(recipe, [f"run.output_dir={a.out}", f"trainer.time_limit_minutes={a.minutes}",
+                               f"trainer.threads={a.threads}"])
     pipe_dir = os.path.join(a.out, "pipeline")
     captions_file = os.path.join(a.out, "heldout_captions.jsonl")
     if not (a.reuse and os.path.isfile(os.path.join(pipe_dir, "model_index.json"))):
         print(f"== training the quickstart captioner for at most {a.minutes:g} minutes (configs/caption_quickstart.yaml)")
-        train_captioner(cfg)
+        train(cfg)
         if os.path.exists(captions_file):  # captions of an earlier model: the job would resume from them
             os.remove(captions_file)
 

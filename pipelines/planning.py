@@ -1,4 +1,5 @@
-"""Driving plans by masked diffusion (ViLaD style), as a diffusers pipeline; and how to train one.
+"""Driving plans by masked diffusion (ViLaD style), as a diffusers pipeline (trained by the driving task,
+`pipelines/tasks/driving.py`: `python train.py configs/driving_tiny.yaml`).
 
 ```python
 from pipelines.planning import PlanningPipeline
@@ -15,7 +16,7 @@ out = pipe(bad_obs, on_error="record")     # rows with bad input get FALLBACK_AC
 ```
 
 The sensors become prefix embeddings (`modalities.driving.DrivingAdapter`); the plan is a canvas of 3K masked
-tokens, (meta-action, dx, dy) per future decision (`modalities.driving_data.PlanTokenizer`), all decoded in
+tokens, (meta-action, dx, dy) per future decision (`modalities.data.driving.PlanTokenizer`), all decoded in
 parallel by the sampler loop of `latent.sampling`. With the backbone's `prefix` layout the sensor tokens
 attend only among themselves, so their K/V are computed once per decision and reused exactly at every step
 (cache "prefix_exact", the scheduler's "auto"). Each plan slot may only take tokens of its kind (an action
@@ -33,9 +34,6 @@ confidence 0, `fallback[row] = True` and the reason in `errors[row]`.
 
 from __future__ import annotations
 
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,13 +41,12 @@ from typing import Any
 import torch
 
 from latent.scheduler import MaskedDiffusionScheduler
-from modalities.driving import DrivingAdapter, DrivingInputError, DrivingInputs
-from modalities.driving_data import ACTION_INDEX, ACTIONS, FALLBACK_ACTION, PlanTokenizer
+from modalities.data.driving import ACTION_INDEX, ACTIONS, FALLBACK_ACTION, PlanTokenizer
+from modalities.driving import DrivingInputError, DrivingInputs
 
 from .base import MaskedDiffusionPipeline, PipelineOutput, callback_tensor_inputs, check_on_error
 
-__all__ = ["PlanningPipeline", "PlanningPipelineOutput", "DEFAULTS", "load_driving_config", "plan_loss",
-           "build_planner", "train_planner", "validation_loss", "main"]
+__all__ = ["PlanningPipeline", "PlanningPipelineOutput"]
 
 
 @dataclass
@@ -57,7 +54,7 @@ class PlanningPipelineOutput(PipelineOutput):
     """
     actions: per row the K meta-action names (highway-env's DiscreteMetaAction names).
     tokens: [B, 3K] plan token ids (the mask id where nothing was decoded, i.e. fallback rows).
-    action_ids: [B, K] their indices in `modalities.driving_data.ACTIONS` (what `env.step` takes).
+    action_ids: [B, K] their indices in `modalities.data.driving.ACTIONS` (what `env.step` takes).
     waypoints: [B, K, 2] ego positions after 1..K decisions (x forward, y right, metres); NaN for fallback rows.
     confidence: [B, 3K] probability of each plan token when committed; 0 for fallback rows.
     fallback: [B] bool, the row got the fallback plan; errors: the reason per row (None if fine).
@@ -285,228 +282,3 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         )
         return out.new_tokens, out.confidence, out.nfe, torch.full((batch,), length, dtype=torch.long)
 
-
-# ================================================================================================ training
-DEFAULTS = {
-    "task": "driving",
-    "output_dir": "runs/driving_tiny",
-    "data": {"train": "data/driving/train.npz", "valid": "data/driving/valid.npz"},
-    "plan": {"horizon": 3, "dt": 1.0, "x_res": 0.5, "x_range": [0.0, 45.0], "y_res": 0.25, "y_range": [-6.0, 6.0]},
-    "adapter": {"width": 128, "vehicle_tokens": 4, "vehicle_layers": 1, "heads": 4, "max_vehicles": 32,
-                "occupancy_channels": None, "camera": None},
-    "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "attention_layout": "prefix"},
-    "decoding": {"commit": "threshold", "threshold": 0.9, "cache": "auto"},
-    "trainer": {"steps": 1500, "batch_size": 64, "lr": 1.0e-3, "warmup_steps": 50, "weight_decay": 0.01,
-                "grad_clip": 1.0, "seed": 0, "threads": 1, "time_limit_minutes": None, "log_every": 25,
-                "eval_every": 250, "progress": True},
-}
-_FREE_SECTIONS = ("adapter", "model", "decoding")  # passed through to their constructors
-
-
-def load_driving_config(path=None, overrides=()):
-    """DEFAULTS <- recipe YAML <- dot-list overrides; unknown sections/keys are refused, naming the known ones."""
-    from omegaconf import DictConfig, OmegaConf
-
-    base = OmegaConf.create(DEFAULTS)
-    user = OmegaConf.load(path) if path else OmegaConf.create({})
-    over = OmegaConf.from_dotlist(list(overrides))
-    for src, label in ((user, f"recipe {path}"), (over, "overrides")):
-        for section, value in src.items():
-            if section not in base:
-                raise ValueError(f"{label}: unknown section {section!r}; known: {sorted(base)}.")
-            if isinstance(value, DictConfig) and section not in _FREE_SECTIONS:
-                extra = sorted(set(value) - set(base[section]))
-                if extra:
-                    raise ValueError(f"{label}: unknown keys {extra} in {section!r}; known: {sorted(base[section])}.")
-    cfg = OmegaConf.merge(base, user, over)
-    if cfg.task != "driving":
-        raise ValueError(f"task={cfg.task!r}: this trainer handles task 'driving'.")
-    return cfg
-
-
-def main(argv=None) -> int:
-    """`python train.py configs/driving_tiny.yaml trainer.steps=200` (or `python -m pipelines.planning ...`)."""
-    import argparse
-    import sys
-
-    from omegaconf import OmegaConf
-
-    ap = argparse.ArgumentParser(prog="pipelines.planning", description="Train a driving planner (diffusion or AR).")
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--print-config", action="store_true")
-    args = ap.parse_intermixed_args(argv)
-    try:
-        cfg = load_driving_config(args.config, args.overrides)
-    except ValueError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(OmegaConf.to_yaml(cfg))
-        return 0
-    try:
-        _, result = train_planner(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; pipeline: {result.pipeline_dir}")
-    return 0
-
-
-def plan_loss(adapter: DrivingAdapter, model, inputs: DrivingInputs, plan_ids: torch.LongTensor,
-              tokenizer: PlanTokenizer, generator: torch.Generator | None = None):
-    """The training loss of a planner on (observations, plan tokens).
-
-    Diffusion backbones (prefix / bidirectional layout): the SFT masked-diffusion loss of
-    `latent.losses.sft_loss` on the plan tokens (nothing is a prompt: the sensors are the prefix).
-    Causal backbones (the autoregressive baseline): `latent.losses.causal_lm_loss` with the plan after a BOS
-    token, the sensors again the prefix. Returns the `LossOutput`.
-    """
-    from latent.losses import causal_lm_loss, sft_loss
-
-    prefix = adapter(inputs)
-    b, n = plan_ids.shape
-    full_mask = None if bool(prefix.mask.all()) else prefix.attention_mask(num_tokens=n)
-    layout = getattr(model.config, "attention_layout", None)
-
-    def call(ids, attention_mask=None, **kw):
-        return model(ids, attention_mask=full_mask, prefix_embeds=prefix.embeds, **kw)
-
-    if layout == "causal":
-        return causal_lm_loss(call, plan_ids, bos_token_id=tokenizer.bos_token_id)
-    return sft_loss(
-        lambda ids, attention_mask=None: call(ids, prefix_length=prefix.length),
-        plan_ids, tokenizer.mask_token_id, prompt_lengths=torch.zeros(b, dtype=torch.long), generator=generator,
-    )
-
-
-def build_planner(adapter_cfg: dict, model_cfg: dict, tokenizer: PlanTokenizer, decoding: dict | None = None,
-                  seed: int = 0) -> PlanningPipeline:
-    """A fresh (untrained) pipeline: adapter + backbone sized from `model_cfg` + scheduler."""
-    from latent.backbone import DiffusionTransformer
-
-    torch.manual_seed(seed)
-    mcfg = dict(model_cfg)
-    hidden = int(mcfg.get("hidden_size", 128))
-    acfg = {k: v for k, v in dict(adapter_cfg).items() if k != "type"}
-    adapter = DrivingAdapter(hidden_size=hidden, **acfg)
-    context = adapter.num_prefix_tokens + tokenizer.length + 1
-    mcfg.setdefault("max_position_embeddings", context)
-    if mcfg["max_position_embeddings"] < context:
-        raise ValueError(f"model.max_position_embeddings={mcfg['max_position_embeddings']} < prefix + plan + 1 = {context}.")
-    model = DiffusionTransformer(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id, **mcfg)
-    dec = {"block_length": tokenizer.length, "commit": "threshold", "threshold": 0.9, "cache": "auto",
-           **dict(decoding or {})}
-    return PlanningPipeline(adapter, model, MaskedDiffusionScheduler(**dec), plan=tokenizer.to_dict())
-
-
-@dataclass
-class TrainResult:
-    pipeline_dir: str | None
-    steps: int
-    seconds: float
-    losses: list[float]
-    valid_losses: list[tuple[int, float]]
-
-
-def train_planner(cfg, log: Callable[[str], None] | None = print) -> tuple[PlanningPipeline, TrainResult]:
-    """Train a planner from a config (an OmegaConf node or dict, see configs/driving_tiny.yaml):
-
-    data.train / data.valid (npz files from experiments/driving_record.py), plan (PlanTokenizer knobs; the
-    horizon must match the data), adapter, model (DiffusionTransformer knobs; attention_layout "prefix" for
-    diffusion, "causal" for the autoregressive baseline), decoding (scheduler defaults), trainer (steps,
-    batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, threads, time_limit_minutes, log_every,
-    eval_every), output_dir. Saves the pipeline at <output_dir>/pipeline.
-    """
-    from omegaconf import OmegaConf
-    from tqdm.auto import tqdm
-
-    from modalities.driving_data import DrivingDataset
-
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
-    tc = cfg.trainer
-    if tc.get("threads"):
-        torch.set_num_threads(int(tc.threads))
-    train = DrivingDataset.load(cfg.data.train)
-    valid = DrivingDataset.load(cfg.data.valid) if cfg.data.get("valid") else None
-    tok = PlanTokenizer(**OmegaConf.to_container(cfg.plan, resolve=True))
-    if train.actions.shape[1] != tok.horizon:
-        raise ValueError(f"plan.horizon={tok.horizon} but {cfg.data.train} holds {train.actions.shape[1]} decisions.")
-    pipe = build_planner(OmegaConf.to_container(cfg.adapter, resolve=True), OmegaConf.to_container(cfg.model, resolve=True),
-                         tok, OmegaConf.to_container(cfg.decoding, resolve=True) if cfg.get("decoding") else None,
-                         seed=int(tc.seed))
-    adapter, model = pipe.driving_adapter, pipe.model
-    params = [p for p in (*adapter.parameters(), *model.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(tc.lr), weight_decay=float(tc.weight_decay), betas=(0.9, 0.95))
-    steps, warm = int(tc.steps), int(tc.warmup_steps)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        prog = (step - warm) / max(1, steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    all_inputs = train.inputs()
-    all_ids = train.plan_ids(tok)
-    g = torch.Generator().manual_seed(int(tc.seed))
-    losses, valid_losses = [], []
-    start = time.time()
-    limit = tc.get("time_limit_minutes")
-    bar = tqdm(range(steps), desc=f"train {pipe.decoding}", disable=not tc.get("progress", True))
-    step = 0
-    for step in bar:
-        adapter.train()
-        model.train()
-        rows = torch.randint(len(train), (int(tc.batch_size),), generator=g)
-        loss = plan_loss(adapter, model, all_inputs.select(rows), all_ids[rows], tok, generator=g).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (step + 1) % int(tc.log_every) == 0:
-            bar.set_postfix(loss=f"{sum(losses[-int(tc.log_every):]) / int(tc.log_every):.3f}")
-        if valid is not None and ((step + 1) % int(tc.eval_every) == 0 or step + 1 == steps):
-            valid_losses.append((step + 1, validation_loss(pipe, valid)))
-            if log:
-                log(f"step {step + 1}: train loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
-                    f"valid loss {valid_losses[-1][1]:.4f}")
-        if limit and time.time() - start > 60 * float(limit):
-            if log:
-                log(f"time limit of {limit} min reached at step {step + 1}")
-            break
-    bar.close()
-    adapter.eval()
-    model.eval()
-    out_dir = cfg.get("output_dir")
-    pdir = None
-    if out_dir:
-        pdir = os.path.join(out_dir, "pipeline")
-        pipe.save_pretrained(pdir)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
-    return pipe, TrainResult(pdir, step + 1, time.time() - start, losses, valid_losses)
-
-
-@torch.no_grad()
-def validation_loss(pipe: PlanningPipeline, data, batch_size: int = 256, seed: int = 0) -> float:
-    """Mean `plan_loss` over a dataset with fixed noise (comparable between evaluations of one model)."""
-    adapter, model, tok = pipe.driving_adapter, pipe.model, pipe.plan_tokenizer
-    was = adapter.training, model.training
-    adapter.eval()
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    total, n = 0.0, 0
-    ids = data.plan_ids(tok)
-    for lo in range(0, len(data), batch_size):
-        rows = list(range(lo, min(len(data), lo + batch_size)))
-        total += float(plan_loss(adapter, model, data.inputs(rows), ids[rows], tok, generator=g).loss) * len(rows)
-        n += len(rows)
-    adapter.train(was[0])
-    model.train(was[1])
-    return total / max(n, 1)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,9 +12,9 @@ from latent import DiffusionTransformer
 from latent.scheduler import MaskedDiffusionScheduler
 from modalities.data.scenes import HELD_OUT, attribute_accuracy, make_split, parse_caption, render_scene
 from modalities.vision import ImageError, VisionAdapter
-from pipelines.caption_training import load_caption_config, train_captioner
 from pipelines.captioning import CaptioningPipeline
 from pipelines.cli import main as cli_main
+from pipelines.text import TextDiffusionPipeline
 
 GEN = 8
 
@@ -86,6 +86,38 @@ def test_one_token_per_step_and_callback(pipe, images):
     assert out.nfe == GEN + 1  # one prefill of the image cache, then one forward per token
 
 
+def test_text_and_captioning_resolve_blocks_and_rules_alike(pipe, images):
+    """The same scheduler and arguments give the same blocks and commit rule in both pipelines."""
+    text = TextDiffusionPipeline(model=pipe.model, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+    text.set_progress_bar_config(disable=True)
+    # the scheduler has block_length=8 and the threshold rule: gen_length 12 gets blocks of 6, and
+    # asking for 4 steps selects the schedule rule (2 forwards per block)
+    for p, inputs in ((text, {"prompt": "two"}), (pipe, {"images": images[:1], "prompt": "two"})):
+        blocks = []
+        out = p(**inputs, gen_length=12, steps=4, cache="none", eos_early_stop=False,
+                callback_on_step_end=lambda pp, step, block, kw: blocks.append(block))
+        assert blocks == [0, 0, 1, 1] and out.nfe == 4, type(p).__name__
+
+
+def test_bad_images_are_recorded(pipe, images):
+    bad = np.zeros((5, 5, 2), np.uint8)
+    out = pipe(images=[images[0], bad, images[2]], on_error="record")
+    assert out.captions[1] is None and "image 1 " in out.errors[1] and out.errors[0] is None
+    assert [out.captions[0], out.captions[2]] == pipe(images=[images[0], images[2]]).captions
+    assert (out.sequences[1] == pipe.tokenizer.pad_token_id).all() and out.sequences.shape == (3, GEN)
+    chunked = pipe(images=[bad, images[0], bad], on_error="record", batch_size=1)  # a chunk of bad images only
+    assert chunked.captions == [None, out.captions[0], None] and chunked.errors[1] is None
+    with pytest.raises(ValueError, match="on_error"):
+        pipe(images=images, on_error="skip")
+
+
+def test_return_dict_false_order(pipe, images):
+    out = pipe(images=images[:2])
+    captions, sequences, errors, nfe = pipe(images=images[:2], return_dict=False)
+    assert captions == out.captions and torch.equal(sequences, out.sequences)
+    assert errors == [None, None] and nfe == out.nfe
+
+
 def test_sampling_is_reproducible(pipe, images):
     a = pipe(images=images, temperature=1.0, generator=torch.Generator().manual_seed(3))
     b = pipe(images=images, temperature=1.0, generator=torch.Generator().manual_seed(3))
@@ -133,47 +165,7 @@ def test_batch_command_on_a_real_pipeline(pipe, tmp_path):
     assert [r["caption"] for r in recs if "caption" in r] == direct
 
 
-def test_training_stages_freeze_what_they_should(tmp_path):
-    cfg = load_caption_config(None, [
-        f"run.output_dir={tmp_path}", "data.num_train=16", "data.image_size=32", "tokenizer.vocab_size=400",
-        "model.hidden_size=32", "model.num_layers=1", "model.num_heads=4", "adapter.backbone=resnet18",
-        "adapter.image_size=32", "caption.gen_length=8", "trainer.batch_size=4", "optim.warmup_steps=1",
-    ])
-    cfg.stages = [{"name": "adapter", "steps": 2, "lr": 1e-2, "train": ["projector"]}]
-    res = train_captioner(cfg, log=lambda s: None)
-    pipe = CaptioningPipeline.from_pretrained(res.pipeline_dir)
-    # stage 1 again from the exported weights: only the projector moves
-    torch.manual_seed(0)
-    from pipelines.caption_training import _set_trainable, caption_loss
-
-    adapter, model, tok = pipe.vision_adapter, pipe.model, pipe.tokenizer
-    before = {k: v.clone() for k, v in {**{"a." + k: v for k, v in adapter.state_dict().items()},
-                                         **{"m." + k: v for k, v in model.state_dict().items()}}.items()}
-    pix = adapter.preprocess([render_scene(s, 32) for s in make_split("train", 4)])
-    ids = torch.full((4, 8), tok.eos_token_id)
-    for parts in (["projector"], ["projector", "trunk", "backbone"]):
-        params = _set_trainable(adapter, model, parts)
-        adapter.train()
-        opt = torch.optim.SGD(params, lr=0.1)
-        caption_loss(adapter, model, pix, ids, torch.zeros(1, 0, dtype=torch.long), tok.mask_token_id,
-                     torch.Generator().manual_seed(0)).loss.backward()
-        opt.step()
-        now = {**{"a." + k: v for k, v in adapter.state_dict().items()}, **{"m." + k: v for k, v in model.state_dict().items()}}
-        changed = {k for k in before if not torch.equal(before[k], now[k])}
-        if parts == ["projector"]:
-            assert changed and all(k.startswith("a.proj.") for k in changed), sorted(changed)[:5]
-        else:
-            assert any(k.startswith("m.") for k in changed) and any(k.startswith("a.trunk_model.") for k in changed)
-
-
-def test_caption_config_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="unknown keys"):
-        load_caption_config(None, ["trainer.bogus=1"])
-    bad = tmp_path / "r.yaml"
-    bad.write_text("task: caption\nstages:\n  - {name: s, steps: 1, lr: 0.1, train: [everything]}\n")
-    with pytest.raises(ValueError, match="train must list"):
-        load_caption_config(bad)
-    assert load_caption_config(os.path.join(os.path.dirname(__file__), "..", "configs", "caption_quickstart.yaml"))
+# The training tests (stages, config errors, exact resume, DDP, the export) are in test_caption_task.py.
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -216,12 +208,3 @@ def test_emoji_render():
     im = _draw_emoji("\U0001F600", _emoji_font())
     assert im.getbbox() is not None and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
     assert isinstance(im, Image.Image)
-
-
-def test_train_py_dispatches_caption_recipes(tmp_path):
-    import train
-
-    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "caption_quickstart.yaml")
-    rc = train.main([recipe, "stages.0.steps=1", "data.num_train=8", "data.image_size=32",
-                     "adapter.image_size=32", "model.num_layers=1", f"run.output_dir={tmp_path}"])
-    assert rc is None and (tmp_path / "pipeline" / "model_index.json").exists()

@@ -1,5 +1,6 @@
-"""Driving adapter (modalities/driving.py) and driving data (modalities/driving_data.py)."""
+"""Driving adapter (modalities/driving.py) and driving data (modalities/data/driving.py)."""
 
+import json
 import math
 
 import numpy as np
@@ -8,18 +9,20 @@ import torch
 
 from latent import DiffusionTransformer
 from modalities.base import ModalityAdapter, create_adapter
-from modalities.driving import DrivingAdapter, DrivingInputs, SetEncoder
-from modalities.driving_data import (
+from modalities.data.driving import (
     ACTIONS,
     DrivingDataset,
     PlanTokenizer,
     RuleBasedDriver,
+    build_demonstrations,
+    digest,
     future_waypoints,
     make_env,
     observe,
     occupancy_grid,
     record,
 )
+from modalities.driving import DrivingAdapter, DrivingInputs, SetEncoder
 
 torch.set_num_threads(1)  # the shared CPU is oversubscribed; one thread per process is the fastest here
 
@@ -262,17 +265,26 @@ def test_observation_matches_the_simulator_state():
         env.close()
 
 
-def test_recording_is_deterministic_from_seeds(tmp_path):
-    kw = dict(densities=(1.5,), episodes=1, horizon=2, max_steps=4, progress=False)
-    a, b = record(seed=7, **kw), record(seed=7, **kw)
+def test_recording_is_deterministic_from_seeds_and_built_once(tmp_path):
+    kw = dict(densities=(1.5,), horizon=2, max_steps=4, progress=False)
+    paths = build_demonstrations(tmp_path, train_episodes=1, valid_episodes=1, seed=7, valid_seed=8, **kw)
+    c = DrivingDataset.load(paths["train"])
+    a = record(episodes=1, seed=7, **kw)  # the same seed gives the same arrays
     assert len(a) == 3  # 4 decisions, horizon 2 -> windows starting at 0, 1, 2
     for k, v in a.__dict__.items():
         if isinstance(v, np.ndarray):
-            np.testing.assert_array_equal(v, getattr(b, k), err_msg=k)
-    c = DrivingDataset.load(a.save(tmp_path / "d.npz"))
-    np.testing.assert_array_equal(c.waypoints, a.waypoints)
+            np.testing.assert_array_equal(v, getattr(c, k), err_msg=k)
     assert c.meta["seed"] == 7 and c.meta["densities"] == [1.5]
-    assert not np.array_equal(record(seed=8, **kw).vehicles, a.vehicles)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train"]["digest"] == digest(a) and summary["train"]["samples"] == 3
+    assert not np.array_equal(DrivingDataset.load(paths["valid"]).vehicles, a.vehicles)  # another seed
+    # the same settings again: nothing is recorded; other settings: refused, the files stay
+    stamp = {p: p.stat().st_mtime_ns for p in paths.values()}
+    assert build_demonstrations(tmp_path, train_episodes=1, valid_episodes=1, seed=7, valid_seed=8, **kw) == paths
+    assert {p: p.stat().st_mtime_ns for p in paths.values()} == stamp
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        build_demonstrations(tmp_path, train_episodes=1, valid_episodes=1, seed=9, valid_seed=8, **kw)
+    assert {p: p.stat().st_mtime_ns for p in paths.values()} == stamp
     # dataset rows become adapter inputs without per-row work, and raw observations with it
     x = a.inputs([0, 2])
     assert x.vehicles.shape[0] == 2 and x.vehicles_mask.sum(1).tolist() == a.vehicle_count[[0, 2]].tolist()

@@ -1,10 +1,9 @@
-"""Spoken QA pipeline (batching, padding, tasks, errors, callbacks, save/load) and its resumable stage training."""
+"""Spoken QA pipeline (batching, padding, tasks, errors, callbacks, save/load) and the task's alignment loss."""
 
 import json
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from latent import DiffusionTransformer
@@ -93,6 +92,8 @@ def test_error_records_and_raising(pipe, tmp_path):
         pipe(audio=np.full(8000, np.nan, np.float32))
     everything_bad = pipe(audio=[np.zeros(10, np.float32)], on_error="record")
     assert everything_bad.texts == [None] and everything_bad.errors[0]
+    texts, sequences, errors, nfe = pipe(audio=clips, on_error="record", batch_size=2, return_dict=False)
+    assert texts == out.texts and errors == out.errors and torch.equal(sequences, out.sequences) and nfe > 0
 
 
 def test_check_inputs(pipe):
@@ -153,120 +154,10 @@ def test_save_load_one_folder(pipe, tmp_path):
     assert pipelines.SpokenQAPipeline is SpokenQAPipeline
 
 
-# ---- training ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Eight tone 'utterances' with transcripts and answers (no espeak needed)."""
-    d = tmp_path_factory.mktemp("clips")
-    words = ["one", "two", "three", "four"]
-    rows = []
-    for i in range(8):
-        sf.write(d / f"{i}.wav", tone(0.3 + 0.05 * i, 200 + 100 * (i % 4), seed=i), SR)
-        rows.append({"path": f"{i}.wav", "transcript": f"say {words[i % 4]}", "answer": words[i % 4],
-                     "instruction": "table: a b." if i % 2 else "", "kind": "tone"})
-    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return d / "train.jsonl"
-
-
-def tiny_overrides(index, out):
-    return [
-        f"data.train={index}", "data.kind=jsonl", f"run.output_dir={out}", "tokenizer.vocab_size=300",
-        "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.max_position_embeddings=64",
-        "adapter.encoder_dim=16", "adapter.encoder_layers=1", "adapter.encoder_heads=2", "adapter.n_mels=16",
-        "adapter.acoustic_queries=2", "adapter.acoustic_heads=2", "adapter.max_seconds=2.0", "adapter.semantic_pooling=ctc",
-        "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
-        "trainer.save_every=2", "trainer.progress=false", "stages.0.steps=2", "stages.0.batch_size=4",
-        "stages.1.steps=0", "stages.2.steps=2", "stages.3.steps=3", "stages.4.steps=2", "stages.3.align_weight=1.0",
-    ]
-
-
-def test_stages_train_only_their_parts_and_resume_exactly(tiny_data, tmp_path):
-    from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
-
-    quiet = lambda s: None  # noqa: E731
-    full = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml",
-                                                 tiny_overrides(tiny_data, tmp_path / "a")), log=quiet)
-    assert full.completed and full.steps == 9 and set(full.stage_pipelines) == {"text", "encoder", "asr", "sqa"}
-    text, enc, asr, sqa = (SpokenQAPipeline.from_pretrained(full.stage_pipelines[k])
-                           for k in ("text", "encoder", "asr", "sqa"))
-    assert asr.audio_adapter.config.prefix_parts == ["semantic"]
-    assert sqa.audio_adapter.config.prefix_parts == ["semantic", "acoustic"]
-
-    def same(m1, m2):
-        return all(torch.equal(v, m2.state_dict()[k]) for k, v in m1.state_dict().items())
-
-    assert same(text.model, asr.model) and same(asr.model, sqa.model)  # backbone frozen after the text stage
-    e = [p.audio_adapter.speech_encoder for p in (text, enc, asr, sqa)]
-    assert not same(e[0], e[1]) and same(e[1], e[2]) and same(e[2], e[3])  # trained by CTC only, then frozen
-    assert same(enc.audio_adapter.semantic.net, text.audio_adapter.semantic.net)  # its CTC head trains with the encoder
-    assert not same(enc.audio_adapter.semantic.ctc, text.audio_adapter.semantic.ctc)
-    assert not same(enc.audio_adapter.semantic, asr.audio_adapter.semantic)
-    assert same(text.audio_adapter.acoustic, asr.audio_adapter.acoustic)  # not trained in stage 1
-    assert not same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)
-    # killed after 5 steps (inside stage 1), rerun: the same weights as the uninterrupted run
-    over = tiny_overrides(tiny_data, tmp_path / "b")
-    part = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over + ["trainer.stop_at_step=5"]),
-                           log=quiet)
-    assert not part.completed and part.steps == 5
-    rest = train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", over), log=quiet)
-    assert rest.completed and rest.resumed_from.endswith("step_00000005") and rest.losses == full.losses
-    again = SpokenQAPipeline.from_pretrained(rest.pipeline_dir)
-    assert same(again.audio_adapter, sqa.audio_adapter) and same(again.model, sqa.model)
-    out = again(audio=str(tiny_data.parent / "0.wav"), task="transcribe")
-    assert len(out.texts) == 1 and out.errors == [None]
-
-
-def test_config_errors_and_train_py_dispatch(tiny_data, tmp_path, capsys):
-    from pipelines.spoken_qa_training import SpokenQAConfigError, load_spoken_qa_config, train_spoken_qa
-    from train import TASKS, main
-
-    assert TASKS["spoken_qa"] == "pipelines.spoken_qa_training:main"
-    with pytest.raises(SpokenQAConfigError, match="unknown keys"):
-        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["trainer.epochs=3"])
-    with pytest.raises(SpokenQAConfigError, match="train must list"):
-        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.train=[decoder]"])
-    with pytest.raises(SpokenQAConfigError, match="add 'encoder'"):
-        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.2.train=[semantic]"])
-    with pytest.raises(SpokenQAConfigError, match="align_weight"):
-        train_spoken_qa(load_spoken_qa_config("configs/audio_spoken_qa.yaml", tiny_overrides(tiny_data, tmp_path) + [
-            "stages.4.align_weight=1.0", "stages.0.steps=0", "stages.2.steps=0", "stages.3.steps=0"]), log=print)
-    with pytest.raises(SpokenQAConfigError, match="tasks must map"):
-        load_spoken_qa_config("configs/audio_spoken_qa.yaml", ["stages.1.tasks={translate: 1}"])
-    with pytest.raises(SystemExit):
-        main(["configs/audio_spoken_qa.yaml", "trainer.epochs=3"])
-    assert "unknown keys" in capsys.readouterr().err
-    main(["configs/audio_spoken_qa.yaml", "--print-config", *tiny_overrides(tiny_data, tmp_path)])
-    assert "task: spoken_qa" in capsys.readouterr().out
-
-
-def test_stage2_recipe_starts_from_a_stage1_pipeline(tiny_data, tmp_path):
-    from pipelines.spoken_qa_training import load_spoken_qa_config, train_spoken_qa
-
-    quiet = lambda s: None  # noqa: E731
-    over = [o for o in tiny_overrides(tiny_data, tmp_path / "asr") if not o.startswith("stages.4")]
-    joint = ["stages.3.ctc_weight=0.5", "stages.3.train=[encoder,semantic]"]  # CTC as an auxiliary loss
-    stage1 = train_spoken_qa(load_spoken_qa_config("configs/audio_asr.yaml", over + joint), log=quiet)
-    assert set(stage1.stage_pipelines) == {"text", "encoder", "asr"} and all(np.isfinite(stage1.losses))
-    from latent.training.checkpoint import latest_checkpoint, read_state
-
-    ctc = read_state(latest_checkpoint(tmp_path / "asr" / "checkpoints"), "state")["ctc_head"]
-    assert ctc["proj.1.weight"].shape[0] == len(SpokenQAPipeline.from_pretrained(stage1.pipeline_dir).tokenizer) + 1
-    asr = SpokenQAPipeline.from_pretrained(stage1.pipeline_dir)
-    over2 = [f"data.train={tiny_data}", "data.kind=jsonl", f"run.output_dir={tmp_path / 'sqa'}",
-             f"model.init_from={stage1.pipeline_dir}", f"adapter.init_from={stage1.pipeline_dir}",
-             "prompts.answer_length=2", "prompts.transcribe_length=4", "optim.warmup_steps=1", "trainer.batch_size=4",
-             "trainer.progress=false", "stages.0.steps=2"]
-    stage2 = train_spoken_qa(load_spoken_qa_config("configs/audio_sqa.yaml", over2), log=quiet)
-    sqa = SpokenQAPipeline.from_pretrained(stage2.pipeline_dir)
-    assert sqa.tokenizer.get_vocab() == asr.tokenizer.get_vocab()
-    for a, b, same in ((asr.model, sqa.model, True), (asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder,
-                       True), (asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic, False)):
-        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()) == same
-
-
+# ---- the task's alignment loss (pipelines/tasks/spoken_qa.py; its training tests: test_spoken_qa_task.py)
 def test_alignment_loss_against_direct_computation():
     from modalities.base import PrefixEmbeds
-    from pipelines.spoken_qa_training import alignment_loss
+    from pipelines.tasks.spoken_qa import alignment_loss
 
     torch.manual_seed(0)
     model = DiffusionTransformer(vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, mask_token_id=19)

@@ -1,15 +1,21 @@
 """Training tasks: one file of task logic per kind of model, driven by the one trainer (latent.training).
 
-Importing this package registers the built-in tasks; a recipe selects one with ``task: <name>``:
+Importing this package announces the built-in tasks (each module is imported when its task is first used,
+so one task's dependencies never slow down or break another's); a recipe selects one with ``task: <name>``:
 
 | task | file | trains |
 |---|---|---|
 | text | text.py | masked-diffusion pre-training, SFT, block diffusion, the autoregressive baseline |
+| copy | copy.py | the decoding benchmark's verifiable copy task, for every layout (AR peer included) |
+| caption | caption.py | a vision adapter (and optionally trunk and backbone) on image-caption pairs |
+| spoken_qa | spoken_qa.py | speech adapters on a masked-diffusion backbone, DIFFA-style stages |
+| driving | driving.py | the sensor adapter and planner on highway-env demonstrations (diffusion or AR) |
+| compressor, thought_vae | autoencoders.py | the TextCompressor and the ThoughtVAE on arithmetic text |
+| joint | joint.py | CCDD tokens + latents in one forward, or either stream alone (arithmetic) |
+| latent_reasoning | latent_reasoning.py | latent thought blocks then the answer, or the answer / CoT baselines |
 
 A new task is a :class:`latent.training.task.Task` subclass decorated with ``@register_task("name")``.
 """
-
-import importlib
 
 from latent.training.config import ConfigError, load_config
 from latent.training.task import TASKS, StepLoss, Task, register_task
@@ -18,7 +24,13 @@ from latent.training.trainer import Trainer, TrainResult, train
 __all__ = ["BUILTIN", "ConfigError", "StepLoss", "TASKS", "Task", "TrainResult", "Trainer", "load_config",
            "register_task", "train"]
 
-BUILTIN = ("text", "caption", "spoken_qa", "driving")
+# task name -> the module that registers it
+BUILTIN = {
+    "text": "text", "copy": "copy", "caption": "caption", "spoken_qa": "spoken_qa", "driving": "driving",
+    "compressor": "autoencoders", "thought_vae": "autoencoders", "joint": "joint",
+    "latent_reasoning": "latent_reasoning",
+}
 
-for _name in BUILTIN:
-    importlib.import_module(f"pipelines.tasks.{_name}")
+for _task, _module in BUILTIN.items():
+    if _task not in TASKS:
+        TASKS.register_lazy(_task, f"pipelines.tasks.{_module}")

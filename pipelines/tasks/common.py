@@ -4,6 +4,7 @@ the keys a ``model`` / ``adapter`` section accepts, and pre-drawn masked-diffusi
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from latent.training.config import ConfigError
 from latent.training.models import MODEL_RESERVED, model_parameters
 
-__all__ = ["find_backbone_dir", "load_backbone", "backbone_from_config", "model_keys", "adapter_keys",
+__all__ = ["Decoding", "find_backbone_dir", "load_backbone", "backbone_from_config", "model_keys", "adapter_keys",
            "find_tokenizer_dir", "sft_noise", "init_modules_from"]
 
 _BACKBONE_SUBDIRS = ("", "model", "backbone", "pipeline/model", "final/backbone")
@@ -92,6 +93,15 @@ def find_tokenizer_dir(path) -> Path | None:
         if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
             return d
     return None
+
+
+@dataclass
+class Decoding:
+    """A ``decoding`` section: the defaults a pipeline's MaskedDiffusionScheduler is saved with."""
+
+    commit: str = "threshold"
+    threshold: float = 0.9
+    cache: str = "auto"
 
 
 def sft_noise(generator: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,17 @@
 """Driving data from the highway-env simulator: observations, a rule-based demonstrator, plan tokens.
 
 ```python
-from modalities.driving_data import PlanTokenizer, make_env, observe, RuleBasedDriver, record
+from modalities.data.driving import PlanTokenizer, make_env, observe, RuleBasedDriver, record, build_demonstrations
 
 tok = PlanTokenizer(horizon=3)
 ids = tok.encode(actions, waypoints)          # [.., 3K] token ids: (action, dx, dy) per future decision
 actions, waypoints = tok.decode(ids)
 data = record(densities=(1.0, 1.5, 2.0), episodes=20, seed=0)   # deterministic from the seed
 data.save("data/driving/train.npz"); data = DrivingDataset.load("data/driving/train.npz")
+paths = build_demonstrations("data/driving")  # {train,valid}.npz, recorded once (what the driving recipes call)
 ```
+
+    python -m modalities.data.driving --out data/driving --train-episodes 40 --valid-episodes 10
 
 **Simulator.** ``highway-fast-v0`` (gymnasium; 3 lanes, 20 IDM/MOBIL vehicles, 1 decision per second,
 meta-actions LANE_LEFT / IDLE / LANE_RIGHT / FASTER / SLOWER driving an `MDPVehicle`; its target speeds are
@@ -30,6 +33,11 @@ demonstrations, planner and closed-loop baseline directly comparable.
 ego positions after 1..K decisions, in the ego frame at t (x forward, y to the right, metres). Windows
 that reach past the end of an episode, or contain its crash, are dropped.
 
+**Demonstration set** (`build_demonstrations`): ``train.npz`` and ``valid.npz`` in one folder, recorded on
+disjoint seeds (train from ``seed``, valid from ``valid_seed``), with a ``summary.json`` holding a digest of
+each split. A split whose file exists with the same settings is left as it is; one recorded with other
+settings is refused rather than overwritten.
+
 **Plan tokens** (`PlanTokenizer`): per future decision k the triple (action, dx_k, dy_k), where
 ``dx_k = qx_k - qx_{k-1}`` with ``qx_k = round(x_k / x_res)`` (cumulative quantisation: the decoded waypoint is
 within half a bin of the true one at every horizon, no error accumulates), clipped to the token range.
@@ -46,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .driving import EGO_FIELDS, VEHICLE_FEATURES, DrivingInputs
+from modalities.driving import EGO_FIELDS, VEHICLE_FEATURES, DrivingInputs
 
 __all__ = [
     "ACTIONS",
@@ -59,6 +67,9 @@ __all__ = [
     "observe",
     "occupancy_grid",
     "record",
+    "build_demonstrations",
+    "recorded_settings",
+    "digest",
 ]
 
 # highway-env's DiscreteMetaAction indices
@@ -390,7 +401,8 @@ class DrivingDataset:
     def load(cls, path: str | os.PathLike) -> DrivingDataset:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; record it with experiments/driving_record.py.")
+            raise FileNotFoundError(f"{path} does not exist; record it with build_demonstrations (the driving "
+                                    "recipes do on first use) or python -m modalities.data.driving.")
         with np.load(path, allow_pickle=False) as z:
             kw = {k: z[k] for k in z.files if k != "meta"}
             meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
@@ -478,7 +490,8 @@ def record(densities=(1.0, 1.5, 2.0), episodes: int = 10, seed: int = 0, horizon
     for i, v in enumerate(cols["vehicles"]):
         vehicles[i, : len(v)] = v
     meta = {"env": ENV_ID, "densities": list(densities), "episodes": episodes, "seed": seed, "horizon": horizon,
-            "duration": duration, "max_steps": max_steps, "demonstrator": "RuleBasedDriver (IDM + MOBIL)",
+            "duration": duration, "max_steps": max_steps, "occupancy": bool(occupancy), "image": bool(image),
+            "demonstrator": "RuleBasedDriver (IDM + MOBIL)",
             "demonstrator_crashes": crashes, "demonstrator_episodes": total}
     return DrivingDataset(
         ego=np.asarray(cols["ego"], dtype=np.float32).reshape(s, len(EGO_FIELDS)), vehicles=vehicles,
@@ -491,3 +504,90 @@ def record(densities=(1.0, 1.5, 2.0), episodes: int = 10, seed: int = 0, horizon
         image=np.asarray(cols["image"], dtype=np.uint8) if image and s else None,
         meta=meta,
     )
+
+
+# ------------------------------------------------------------------------------------------ demonstration set
+_SETTINGS = ("densities", "episodes", "seed", "horizon", "duration", "max_steps", "occupancy", "image")
+
+
+def recorded_settings(path: str | os.PathLike) -> dict:
+    """The recording settings of a saved split (what `build_demonstrations` compares), read from its meta.
+    Files from before the flags were stored say whether they hold occupancy grids / images by their arrays."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        arrays = set(z.files)
+    out = {k: meta.get(k) for k in _SETTINGS}
+    out["densities"] = [float(d) for d in out["densities"] or []]
+    for k in ("occupancy", "image"):
+        out[k] = bool(meta.get(k, k in arrays))
+    return out
+
+
+def digest(data: DrivingDataset) -> str:
+    """A short hash of every array of a dataset (equal digests: identical recordings)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(data.__dict__.items()):
+        if isinstance(v, np.ndarray):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_demonstrations(out_dir: str | os.PathLike, densities=(1.0, 1.5, 2.0), train_episodes: int = 40,
+                         valid_episodes: int = 10, seed: int = 0, valid_seed: int = 500, horizon: int = 3,
+                         occupancy: bool = False, image: bool = False, duration: int | None = None,
+                         max_steps: int | None = None, progress: bool = True) -> dict[str, Path]:
+    """``<out_dir>/train.npz`` and ``valid.npz`` recorded with `record` (episodes per density), deterministic
+    from the seeds; returns their paths. A split already there with the same settings is kept (no work); one
+    recorded with other settings raises ValueError naming both."""
+    out = Path(out_dir)
+    paths, summary = {}, {}
+    for split, episodes, split_seed in (("train", train_episodes, seed), ("valid", valid_episodes, valid_seed)):
+        path = paths[split] = out / f"{split}.npz"
+        want = {"densities": [float(d) for d in densities], "episodes": int(episodes), "seed": int(split_seed),
+                "horizon": int(horizon), "duration": duration, "max_steps": max_steps, "occupancy": bool(occupancy),
+                "image": bool(image)}
+        if path.is_file():
+            have = recorded_settings(path)
+            if have != want:
+                diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+                raise ValueError(f"{path} holds demonstrations recorded with other settings (recorded, asked): {diff}; "
+                                 "record elsewhere or delete the file")
+            continue
+        data = record(densities, episodes, split_seed, horizon, occupancy=occupancy, image=image, duration=duration,
+                      max_steps=max_steps, progress=progress)
+        data.save(path)
+        summary[split] = {"samples": len(data), "first_action_counts": np.bincount(
+            data.actions[:, 0], minlength=len(ACTIONS)).tolist(), "digest": digest(data), **want,
+            "demonstrator_crashes": data.meta["demonstrator_crashes"]}
+    if summary:
+        index = out / "summary.json"
+        old = json.loads(index.read_text()) if index.is_file() else {}
+        index.write_text(json.dumps({**old, **summary}, indent=2))
+    return paths
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Record the driving demonstration set (train.npz, valid.npz).")
+    ap.add_argument("--out", default="data/driving")
+    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 1.5, 2.0])
+    ap.add_argument("--train-episodes", type=int, default=40, help="per density")
+    ap.add_argument("--valid-episodes", type=int, default=10, help="per density")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--valid-seed", type=int, default=500)
+    ap.add_argument("--horizon", type=int, default=3)
+    ap.add_argument("--occupancy", action="store_true", help="also store ego-centred occupancy grids")
+    ap.add_argument("--image", action="store_true", help="also store the top-down rendering (needs pygame)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    paths = build_demonstrations(a.out, a.densities, a.train_episodes, a.valid_episodes, a.seed, a.valid_seed,
+                                 a.horizon, a.occupancy, a.image)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+if __name__ == "__main__":
+    main()
