@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def text_oracle(pipe, rows, batch_size=50) -> dict:
     """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be."""
-    from modalities.data.speech import answer_accuracy
+    from modalities.data.metrics import answer_accuracy
 
     preds = []
     tok = pipe.tokenizer

@@ -38,7 +38,8 @@ def main(argv=None) -> dict:
     from latent.training.config import load_config
     from latent.training.trainer import train
     from modalities.data.metrics import caption_scores
-    from modalities.data.scenes import attribute_accuracy, make_split, write_split
+    from modalities.data.metrics import attribute_accuracy
+    from modalities.data.scenes import make_split, write_split
     from pipelines.batch import run_captioning
     from pipelines.captioning import CaptioningPipeline
 

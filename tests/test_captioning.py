@@ -10,7 +10,8 @@ from PIL import Image
 
 from latent import DiffusionTransformer
 from latent.scheduler import MaskedDiffusionScheduler
-from modalities.data.scenes import HELD_OUT, attribute_accuracy, make_split, parse_caption, render_scene
+from modalities.data.metrics import attribute_accuracy
+from modalities.data.scenes import HELD_OUT, make_split, parse_caption, render_scene
 from modalities.vision import ImageError, VisionAdapter
 from pipelines.captioning import CaptioningPipeline
 from pipelines.cli import main as cli_main

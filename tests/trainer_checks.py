@@ -76,7 +76,7 @@ def check_exact_resume(recipe, overrides: list[str], tmp_path: Path, n: int, rel
     assert [s for s, _ in want] == list(range(1, 2 * n + 1))
     got = logged_losses(killed)
     assert [s for s, _ in got] == [s for s, _ in want]
-    for (_, a), (_, b) in zip(want, got):
+    for (_, a), (_, b) in zip(want, got, strict=True):
         assert abs(a - b) <= rel * abs(a), (want, got)
     return want
 

@@ -286,7 +286,7 @@ class Trainer:
         loss = float(self.acc.reduce(loss_sum, "mean")) if self.world > 1 else float(loss_sum)
         if self.world > 1 and metrics:
             vals = self.acc.reduce(torch.tensor(list(metrics.values()), device=self.device), "mean")
-            metrics = dict(zip(metrics, vals.tolist()))
+            metrics = dict(zip(metrics, vals.tolist(), strict=True))
         return loss, float(grad_norm), self.task.count(batch), metrics
 
     # ------------------------------------------------------------------ evaluation, checkpoints, exports

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "COUNTS", "POSITIONS", "HELD_OUT", "Scene", "render_scene", "sample_scene",
-    "make_split", "write_split", "parse_caption", "attribute_accuracy",
+    "make_split", "write_split", "parse_caption",
 ]
 
 COLOURS = {
@@ -168,23 +168,6 @@ def parse_caption(text: str) -> dict:
             out["position"] = phrase
             break
     return out
-
-
-def attribute_accuracy(predictions: list[str], attributes: list[dict]) -> dict:
-    """Per-attribute accuracy, the accuracy of the (colour, shape) pair, and all-attributes-right."""
-    if len(predictions) != len(attributes):
-        raise ValueError(f"{len(predictions)} predictions for {len(attributes)} references.")
-    keys = ("count", "size", "colour", "shape", "position")
-    hits = {k: 0 for k in (*keys, "colour+shape", "all")}
-    for pred, ref in zip(predictions, attributes, strict=True):
-        got = parse_caption(pred)
-        ok = {k: got[k] == ref[k] for k in keys}
-        for k in keys:
-            hits[k] += ok[k]
-        hits["colour+shape"] += ok["colour"] and ok["shape"]
-        hits["all"] += all(ok.values())
-    n = max(len(predictions), 1)
-    return {k: v / n for k, v in hits.items()}
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,8 @@ import numpy as np
 
 __all__ = [
     "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "SPLITS", "Example", "make_example", "make_split",
-    "espeak_available", "synthesize", "build_split", "build_dataset", "read_split", "normalize_text",
-    "word_error_rate", "answer_accuracy", "add_noise", "render",
+    "espeak_available", "synthesize", "build_split", "build_dataset", "read_split", "add_noise",
+    "render",
 ]
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -228,44 +227,6 @@ def read_split(index: str | os.PathLike, limit: int | None = None) -> list[dict]
     if not rows:
         raise ValueError(f"{index} lists no examples.")
     return rows
-
-
-# ---- metrics --------------------------------------------------------------------------------------------
-def normalize_text(text: str) -> str:
-    """Lowercase, keep letters/digits/apostrophes, single spaces."""
-    return " ".join(re.findall(r"[a-z0-9']+", (text or "").lower()))
-
-
-def _edits(ref: list[str], hyp: list[str]) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER: word-level Levenshtein edits (substitutions + deletions + insertions) summed over the
-    corpus, divided by the number of reference words. Texts are normalised with `normalize_text`."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references.")
-    edits = words = 0
-    for ref, hyp in zip(references, hypotheses):
-        r, h = normalize_text(ref).split(), normalize_text(hyp).split()
-        edits += _edits(r, h)
-        words += len(r)
-    if words == 0:
-        raise ValueError("the references hold no words.")
-    return edits / words
-
-
-def answer_accuracy(references: list[str], predictions: list[str]) -> float:
-    """Fraction of exact matches after `normalize_text`."""
-    if len(references) != len(predictions) or not references:
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
-    return sum(normalize_text(r) == normalize_text(p) for r, p in zip(references, predictions)) / len(references)
 
 
 def main(argv=None) -> None:

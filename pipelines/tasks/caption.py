@@ -327,7 +327,7 @@ def evaluate_captioner(pipe, pairs: Pairs, batch_size: int = 64, progress: bool 
         nfe += out.nfe
     res = caption_scores(preds, pairs.captions)
     if pairs.attributes is not None:
-        from modalities.data.scenes import attribute_accuracy
+        from modalities.data.metrics import attribute_accuracy
 
         res["attributes"] = attribute_accuracy(preds, pairs.attributes)
     res.update(images=len(preds), images_per_second=len(preds) / seconds, forwards=nfe, predictions=preds)

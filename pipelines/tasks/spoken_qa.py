@@ -557,7 +557,7 @@ def evaluate_spoken_qa(pipe, rows: list[dict], task: str = "answer", batch_size:
 
     from tqdm.auto import tqdm
 
-    from modalities.data.speech import answer_accuracy, normalize_text, word_error_rate
+    from modalities.data.metrics import answer_accuracy, normalize_text, word_error_rate
 
     pipe.set_progress_bar_config(disable=True)
     preds, nfe, seconds = [], 0, 0.0
