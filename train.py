@@ -29,9 +29,9 @@ def main(argv=None):
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = ap.parse_intermixed_args(argv)
 
-    import pipelines.tasks  # noqa: F401 - registers the built-in tasks
     from omegaconf import OmegaConf
 
+    import pipelines.tasks  # noqa: F401 - registers the built-in tasks
     from latent.training.config import ConfigError, load_config
 
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers looks the loading base up here
+from trainer_checks import logged_losses
 
 import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli
@@ -16,7 +17,6 @@ from latent.losses import sft_loss
 from latent.training.task import TASKS, StepLoss, Task, register_task, step_generator
 from modalities.base import ModalityAdapter, PrefixEmbeds, adapter_class, register_adapter
 from pipelines.tasks.common import sft_noise
-from trainer_checks import logged_losses
 
 VOCAB, EOS, MASK = 8, 6, 7
 

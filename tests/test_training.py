@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from trainer_checks import check_exact_resume
 
 import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli
@@ -22,7 +23,6 @@ from latent.training.checkpoint import flatten, latest_checkpoint, read_state, u
 from latent.training.config import ConfigError, load_config
 from latent.training.optim import warmup_cosine
 from latent.training.trainer import Trainer, train
-from trainer_checks import check_exact_resume
 
 REPO = Path(__file__).resolve().parents[1]
 needs_corpus = pytest.mark.skipif(bool(missing_sources()), reason=f"missing {missing_sources()} (.ci/run installs them)")
