@@ -276,13 +276,19 @@ class TextCompressor(ModelMixin, ConfigMixin):
         align_weight: float | None = None,
         generator: torch.Generator | None = None,
         states: torch.Tensor | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> CompressorOutput:
         """Reconstruction CE + ``align_weight`` * (1 - cosine alignment); augmentations as configured
         (pass 0 to switch one off, e.g. for evaluation: ``latent_noise`` is then the exact level).
 
         ``states``: the frozen encoder's clean states of these ids, precomputed once for a corpus (the
         encoder is frozen, so they never change). Token masking then hides the dropped tokens' states
-        from the compressor's cross-attention instead of re-running the encoder on masked input."""
+        from the compressor's cross-attention instead of re-running the encoder on masked input.
+
+        ``noise``: the augmentations' random draws made by the caller instead of ``generator`` (so that a
+        row's draws do not depend on the batch it is computed in): uniform ``[B, L]`` (a real token is
+        masked where it is below ``token_mask_prob``), uniform ``[B]`` (the row's noise level, times
+        ``latent_noise``, in training mode) and Gaussian ``[B, M, C]`` (the latent noise)."""
         cfg = self.config
         sigma = cfg.latent_noise if latent_noise is None else latent_noise
         pmask = cfg.token_mask_prob if token_mask_prob is None else token_mask_prob
@@ -295,7 +301,8 @@ class TextCompressor(ModelMixin, ConfigMixin):
         real = self._real_tokens(input_ids, attention_mask)
         enc_states, enc_mask = clean, attention_mask
         if pmask > 0:
-            drop = (torch.rand(B, L, generator=generator).to(dev) < pmask) & real
+            u = noise[0] if noise is not None else torch.rand(B, L, generator=generator)
+            drop = (u.to(dev) < pmask) & real
             if precomputed:
                 enc_mask = attention_mask * ~drop
             else:
@@ -304,8 +311,12 @@ class TextCompressor(ModelMixin, ConfigMixin):
         z = self.encode(input_ids, enc_mask, states=enc_states)
         z_dec = z
         if sigma > 0:
-            level = torch.rand(B, 1, 1, generator=generator).to(dev) * sigma if self.training else sigma
-            z_dec = z + level * torch.randn(z.shape, generator=generator).to(dev)
+            level = sigma
+            if self.training:
+                u = noise[1] if noise is not None else torch.rand(B, 1, 1, generator=generator)
+                level = u.reshape(B, 1, 1).to(dev) * sigma
+            eps = noise[2] if noise is not None else torch.randn(z.shape, generator=generator)
+            z_dec = z + level * eps.to(dev)
         logits = self.decode(z_dec)
         ce = F.cross_entropy(logits.transpose(1, 2), self._targets(input_ids))
         # alignment: latent j <-> mean clean state of its c tokens

@@ -110,15 +110,17 @@ class ThoughtVAE(ModelMixin, ConfigMixin):
         return self.loss(input_ids, sample=sample, generator=generator, beta=beta)
 
     def loss(self, input_ids, sample: bool | None = None, generator: torch.Generator | None = None,
-             beta: float | None = None) -> ThoughtVAEOutput:
-        """CE + beta * KL. ``sample`` (default: in training mode) draws z from the posterior, else z = mu."""
+             beta: float | None = None, noise: torch.Tensor | None = None) -> ThoughtVAEOutput:
+        """CE + beta * KL. ``sample`` (default: in training mode) draws z from the posterior, else z = mu;
+        ``noise`` ``[B, k, C]``: the Gaussian draw of that sample made by the caller instead of ``generator``."""
         input_ids = self._check_ids(input_ids)
         beta = self.config.beta if beta is None else beta
         mu, logvar = self.encode(input_ids)
         sample = self.training if sample is None else sample
         z = mu
         if sample:
-            z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator).to(mu.device)
+            eps = noise if noise is not None else torch.randn(mu.shape, generator=generator)
+            z = mu + (0.5 * logvar).exp() * eps.to(mu.device)
         logits = self.decode(z)
         ce = F.cross_entropy(logits.transpose(1, 2), input_ids)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()

@@ -1,22 +1,27 @@
 """Latent text generation vs token-level masked diffusion: speed at matched quality.
 
-Both generators learn the same texts (true equations of the arithmetic task, e.g. ``4+5*2-3=15``) from
-scratch with the same backbone size and training steps:
+Both generators are the recipe ``configs/latent_textgen.yaml`` and learn the same texts (true equations of
+the arithmetic task, e.g. ``4+5*2-3=15``) from scratch with the same backbone size and training steps:
 
 - latent: Gaussian diffusion (v-prediction, DPM-Solver++) over the 4 latents x 32 channels that the
-  frozen-MiniLM ``TextCompressor`` (c = 4, domain vocabulary, trained by the command below) makes of
-  a 16-token text, decoded to text by the compressor in one forward;
-- token:  masked diffusion over the 16 character tokens of the text, ancestral sampling (random unmasking
-  order, tokens drawn at temperature 1; confidence order collapses unconditional samples onto EOS).
+  frozen-MiniLM ``TextCompressor`` (c = 4, domain vocabulary; the recipe trains it first when its run folder
+  is missing) makes of a 16-token text, decoded to text by the compressor in one forward;
+- token:  ``objective.mode=discrete``, masked diffusion over the 16 character tokens of the text, ancestral
+  sampling (random unmasking order, tokens drawn at temperature 1; confidence order collapses unconditional
+  samples onto EOS).
 
 Quality is verifiable: the fraction of samples that are well-formed, true equations (left-to-right
 evaluation, every partial result in 0..19). Speed: wall-clock milliseconds per sample on one CPU
 thread, generation in batches of 100 (decoding included).
 
-    python -m experiments.latent_autoencoders --parts compressor --domain-vocab --comp-steps 600 --tag _domain  # once
-    python -m experiments.latent_textgen          # ~10 min on one busy CPU thread
+    python -m experiments.latent_textgen          # ~20 min on one busy CPU thread (+ the compressor once)
+    python -m experiments.latent_textgen --steps 4 --runs /tmp/smoke data.n_train=100 --n-samples 20 \\
+        --compressor-overrides trainer.max_steps=4 data.n_train=100                  # smoke run
 
-Writes ``experiments/results/latent_textgen.{md,json,png}``.
+(Recipe overrides go before the options that take lists.)
+
+Trains ``<runs>/latent_textgen`` and ``<runs>/latent_textgen_token`` and writes
+``experiments/results/latent_textgen.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -24,142 +29,90 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
+from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from omegaconf import OmegaConf
 
-from autoencoders.compressor import TextCompressor
-from experiments.latent_tasks import (
-    MAX_VALUE,
-    decode_answer,
-    encode_fixed,
-    make_tokenizer,
-    markdown_table,
-    parse_args,
-    split,
-)
-from latent.backbone import DiffusionTransformer
-from latent.continuous import GaussianDiffusion, sample_latents
-from latent.joint import joint_sample
-from latent.losses import masked_diffusion_loss
+from experiments.latent_tasks import add_common_args, markdown_table, train_recipe
+from latent.data.arithmetic import equation_text, is_true_equation
+from pipelines.tasks.autoencoders import arithmetic_split
+from pipelines.tasks.joint import JointGenerator
 
-TOK_LEN = 16
+COMPRESSOR = ["model.domain_vocab=true", "trainer.max_steps=600", "optim.warmup_steps=30",
+              "run.name=latent_compressor_c4_domain"]
 
 
-def is_true_equation(text: str) -> bool:
-    s = text.replace(" ", "")
-    m = re.fullmatch(r"(\d+)((?:[+\-*]\d+)+)=(\d+)", s)
-    if not m:
-        return False
-    x = int(m.group(1))
-    for op, n in re.findall(r"([+\-*])(\d+)", m.group(2)):
-        x = x + int(n) if op == "+" else x - int(n) if op == "-" else x * int(n)
-        if not 0 <= x <= MAX_VALUE:
-            return False
-    return x == int(m.group(3))
-
-
-def train(model, loss_fn, args, desc):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.05)
-    g, gb = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
-    for _ in tqdm(range(args.steps), desc=f"train {desc}"):
-        idx = torch.randint(0, args.n_train, (args.batch,), generator=gb)
-        loss = loss_fn(idx, g)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    return model.eval()
+def timed(gen, n: int, steps: int, bs: int = 100, **kw):
+    """Samples, ms per sample (decoding included) and, for latent samples, ms per sample of the compressor's
+    decoding alone (timed again on the same latents)."""
+    outs, lats, t0 = [], [], time.perf_counter()
+    for i in range(0, n, bs):
+        out = gen(num_samples=min(bs, n - i), steps=steps, generator=torch.Generator().manual_seed(i), **kw)
+        outs += out.texts
+        lats.append(out.latents)
+    ms = (time.perf_counter() - t0) * 1000 / n
+    dec = 0.0
+    if gen.mode == "continuous":
+        t1 = time.perf_counter()
+        for lat in lats:
+            gen.compressor.decode_text(lat)
+        dec = (time.perf_counter() - t1) * 1000 / n
+    return outs, ms, dec
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=96)
-    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--latent-steps", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--token-steps", type=int, nargs="+", default=[2, 4, 8, 16])
-    ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--n-samples", type=int, default=300)
-    ap.add_argument("--compressor", default="runs/latent/compressor_c4_domain")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="experiments/results")
-    args = parse_args(ap, argv)
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--compressor-overrides", nargs="*", default=[],
+                    help="more overrides of configs/latent_compressor.yaml when the compressor is trained first")
+    add_common_args(ap)
+    args = ap.parse_intermixed_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    train_set, _ = split(args.n_train, 4, (1, 2, 3, 4), args.seed)
-    texts = [p.question + "=" + p.answer for p in train_set]
-    assert all(is_true_equation(t) for t in texts)
+    comp = [f"compressor.path={Path(args.runs) / 'latent_compressor_c4_domain'}",
+            f"compressor.overrides={json.dumps(COMPRESSOR + args.compressor_overrides)}"]
+    latent = train_recipe("latent_textgen", comp, args)
+    token = train_recipe("latent_textgen", [*comp, "objective.mode=discrete", "run.name=latent_textgen_token"], args)
+    lat_gen = JointGenerator.from_pretrained(latent.pipeline_dir)
+    tok_gen = JointGenerator.from_pretrained(token.pipeline_dir)
 
-    comp = TextCompressor.from_pretrained(args.compressor).eval()
-    M, C = comp.num_latents, comp.config.latent_dim
+    cfg = OmegaConf.load(latent.run_dir / "config.yaml")
+    texts = [equation_text(p) for p in arithmetic_split(cfg)[0]]
     with torch.no_grad():
-        z = torch.cat([comp.encode_text(texts[i : i + 256]) for i in range(0, len(texts), 256)])
-        recon_ok = sum(map(is_true_equation, comp.decode_text(z[:500]))) / 500
+        decoded = lat_gen.compressor.decode_text(lat_gen.compressor.encode_text(texts[:500]))
+    recon_ok = sum(map(is_true_equation, decoded)) / len(decoded)
     print(f"compressor round trip: {recon_ok:.3f} of training texts decode to true equations", flush=True)
 
-    tok = make_tokenizer()
-    ids = encode_fixed(tok, texts, TOK_LEN, tok.eos_token_id, eos=True)
-    mask_id = tok.mask_token_id
+    M = lat_gen.settings["latent_shape"][0]
+    rows, res, n = [], {"latent": {}, "token": {}}, args.n_samples
+    for s in args.latent_steps:
+        outs, ms, dec_ms = timed(lat_gen, n, s)
+        q = sum(map(is_true_equation, outs)) / n
+        res["latent"][s] = dict(valid=q, ms=ms, decode_ms=dec_ms, examples=outs[:3], distinct=len(set(outs)) / n)
+        rows.append(["latent (c=4)", s, M, q, len(set(outs)) / n, ms, dec_ms])
+        print("latent", s, q, ms, outs[:3], flush=True)
+    for s in args.token_steps:
+        outs, ms, _ = timed(tok_gen, n, s, temperature=1.0, order="random")
+        q = sum(map(is_true_equation, outs)) / n
+        res["token"][s] = dict(valid=q, ms=ms, examples=outs[:3], distinct=len(set(outs)) / n)
+        rows.append(["token", s, tok_gen.settings["target_length"], q, len(set(outs)) / n, ms, 0.0])
+        print("token", s, q, ms, outs[:3], flush=True)
 
-    def build(latent_dim):
-        torch.manual_seed(args.seed)
-        return DiffusionTransformer(vocab_size=len(tok), hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                    mask_token_id=mask_id, max_position_embeddings=32, latent_dim=latent_dim)
-
-    diffusion = GaussianDiffusion("v_prediction")
-    lat_model = build(C)  # both built with latent_dim = C: identical parameter counts
-    train(lat_model, lambda idx, g: diffusion.loss(lat_model, z[idx], generator=g).loss, args, "latent")
-    tok_model = build(C)
-    train(tok_model, lambda idx, g: masked_diffusion_loss(tok_model, ids[idx], mask_id, generator=g).loss, args, "token")
-
-    rows, res = [], {"latent": {}, "token": {}}
-    n, bs = args.n_samples, 100
-    with torch.no_grad():
-        for s in args.latent_steps:
-            t0, outs, dec = time.perf_counter(), [], 0.0
-            for i in range(0, n, bs):
-                lat = sample_latents(lambda x, t: lat_model(latents=x, timestep=t.expand(x.shape[0])).latent_pred,
-                                     diffusion.make_scheduler("dpm"), shape=(bs, M, C), num_inference_steps=s,
-                                     diffusion=diffusion, generator=torch.Generator().manual_seed(i))
-                t1 = time.perf_counter()
-                outs += comp.decode_text(lat)
-                dec += time.perf_counter() - t1
-            ms = (time.perf_counter() - t0) * 1000 / n
-            q = sum(map(is_true_equation, outs)) / n
-            res["latent"][s] = dict(valid=q, ms=ms, decode_ms=dec * 1000 / n, examples=outs[:3],
-                                    distinct=len(set(outs)) / n)
-            rows.append(["latent (c=4)", s, M, q, len(set(outs)) / n, ms, dec * 1000 / n])
-            print("latent", s, q, ms, outs[:3], flush=True)
-        empty = torch.zeros(bs, 0, dtype=torch.long)
-        for s in args.token_steps:
-            t0, outs = time.perf_counter(), []
-            for i in range(0, n, bs):  # ancestral sampling: Gumbel proposals (temperature 1), random order
-                seq = joint_sample(tok_model, empty, TOK_LEN, mask_id, s, temperature=1.0, order="random",
-                                   generator=torch.Generator().manual_seed(i)).sequences
-                outs += [decode_answer(tok, r.tolist()) for r in seq]
-            ms = (time.perf_counter() - t0) * 1000 / n
-            q = sum(map(is_true_equation, outs)) / n
-            res["token"][s] = dict(valid=q, ms=ms, examples=outs[:3], distinct=len(set(outs)) / n)
-            rows.append(["token", s, TOK_LEN, q, len(set(outs)) / n, ms, 0.0])
-            print("token", s, q, ms, outs[:3], flush=True)
-
-    table = markdown_table(["generator", "steps", "positions", "true equations", "distinct", "ms / sample", "of which decoding"], rows)
+    table = markdown_table(["generator", "steps", "positions", "true equations", "distinct", "ms / sample",
+                            "of which decoding"], rows)
     cmd = "python -m experiments.latent_textgen " + " ".join(sys.argv[1:] if argv is None else argv)
     ex = "\n".join(f"- {k} {s} steps: {v['examples']}" for k in res for s, v in res[k].items())
-    text = (f"# Latent text generation vs token masked diffusion\n\n`{cmd.strip()}` ({args.steps} training steps "
-            f"each, same model size; {n} samples per row; compressor round trip on training texts: {recon_ok:.3f})\n\n"
-            f"{table}\n\nSamples:\n{ex}\n")
-    open(os.path.join(args.out, "latent_textgen.md"), "w").write(text)
-    json.dump(dict(args=vars(args), results=res, recon_ok=recon_ok), open(os.path.join(args.out, "latent_textgen.json"), "w"),
-              indent=1, default=str)
+    text = (f"# Latent text generation vs token masked diffusion\n\n`{cmd.strip()}` ({cfg.trainer.max_steps} "
+            f"training steps each, same model size; {n} samples per row; compressor round trip on training texts: "
+            f"{recon_ok:.3f})\n\n{table}\n\nSamples:\n{ex}\n")
+    with open(os.path.join(args.out, "latent_textgen.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "latent_textgen.json"), "w") as f:
+        json.dump(dict(args=vars(args), results=res, recon_ok=recon_ok), f, indent=1, default=str)
     print(text)
 
     import matplotlib

@@ -3,7 +3,7 @@
 ```python
 from pipelines.latent_reasoning import LatentReasoningPipeline
 
-pipe = LatentReasoningPipeline.from_pretrained("runs/latent/reasoning_pipeline")
+pipe = LatentReasoningPipeline.from_pretrained("runs/latent_reasoning/pipeline")   # configs/latent_reasoning.yaml
 out = pipe("23+7*2-5", num_thought_blocks=3, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
 out.answers[0]        # "55"
 out.thoughts[0]       # ["23+7=30", "30*2=60", "60-5=55"]: each block decoded by the thought VAE

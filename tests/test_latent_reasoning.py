@@ -9,9 +9,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from diffusers.callbacks import PipelineCallback
 
 from autoencoders.thought_vae import ThoughtVAE
-from experiments.latent_tasks import make_tokenizer
 from latent.backbone import DiffusionTransformer
 from latent.continuous import GaussianDiffusion
+from latent.data.arithmetic import make_tokenizer
 from pipelines.latent_reasoning import LatentReasoningPipeline, latent_reasoning_loss, reasoning_layout
 
 Q, A, K, k, C = 6, 3, 2, 2, 4
@@ -186,8 +186,7 @@ def test_bad_input(parts):
 
 # ---- experiment plumbing: the task is verifiable and recipes load -------------------------------------
 def test_task_is_verifiable_and_split_holds_out_chains():
-    from experiments.latent_tasks import split
-    from experiments.latent_textgen import is_true_equation
+    from latent.data.arithmetic import is_true_equation, split
 
     train, test = split(400, 80, (1, 2, 3, 4), seed=0)
     for p in train + test:
@@ -197,20 +196,3 @@ def test_task_is_verifiable_and_split_holds_out_chains():
     seen = {p.question for p in train}
     assert all(p.question not in seen for p in test if p.difficulty > 1)
     assert sorted({p.difficulty for p in test}) == [1, 2, 3, 4]
-
-
-def test_recipe_sets_defaults_and_cli_wins(tmp_path):
-    import argparse
-
-    from experiments.latent_tasks import parse_args
-
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text("steps: 7\nblock_steps: 3\n")
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--block-steps", type=int, default=1)
-    a = parse_args(ap, ["--config", str(cfg), "--steps", "9"])
-    assert (a.steps, a.block_steps) == (9, 3)
-    cfg.write_text("stepz: 7\n")
-    with pytest.raises(ValueError, match="unknown option"):
-        parse_args(argparse.ArgumentParser(), ["--config", str(cfg)])
