@@ -14,7 +14,7 @@ import inspect
 
 from latent.registry import Registry, UnknownNameError
 
-__all__ = ["MODELS", "build_model", "model_parameters", "MODEL_RESERVED"]
+__all__ = ["MODELS", "build_model", "model_parameters", "model_section_keys", "MODEL_RESERVED"]
 
 MODELS = Registry("model")
 MODEL_RESERVED = ("name", "preset", "init_from")  # model-section keys that are not builder arguments
@@ -28,6 +28,11 @@ def model_parameters(name: str) -> list[str]:
     sig = inspect.signature(target.__init__ if inspect.isclass(target) else target)
     return [p for p, v in sig.parameters.items() if p not in ("self", "tokenizer")
             and v.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+
+def model_section_keys(user: dict) -> list[str]:
+    """The keys a recipe's ``model`` section accepts: name/preset/init_from and the builder's arguments."""
+    return [*MODEL_RESERVED, *model_parameters(user.get("name", "diffusion_transformer"))]
 
 
 def build_model(model_cfg: dict, tokenizer=None):

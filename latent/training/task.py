@@ -136,7 +136,12 @@ class Task:
     # ---- config ---------------------------------------------------------------------------------
     @classmethod
     def section_keys(cls, section: str, user: dict) -> list[str] | None:
-        """The keys a free section accepts (None: any). ``user`` is what the recipe wrote there."""
+        """The keys a free section accepts (None: any). ``user`` is what the recipe wrote there. A ``model``
+        section takes the registered model builder's arguments (``model.name``) and name/preset/init_from."""
+        if section == "model":
+            from latent.training.models import model_section_keys
+
+            return model_section_keys(user)
         return None
 
     @classmethod

@@ -39,7 +39,6 @@ from pipelines.tasks.common import (
     backbone_from_config,
     find_tokenizer_dir,
     init_modules_from,
-    model_keys,
     sft_noise,
 )
 
@@ -193,7 +192,7 @@ class CaptionTask(Task):
     @classmethod
     def section_keys(cls, section, user):
         if section == "model":
-            return model_keys(user)
+            return super().section_keys(section, user)
         return adapter_keys({"type": "vision", **user}, extra=("type",))
 
     @classmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from latent.training.config import ConfigError
-from latent.training.models import MODEL_RESERVED, model_parameters
+from latent.training.models import model_section_keys as model_keys
 
 __all__ = ["Decoding", "find_backbone_dir", "load_backbone", "backbone_from_config", "model_keys", "adapter_keys",
            "find_tokenizer_dir", "sft_noise", "init_modules_from"]
@@ -65,10 +65,6 @@ def backbone_from_config(model_cfg, tokenizer, layouts=None, switch_to=None):
     if layouts is not None and layout not in layouts:
         raise ConfigError(f"model.attention_layout={layout!r}; this task needs one of {layouts}")
     return model
-
-
-def model_keys(user: dict) -> list[str]:
-    return [*MODEL_RESERVED, *model_parameters(user.get("name", "diffusion_transformer"))]
 
 
 def adapter_keys(user: dict, extra=("type", "init_from")) -> list[str] | None:

@@ -21,7 +21,6 @@ from latent.losses import block_diffusion_loss, causal_lm_loss, sft_loss
 from latent.schedules import sample_times
 from latent.training.config import ConfigError
 from latent.training.task import StepLoss, Task, register_task, step_generator
-from pipelines.tasks.common import model_keys
 
 __all__ = ["CopyTask", "copy_batch", "copy_accuracy"]
 
@@ -68,10 +67,6 @@ class CopyTask(Task):
     free_sections = ("model",)
     aliases = {"backbone": ["model.*"]}
     eval_fields = ("val_accuracy", "val_forwards")
-
-    @classmethod
-    def section_keys(cls, section, user):
-        return model_keys(user)
 
     @classmethod
     def check_config(cls, cfg):

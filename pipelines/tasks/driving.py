@@ -43,7 +43,6 @@ from pipelines.tasks.common import (
     adapter_keys,
     backbone_from_config,
     init_modules_from,
-    model_keys,
     sft_noise,
 )
 
@@ -244,7 +243,7 @@ class DrivingTask(Task):
     @classmethod
     def section_keys(cls, section, user):
         if section == "model":
-            return model_keys(user)
+            return super().section_keys(section, user)
         return [k for k in adapter_keys({"type": "driving"}, extra=()) if k != "hidden_size"]  # width: the model's
 
     @classmethod

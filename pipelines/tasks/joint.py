@@ -60,7 +60,7 @@ from pipelines.tasks.autoencoders import (
     pretrained_folder,
     write_training,
 )
-from pipelines.tasks.common import backbone_from_config, model_keys
+from pipelines.tasks.common import backbone_from_config
 
 __all__ = ["JointTask", "JointGenerator", "JointGeneration", "Layout", "minilm_latents", "answer_scores",
            "equation_scores", "SamplingEval"]
@@ -354,10 +354,6 @@ class JointTask(Task):
     defaults = {"trainer": {"batch_size": 64}}
     # the discrete mode leaves the latent stream's parameters unused (and the continuous one the tokens')
     may_skip_parameters = True
-
-    @classmethod
-    def section_keys(cls, section, user):
-        return model_keys(user)
 
     @classmethod
     def check_config(cls, cfg):

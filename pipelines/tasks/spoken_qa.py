@@ -50,7 +50,6 @@ from pipelines.tasks.common import (
     backbone_from_config,
     find_tokenizer_dir,
     init_modules_from,
-    model_keys,
     sft_noise,
 )
 
@@ -336,7 +335,7 @@ class SpokenQATask(Task):
     @classmethod
     def section_keys(cls, section, user):
         if section == "model":
-            return model_keys(user)
+            return super().section_keys(section, user)
         return adapter_keys({"type": "audio", **user})
 
     @classmethod

@@ -25,7 +25,6 @@ from latent.schedules import sample_times
 from latent.training.config import ConfigError
 from latent.training.evaluate import validation_bound
 from latent.training.task import StepLoss, Task, register_task, step_generator
-from pipelines.tasks.common import model_keys
 
 __all__ = ["TextTask", "sample_texts"]
 
@@ -131,10 +130,6 @@ class TextTask(Task):
     free_sections = ("model",)
     aliases = {"backbone": ["model.*"]}
     eval_fields = ("val_bits_per_token", "val_nll_per_token", "val_tokens")
-
-    @classmethod
-    def section_keys(cls, section, user):
-        return model_keys(user)
 
     @classmethod
     def check_config(cls, cfg):
