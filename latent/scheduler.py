@@ -16,6 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .config_checks import SCHEDULER_RULES, check_config
 from .losses import corrupt
 from .sampling import Sampler, SamplerConfig, create_part
 from .sampling.state import DecodeState
@@ -28,10 +29,12 @@ EXACT_CACHE = {"prefix": "prefix_exact", "block_causal": "block_exact", "causal"
 
 @dataclass
 class MaskedDiffusionSchedulerOutput(BaseOutput):
-    prev_sample: torch.LongTensor  # [B, L] the block after this step's commits
+    prev_sample: torch.LongTensor  # [B, L] the block after this step
     transfer_index: torch.BoolTensor  # [B, L] positions committed this step
     pred_original_sample: torch.LongTensor  # [B, L] the proposal x0 at every position
     confidence: torch.Tensor  # [B, L] -inf where nothing could be committed
+    remask_index: torch.BoolTensor | None = None  # [B, L] tokens masked again by the revision part
+    edit_index: torch.BoolTensor | None = None  # [B, L] tokens replaced by the revision part
 
 
 class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
@@ -54,17 +57,22 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: int | None = None,
         commit: str = "schedule",
         confidence: str = "low_confidence",
+        revision: str = "none",
         threshold: float = 0.9,
         factor: float = 1.0,
         temperature: float = 0.0,
         cache: str = "auto",
         noise_schedule: str = "linear",
         eps: float = 1e-3,
+        mask_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        eot_token_id: int | None = None,
     ):
         get_schedule(noise_schedule)  # fail early on an unknown name
+        check_config(type(self), self.config, SCHEDULER_RULES)  # e.g. block_length 0 from scheduler_config.json
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.arange((num_inference_steps or 1) - 1, -1, -1)
-        self._commit = None
+        self._block_parts = None
 
     # ---- the full loop -------------------------------------------------------------------------
     def sampler_config(self, model=None, **overrides) -> SamplerConfig:
@@ -72,9 +80,11 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         knobs = dict(
             block_length=cfg.block_length, steps=cfg.num_inference_steps, commit=cfg.commit,
-            confidence=cfg.confidence, threshold=cfg.threshold, factor=cfg.factor,
+            confidence=cfg.confidence, revision=cfg.revision, threshold=cfg.threshold, factor=cfg.factor,
             temperature=cfg.temperature, cache=cfg.cache,
         )
+        # A checkpoint family's special tokens (e.g. a converted LLaDA's EoT); a tokenizer's ids override them.
+        knobs.update({k: cfg[k] for k in ("mask_token_id", "eos_token_id", "eot_token_id") if cfg.get(k) is not None})
         known = {f.name for f in fields(SamplerConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -94,7 +104,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
-        self._commit = None
+        self._block_parts = None
 
     def step(
         self,
@@ -110,8 +120,10 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """Commit tokens of one block. `model_output` [B, L, V] are the block's logits, `sample` [B, L]
         its tokens, `timestep` counts down from num_inference_steps - 1 (the first step of a block
         fixes the schedule rule's quota from the block's mask count). `overrides` are SamplerConfig
-        knobs (temperature, threshold, logits_eos_inf with eos_token_id, ...); the step is the decoding
-        loop's own (`latent.sampling.step.decode_step`), with the noise drawn over the block only."""
+        knobs (temperature, threshold, revision, logits_eos_inf with eos_token_id, ...); the step is the
+        decoding loop's own (`latent.sampling.step.decode_step`), with the noise drawn over the block only.
+        The commit and revision parts keep their memory from the block's first timestep on; a revision's
+        post steps on a full block belong to the loop (`sampler`), not to this single step."""
         if self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps(num_inference_steps)` before `step`.")
         if model_output.shape[:2] != sample.shape:
@@ -124,7 +136,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             noise_shape="block", **overrides,
         ).validate()
         names = cfg.part_names()
-        parts = {slot: create_part(slot, names[slot], cfg) for slot in ("proposal", "confidence", "commit")}
+        parts = {slot: create_part(slot, names[slot], cfg) for slot in ("proposal", "confidence", "stopping")}
         batch = sample.shape[0]
         state = DecodeState(
             model=None, x=sample, rows=torch.arange(batch, device=sample.device), batch_size=batch,
@@ -132,11 +144,14 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             mask_token_id=mask_token_id, guidance=None, generator=generator, noise_shape="block",
             block_step=step_index,
         )
-        if step_index == 0 or self._commit is None:  # the schedule's quota is fixed at the block's first step
-            self._commit = parts["commit"]
-            self._commit.begin_block(state, (sample == mask_token_id).sum(1))
-        result = decode_step(model_output, sample, {**parts, "commit": self._commit}, state, cfg)
-        out = MaskedDiffusionSchedulerOutput(result.block, result.transfer, result.x0, result.confidence)
+        if step_index == 0 or self._block_parts is None:  # e.g. the schedule's quota is fixed at the first step
+            masked = (sample == mask_token_id).sum(1)
+            self._block_parts = {slot: create_part(slot, names[slot], cfg) for slot in ("commit", "revision")}
+            for part in self._block_parts.values():
+                part.begin_block(state, masked)
+        result = decode_step(model_output, sample, {**parts, **self._block_parts}, state, cfg)
+        out = MaskedDiffusionSchedulerOutput(result.block, result.transfer, result.x0, result.confidence,
+                                             result.remasked, result.edited)
         return out if return_dict else out.to_tuple()
 
     # ---- forward process (training) ------------------------------------------------------------

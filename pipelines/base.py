@@ -13,6 +13,12 @@ glue of prefix-conditioned masked-diffusion generation.
   `MultiPipelineCallbacks` brings its own `tensor_inputs`) and may return a dict; a returned "sequences"
   ([B, N] int64, the full canvas) replaces the canvas from the next forward on. For masked diffusion
   `timestep` is the block index.
+- Inputs that cannot give a right answer are errors, never empty results: a NaN or infinite
+  temperature, threshold or prefix embedding; a count (`gen_length`, `steps`, ...) that is not an int
+  (a bool is refused, a numpy int is taken); `steps` above `gen_length` (the schedule rule commits at
+  least one token per step, so more steps than tokens would only repeat forwards: refused, naming the
+  largest useful value); a prompt holding the mask token (only generated positions are decoded, so it
+  would stay in the output: refused).
 - Decoding settings (`resolve_decoding`), one rule for every masked-diffusion pipeline:
   `block_length` defaults to the model's `block_size` for a block_causal model, else to the largest divisor
   of `gen_length` up to the scheduler's `block_length`; `commit=` wins, else `threshold=` selects the
@@ -20,12 +26,18 @@ glue of prefix-conditioned masked-diffusion generation.
   scheduler's rule applies.
 - `PrefixDiffusionPipeline`: prompt encoding (left padding), adapter prefix, the sampler call, decoding to
   text up to the first EOS, and the per-chunk decode of captioning and spoken QA.
+- Decoding trajectories: every masked-diffusion pipeline call takes `trajectory=True` and then also returns
+  what each forward did to each generated position (`latent.sampling.Trajectory`, one row per input row), as
+  `out.trajectory`, or as the last item of the tuple with `return_dict=False`.
 
 docs/sampling.md describes the sampler loop and its parts; README.md the pipelines.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -36,10 +48,13 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from latent.folders import is_unfinished
+from latent.sampling import Trajectory
+
 __all__ = [
     "LocalPipelineMixin", "PipelineOutput", "MaskedDiffusionPipeline", "PrefixDiffusionPipeline",
     "encode_prompts", "decode_texts", "check_tokenizer", "resolve_decoding", "callback_tensor_inputs", "check_on_error",
-    "ON_ERROR",
+    "ON_ERROR", "as_count", "check_finite",
 ]
 
 ON_ERROR = ("raise", "record")
@@ -76,11 +91,15 @@ def check_tokenizer(tokenizer, need_eos: bool = True) -> None:
 
 
 def decode_texts(tokenizer, ids: torch.Tensor | list[list[int]], strip: bool = True) -> list[str]:
-    """Each row decoded up to (without) its first EOS, special tokens skipped."""
+    """Each row decoded up to (without) its first EOS, special tokens skipped, in whole characters.
+
+    A byte-level tokenizer spells a character of several UTF-8 bytes with several tokens; a row cut
+    between them (at its EOS or its end) or holding a stray continuation byte decodes to U+FFFD. Those
+    bytes are dropped, as `bytes.decode(errors="ignore")` would: a caption never holds a broken character."""
     eos = tokenizer.eos_token_id
     rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(r) for r in ids]
     rows = [r[: r.index(eos)] if eos is not None and eos in r else r for r in rows]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    texts = [t.replace("\ufffd", "") for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
     return [t.strip() for t in texts] if strip else texts
 
 
@@ -95,6 +114,12 @@ def resolve_decoding(model, scheduler, gen_length: int, block_length: int | None
                      commit: str | None = None) -> dict[str, Any]:
     """The block length and commit rule of a call (see the module docstring for the rule); the other
     settings pass through. None values leave the scheduler's defaults in place."""
+    if steps is not None and steps > gen_length:
+        raise ValueError(
+            f"`steps`={steps} is more than `gen_length`={gen_length}: a step commits at least one token, so "
+            f"steps beyond {gen_length} would only repeat forwards; use steps <= {gen_length} "
+            f"(steps={gen_length} is one token per step)."
+        )
     config = getattr(model, "config", None)
     if block_length is None:
         if getattr(config, "attention_layout", None) == "block_causal":
@@ -120,6 +145,27 @@ class PipelineOutput(BaseOutput):
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def as_count(name: str, value, allow_none: bool = False) -> int | None:
+    """A positive int argument as a plain int (numpy ints are taken; a bool, float or string is refused)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, got {value!r} "
+                         f"({type(value).__name__}).")
+    return int(value)
+
+
+def check_finite(name: str, value) -> None:
+    """Refuse a NaN or infinite number, or a tensor holding one: it decodes to garbage, never to an error."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` holds NaN or infinite values.")
+    elif isinstance(value, numbers.Real) and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
 
 
 def check_on_error(on_error: str) -> None:
@@ -154,6 +200,11 @@ class LocalPipelineMixin:
                 f"{path!r} is not a local folder; {cls.__name__}.from_pretrained loads only a pipeline folder "
                 "(with model_index.json) written by save_pretrained(); nothing is downloaded."
             )
+        if is_unfinished(path):
+            raise ValueError(
+                f"{path!r} is the temporary folder of an export that did not finish (it was stopped while "
+                "writing); load the finished folder beside it, or export again."
+            )
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ValueError(
                 f"{path!r} is not a pipeline folder (no model_index.json); give a folder written by "
@@ -164,6 +215,32 @@ class LocalPipelineMixin:
 
 
 # ---- masked diffusion -----------------------------------------------------------------------------
+def _with_trajectory(call: Callable) -> Callable:
+    """A pipeline `__call__` that also takes `trajectory=True` (see the module docstring): the sampler runs
+    of the call record their trajectories, which are joined row by row and returned with the output."""
+
+    @functools.wraps(call)
+    def wrapped(self, *args, trajectory: bool = False, **kwargs):
+        if not trajectory:
+            return call(self, *args, **kwargs)
+        self._trajectory_log = []
+        try:
+            out = call(self, *args, **kwargs)
+            log = self._trajectory_log
+        finally:
+            self._trajectory_log = None
+        if not log:
+            raise ValueError(f"{type(self).__name__} did not decode with the masked-diffusion sampler: no trajectory.")
+        batch = max(len(traj.events) if rows is None else max(rows, default=-1) + 1 for traj, rows in log)
+        joined = Trajectory.gather(log, batch)
+        if isinstance(out, tuple):
+            return (*out, joined)
+        out["trajectory"] = joined
+        return out
+
+    return wrapped
+
+
 class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
     """A pipeline that decodes a token canvas with `latent.sampling` through its `MaskedDiffusionScheduler`
     (`self.scheduler`) and backbone (`self.model`)."""
@@ -171,6 +248,12 @@ class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
     # Tensors a step callback may ask for: the full canvas [B, N], and the current block's proposal,
     # confidence and committed positions for the active rows [b, block_length].
     _callback_tensor_inputs = ["sequences", "x0", "confidence", "transfer"]
+    _trajectory_log = None  # during a call with trajectory=True: [(Trajectory, its rows or None)]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:  # every task pipeline's call takes trajectory=True
+            cls.__call__ = _with_trajectory(cls.__dict__["__call__"])
 
     def encode_prefix(self, adapter, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """An adapter's prefix embeddings [B, P, D] (on the model's device, in its dtype) and mask [B, P]."""
@@ -201,6 +284,12 @@ class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
         `model` defaults to `self.model`; `step_callback(step, canvas, info)` is the raw sampler callback when
         a pipeline needs one (it then calls the user's callback itself)."""
         device = self._execution_device
+        gen_length = as_count("gen_length", gen_length)
+        block_length, steps = as_count("block_length", block_length, True), as_count("steps", steps, True)
+        for name, value in (("temperature", temperature), ("threshold", threshold), ("factor", factor),
+                            ("prefix_embeds", prefix_embeds)):
+            check_finite(name, value)
+        self._check_prompt_ids(input_ids, attention_mask, mask_token_id)
         settings = resolve_decoding(self.model, self.scheduler, gen_length, block_length, steps, threshold, factor,
                                     commit)
         sampler = self.scheduler.sampler(
@@ -210,14 +299,35 @@ class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
         )
         if step_callback is None:
             step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs or ["sequences"])
-        return sampler(
+        result = sampler(
             self.model if model is None else model, input_ids.to(device),
             None if attention_mask is None else _full_to_none(attention_mask.to(device)),
             prefix_embeds=prefix_embeds, prefix_mask=_full_to_none(prefix_mask), generator=generator,
             callback_on_step_end=step_callback,
             # Data-dependent rules (threshold) have no fixed step count: gen_length forwards is their worst case.
             progress_bar=lambda total: self.progress_bar(total=total or gen_length),
+            record_trajectory=self._trajectory_log is not None,
         )
+        if self._trajectory_log is not None:
+            self._trajectory_log.append((result.trajectory, None))
+        return result
+
+
+    def _check_prompt_ids(self, input_ids, attention_mask, mask_token_id) -> None:
+        """A mask token in a prompt would stay there: the sampler decodes only the generated positions."""
+        config = getattr(self.model, "config", None)
+        mask_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
+        if mask_id is None or input_ids.numel() == 0:
+            return
+        held = input_ids == mask_id
+        if attention_mask is not None:
+            held &= attention_mask.to(held.device).bool()
+        if bool(held.any()):
+            row = int(held.any(1).nonzero()[0])
+            raise ValueError(
+                f"prompt {row} holds the mask token (id {mask_id}); only the gen_length positions after the prompt "
+                "are decoded, so it would stay in the output. Remove it from the prompt."
+            )
 
 
 class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
@@ -244,10 +354,8 @@ class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
 
     def _check_call(self, gen_length, batch_size, on_error, output_type, callback, tensor_inputs) -> list[str]:
         """Checks every prefix pipeline makes; returns the callback's tensor names."""
-        if not isinstance(gen_length, int) or isinstance(gen_length, bool) or gen_length <= 0:
-            raise ValueError(f"`gen_length` must be a positive int, got {gen_length!r}.")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+        as_count("gen_length", gen_length)
+        as_count("batch_size", batch_size, allow_none=True)
         check_on_error(on_error)
         if output_type not in ("text", "ids"):
             raise ValueError(f"`output_type` must be 'text' or 'ids', got {output_type!r}.")
@@ -320,11 +428,15 @@ class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
                 continue
             seq, decoded, used = self._decode_chunk(collate(items, idx), [prompts[i] for i in idx], gen_length,
                                                     output_type, **decode)
+            if self._trajectory_log:  # the chunk's trajectory holds these rows
+                self._trajectory_log[-1] = (self._trajectory_log[-1][0], idx)
             nfe += used
             for j, i in enumerate(idx):
                 rows[i] = seq[j]
                 if decoded is not None:
                     texts[i] = decoded[j]
+        if self._trajectory_log is not None:  # one trajectory of all n rows; bad rows have no events
+            self._trajectory_log[:] = [(Trajectory.gather(self._trajectory_log, n), None)]
         width = max([r.shape[0] for r in rows.values()], default=gen_length)
         sequences = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         for i, r in rows.items():

@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("pipelines.batch", "caption images in batches into a resumable JSONL file"),
+    "convert": ("pipelines.convert", "convert a Llama/Qwen/LLaDA/Dream/Fast-dLLM v2/SDAR checkpoint, or export one"),
+    "trajectory": ("pipelines.trajectory", "draw which token each decoding step committed (PNG heatmap)"),
 }
 
 

@@ -472,7 +472,7 @@ def test_eos_early_stop_equals_plain_run_with_tail_filled(kw):
     (dict(gen_length=12, block_length=4, steps=8), "steps.*multiple of the number of blocks"),
     (dict(temperature=-1.0), "temperature"),
     (dict(threshold=1.5, commit="threshold"), "threshold"),
-    (dict(commit="greedy"), "Known commit names: factor, schedule, threshold"),
+    (dict(commit="greedy"), "Known commit names: factor, saber, schedule, threshold"),
     (dict(cache="kv"), "Known cache names"),
     (dict(eos_early_stop=True), "eos_token_id"),
     (dict(top_k=5), "top_k.*temperature > 0"),

@@ -1,9 +1,10 @@
-"""Samplers: one decoding loop over swappable parts (proposal, confidence, commit, stopping, guidance,
-cache), each chosen by name. `generate(...)` is the LLaDA-style entry; `Sampler` is built once from a
-config. New parts: decorate a class with the slot's `register_*` and name it in the config.
-`autoregressive_generate` is the left-to-right baseline. docs/sampling.md states the semantics."""
+"""Samplers: one decoding loop over swappable parts (proposal, confidence, commit, revision, stopping,
+guidance, cache), each chosen by name. `generate(...)` is the LLaDA-style entry; `Sampler` is built once
+from a config. New parts: decorate a class with the slot's `register_*` and name it in the config.
+`autoregressive_generate` is the left-to-right baseline; `plot_trajectory` draws a recorded decoding
+trajectory. docs/sampling.md states the semantics."""
 
-from . import cache_approx, cache_exact, commit, confidence, guidance, proposal, stopping  # noqa: F401 - register parts
+from . import cache_approx, cache_exact, commit, confidence, guidance, proposal, revision, stopping  # noqa: F401 - register parts
 from .autoregressive import AutoregressiveOutput, autoregressive_generate
 from .config import SamplerConfig
 from .output import SamplerOutput
@@ -16,14 +17,17 @@ from .registry import (
     register_confidence,
     register_guidance,
     register_proposal,
+    register_revision,
     register_stopping,
 )
 from .sampler import Sampler, generate
 from .state import DecodeState
 from .step import StepResult, decode_step
+from .trajectory import Trajectory, TrajectoryRecorder, plot_trajectory
 
 __all__ = [
     "AutoregressiveOutput", "DecodeState", "Part", "Sampler", "SamplerConfig", "SamplerOutput", "StepResult",
-    "autoregressive_generate", "create_part", "decode_step", "generate", "list_parts", "register_cache",
-    "register_commit", "register_confidence", "register_guidance", "register_proposal", "register_stopping",
+    "Trajectory", "TrajectoryRecorder", "autoregressive_generate", "create_part", "decode_step", "generate",
+    "list_parts", "plot_trajectory", "register_cache", "register_commit", "register_confidence", "register_guidance",
+    "register_proposal", "register_revision", "register_stopping",
 ]

@@ -92,3 +92,39 @@ class FactorCommit(Part):
         ok[:, 0] = True
         count = ok.long().cumprod(-1).sum(-1)  # length of the leading run of passing ranks
         return candidates & (confidence_rank(confidence) < count[:, None])
+
+
+@register_commit("saber")
+class SaberCommit(Part):
+    """Saber's adaptive acceleration: every candidate with confidence > tau, tau the mean confidence the
+    answer's committed tokens had when they were committed (1 before any), and at least the
+    saber_min_commit most confident. As confidence stays high, more tokens pass per step."""
+
+    steps_per_block = None
+
+    def __init__(self, saber_min_commit: int = 2):
+        self.n = int(saber_min_commit)
+        self.at_commit = None  # [B, G] confidence of each generated position's token when committed, NaN if masked
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(saber_min_commit=config.saber_min_commit)
+
+    def begin_block(self, state, masked):
+        pass
+
+    def __call__(self, confidence, candidates, state):
+        if self.at_commit is None:
+            self.at_commit = torch.full((state.batch_size, state.canvas_len - state.prompt_len), float("nan"),
+                                        dtype=torch.float64, device=confidence.device)
+        lo = state.block_start - state.prompt_len
+        hi = lo + confidence.shape[1]
+        seen = self.at_commit[state.rows, :hi]
+        seen[:, lo:] = seen[:, lo:].masked_fill(candidates, float("nan"))  # masked again: no longer committed
+        tau = seen.nanmean(1).nan_to_num(1.0)
+        pick = candidates & (confidence > tau[:, None])
+        top = candidates & (confidence_rank(confidence) < self.n)
+        pick = torch.where(pick.sum(1, keepdim=True) >= self.n, pick, top)
+        seen[:, lo:] = torch.where(pick, confidence.double(), seen[:, lo:])
+        self.at_commit[state.rows, :hi] = seen
+        return pick

@@ -13,6 +13,7 @@ from .registry import REGISTRIES, part_name
 
 NOISE_SHAPES = ("canvas", "block")
 CONFIDENCE_DTYPES = ("auto", None, "float32", "float64")
+SCHED_SCHEDULES = ("linear", "cosine")
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SamplerConfig:
     proposal: Any = "auto"  # argmax at temperature 0, else gumbel
     confidence: Any = "low_confidence"
     commit: Any = "schedule"
+    revision: Any = "none"  # which committed tokens may change again
     stopping: Any = "block_full"
     guidance: Any = "auto"  # cfg when cfg_scale > 0, else none
     cache: Any = "none"
@@ -37,6 +39,16 @@ class SamplerConfig:
     # commit rules
     threshold: float = 0.9
     factor: float = 1.0
+    # revision (docs/sampling.md, "Revision")
+    editing_threshold: float = 0.5  # editing_threshold: replace a token when another has probability > this
+    max_post_steps: int = 16  # editing_threshold: at most this many editing-only forwards on a full block
+    saber_min_commit: int = 2  # saber (commit and revision): n, the fewest tokens committed per step
+    ccd_window: int = 2  # ccd: the distributions of the last d steps are averaged
+    ccd_entropy: float = 0.1  # ccd: a masked position whose averaged distribution has entropy < this commits
+    # early commit of a whole block (stopping "prophet" / "sched"), thresholds on the mean top-2 logit gap
+    prophet_thresholds: tuple = (7.5, 5.0, 2.5)  # before 1/3, before 2/3, after 2/3 of the answer decoded
+    sched_thresholds: tuple = (7.5, 2.5)  # at the start and at the end of the answer
+    sched_schedule: str = "linear"  # "linear" or "cosine" decay from the first to the second
     # guidance
     cfg_scale: float = 0.0
     # special tokens; mask_token_id defaults to model.config.mask_token_id
@@ -114,8 +126,8 @@ class SamplerConfig:
                     f"{self.num_blocks} (the schedule rule runs steps/num_blocks steps per block); use steps="
                     f"{max(1, steps // self.num_blocks) * self.num_blocks} or change block_length."
                 )
-        if self.temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = argmax), got {self.temperature}.")
+        if not 0 <= self.temperature < float("inf"):  # written so that NaN fails too
+            raise ValueError(f"`temperature` must be finite and >= 0 (0 = argmax), got {self.temperature}.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"`top_k` must be None or an int >= 0 (0 = off), got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -128,10 +140,11 @@ class SamplerConfig:
             raise ValueError(f"`confidence_dtype` must be one of {CONFIDENCE_DTYPES}, got {self.confidence_dtype!r}.")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold}.")
-        if self.factor <= 0:
-            raise ValueError(f"`factor` must be > 0, got {self.factor}.")
-        if self.cfg_scale < 0:
-            raise ValueError(f"`cfg_scale` must be >= 0 (0 = off), got {self.cfg_scale}.")
+        if not 0 < self.factor < float("inf"):
+            raise ValueError(f"`factor` must be finite and > 0, got {self.factor}.")
+        self._validate_revision_and_stopping(names)
+        if not 0 <= self.cfg_scale < float("inf"):
+            raise ValueError(f"`cfg_scale` must be finite and >= 0 (0 = off), got {self.cfg_scale}.")
         if names["guidance"] == "cfg" and self.cfg_scale == 0:
             raise ValueError("guidance='cfg' needs `cfg_scale` > 0.")
         needs_eos = self.logits_eos_inf or self.confidence_eos_eot_inf or names["stopping"] == "eos_early_stop"
@@ -141,3 +154,24 @@ class SamplerConfig:
                 "pass the tokenizer's eos_token_id."
             )
         return self
+
+    def _validate_revision_and_stopping(self, names: dict) -> None:
+        if not 0 < self.editing_threshold <= 1:
+            raise ValueError(f"`editing_threshold` must be in (0, 1] (1 = never edit), got {self.editing_threshold}.")
+        for name in ("max_post_steps", "saber_min_commit", "ccd_window"):
+            value, low = getattr(self, name), 0 if name == "max_post_steps" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+        if self.ccd_entropy < 0:
+            raise ValueError(f"`ccd_entropy` must be >= 0 (0 = no extra commits), got {self.ccd_entropy}.")
+        for name, size in (("prophet_thresholds", 3), ("sched_thresholds", 2)):
+            value = getattr(self, name)
+            if len(value) != size or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"`{name}` must be {size} numbers (logit gaps), got {value!r}.")
+        if self.sched_schedule not in SCHED_SCHEDULES:
+            raise ValueError(f"`sched_schedule` must be one of {SCHED_SCHEDULES}, got {self.sched_schedule!r}.")
+        if part_name(names["revision"]) == "saber" and part_name(names["commit"]) == "schedule":
+            raise ValueError(
+                "revision='saber' re-masks tokens at every step, so the block cannot run a fixed number of steps; "
+                "use commit='saber' (its adaptive rule), 'threshold' or 'factor'."
+            )

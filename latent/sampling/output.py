@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
+from .trajectory import Trajectory
+
 
 @dataclass
 class SamplerOutput(BaseOutput):
@@ -17,6 +19,7 @@ class SamplerOutput(BaseOutput):
     steps: [B] forwards each row took part in.
     num_generated: [B] generated tokens up to and including the first EOS (gen_length if none).
     finished: [B] rows that left early by a stopping rule (e.g. eos_early_stop).
+    trajectory: with record_trajectory=True, what each forward did to each generated position.
     """
 
     sequences: torch.LongTensor
@@ -25,3 +28,4 @@ class SamplerOutput(BaseOutput):
     steps: torch.LongTensor | None = None
     num_generated: torch.LongTensor | None = None
     finished: torch.BoolTensor | None = None
+    trajectory: Trajectory | None = None

@@ -16,7 +16,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from .config import SamplerConfig
 
-SLOTS = ("proposal", "confidence", "commit", "stopping", "guidance", "cache")
+SLOTS = ("proposal", "confidence", "commit", "revision", "stopping", "guidance", "cache")
 REGISTRIES: dict[str, Registry] = {
     slot: Registry(slot, name_attr="name", hint=f"Pick one of these, or add yours with @register_{slot}({{name!r}}).")
     for slot in SLOTS
@@ -43,6 +43,7 @@ def _registrar(slot: str):
 register_proposal = _registrar("proposal")
 register_confidence = _registrar("confidence")
 register_commit = _registrar("commit")
+register_revision = _registrar("revision")
 register_stopping = _registrar("stopping")
 register_guidance = _registrar("guidance")
 register_cache = _registrar("cache")

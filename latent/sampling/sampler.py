@@ -1,12 +1,15 @@
 """The one decoding loop. Every decision is a part built by name (see registry.py):
 
-    for each block:                        cache/stopping/commit parts are told the block started
+    for each block:                        commit/revision parts are told the block started
         repeat until the block is full (or for the schedule's fixed number of steps):
             logits     = cache part (runs the model) -> guidance part combines copies
-            x0         = proposal part(block logits)
+            x0         = proposal part(block logits)           (logits first rectified by the revision part)
             confidence = confidence part(block logits, x0), -inf off the block's masked positions
             commit     = commit part(confidence) -> canvas[commit] = x0[commit]
+                         (a stopping part may commit the whole block at once: Prophet, SchED)
+            revision part may mask committed tokens again, replace them or commit more
             stopping part may retire rows (they leave the batch; later forwards get smaller)
+        a full block may get more forwards that only edit (the revision part's post steps)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .registry import create_part, part_name
 from .state import DecodeState, key_padding_mask
 from .step import decode_step
 from .stopping import first_eos
+from .trajectory import TrajectoryRecorder
 
 
 class Sampler:
@@ -64,17 +68,20 @@ class Sampler:
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable[[int, torch.Tensor, dict], Any] | None = None,
         progress_bar: bool | Callable | None = None,
+        record_trajectory: bool = False,
     ) -> SamplerOutput:
         """Decode `gen_length` tokens after each (left-padded) prompt.
 
         callback_on_step_end(step, canvas, info): after every forward; `canvas` is the full [B, N] canvas,
-        `info` holds block, block_step, rows (active rows), x0, confidence, transfer (block-shaped, active
-        rows) and nfe. It may return a dict whose "sequences" ([B, N] int64, the canvas' shape) replaces the
-        canvas, active rows included, from the next forward on (e.g. to force a token). The stopping part
+        `info` holds block, block_step, rows (active rows), x0, confidence, transfer (committed this step),
+        remasked and edited (by the revision part) (block-shaped, active rows) and nfe. It may return a dict
+        whose "sequences" ([B, N] int64, the canvas' shape) replaces the canvas, active rows included, from
+        the next forward on (e.g. to force a token). The stopping part
         has already judged this step, so it sees the new tokens at the next step; with an exact cache, the
         prompt and finished blocks are cached, so change only the current and later blocks.
         progress_bar: True for tqdm, or a factory called as progress_bar(total=...) that returns an object
         with update() and close() (e.g. DiffusionPipeline.progress_bar).
+        record_trajectory: also return `trajectory`, what each forward did to each generated position.
         """
         cfg = self.config
         input_ids, attention_mask, prefix_embeds, prefix_mask = check_inputs(
@@ -101,6 +108,7 @@ class Sampler:
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         bar = _progress(progress_bar, parts["commit"], cfg)
+        recorder = TrajectoryRecorder(batch, cfg.gen_length) if record_trajectory else None
         parts["cache"].start(state)
         global_step = 0
         for block in range(cfg.num_blocks):
@@ -108,22 +116,26 @@ class Sampler:
                 break  # every row stopped early
             state.block = block
             start, end = state.block_start, state.block_end
-            parts["commit"].begin_block(state, (state.x[:, start:end] == mask_id).sum(1))
+            masked = (state.x[:, start:end] == mask_id).sum(1)
+            parts["commit"].begin_block(state, masked)
+            parts["revision"].begin_block(state, masked)
             fixed = parts["commit"].steps_per_block
             step = 0
-            while len(state.rows) and (
-                step < fixed if fixed is not None else bool((state.x[:, start:end] == mask_id).any())
-            ):
+            while len(state.rows) and _block_continues(state, parts, step, fixed):
                 state.block_step = step
+                masks_before = int((state.x[:, start:end] == mask_id).sum())
                 self._step(state, parts)
-                if fixed is None and not state.info["transfer"].any():
+                if fixed is None and masks_before and int((state.x[:, start:end] == mask_id).sum()) >= masks_before:
                     raise RuntimeError(
-                        f"commit rule {part_name(parts['commit'])!r} committed nothing while the block has masks; "
-                        "a rule without a fixed step count must commit at least one token per step."
+                        f"commit rule {part_name(parts['commit'])!r} (with revision {part_name(parts['revision'])!r}) "
+                        "decoded nothing while the block has masks; a rule without a fixed step count must "
+                        "commit at least one token per step."
                     )
                 steps[state.rows] += 1
                 done = parts["stopping"](state)
                 canvas[state.rows] = state.x
+                if recorder is not None:
+                    recorder(global_step, canvas, state.info)
                 if callback_on_step_end is not None:
                     returned = callback_on_step_end(global_step, canvas, state.info)
                     if isinstance(returned, Mapping) and returned.get("sequences") is not None:
@@ -143,6 +155,7 @@ class Sampler:
         return SamplerOutput(
             sequences=canvas, nfe=state.nfe, forward_tokens=state.forward_tokens, steps=steps,
             num_generated=_num_generated(canvas[:, prompt_len:], cfg.eos_token_id, mask_id), finished=finished,
+            trajectory=None if recorder is None else recorder.result(),
         )
 
     def _step(self, state: DecodeState, parts: dict) -> None:
@@ -153,8 +166,26 @@ class Sampler:
         state.x[:, start:end] = result.block
         state.info = {
             "block": state.block, "block_step": state.block_step, "rows": state.rows, "x0": result.x0,
-            "confidence": result.confidence, "transfer": result.transfer, "nfe": state.nfe,
+            "confidence": result.confidence, "transfer": result.transfer, "remasked": result.remasked,
+            "edited": result.edited, "nfe": state.nfe,
         }
+
+
+def _block_continues(state: DecodeState, parts: dict, step: int, fixed: int | None) -> bool:
+    """Whether the current block gets another forward: while it has masks (up to a fixed rule's step
+    count); when full, if the revision part wants a post step, or for a fixed rule's remaining
+    zero-quota steps (LLaDA runs them) unless a revision or stopping part ends full blocks."""
+    if bool((state.x[:, state.block_start : state.block_end] == state.mask_token_id).any()):
+        if fixed is None or step < fixed:
+            return True
+        raise RuntimeError(
+            f"revision {part_name(parts['revision'])!r} left masked positions after the commit rule's {fixed} "
+            "steps; a revision part must keep a fixed-step block on its schedule."
+        )
+    if parts["revision"].wants_step(step, fixed):
+        return True
+    ends = parts["revision"].ends_full_blocks or getattr(parts["stopping"], "ends_full_blocks", False)
+    return fixed is not None and step < fixed and not ends
 
 
 def _replace_canvas(canvas: torch.Tensor, new) -> None:
@@ -206,6 +237,7 @@ def generate(
     generator: torch.Generator | None = None,
     callback_on_step_end: Callable | None = None,
     progress_bar: bool | Callable | None = None,
+    record_trajectory: bool = False,
     **knobs,
 ) -> SamplerOutput:
     """LLaDA-style entry point: `generate(model, ids, mask, gen_length=, block_length=, steps=, ...)`.
@@ -214,4 +246,5 @@ def generate(
     return sampler(
         model, input_ids, attention_mask, prefix_embeds=prefix_embeds, prefix_mask=prefix_mask,
         generator=generator, callback_on_step_end=callback_on_step_end, progress_bar=progress_bar,
+        record_trajectory=record_trajectory,
     )

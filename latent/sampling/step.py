@@ -13,23 +13,29 @@ NEG_INF = float("-inf")
 
 @dataclass
 class StepResult:
-    block: torch.LongTensor  # [b, L] the block after this step's commits
+    block: torch.LongTensor  # [b, L] the block after this step
     x0: torch.LongTensor  # [b, L] the proposal at every position
     confidence: torch.Tensor  # [b, L], -inf where nothing could be committed
-    transfer: torch.BoolTensor  # [b, L] positions committed this step
+    transfer: torch.BoolTensor  # [b, L] positions committed this step (masked before, a token now)
+    remasked: torch.BoolTensor  # [b, L] tokens masked again by the revision part
+    edited: torch.BoolTensor  # [b, L] tokens replaced by another token by the revision part
 
 
 def decode_step(logits: torch.Tensor, block_tokens: torch.LongTensor, parts: dict[str, Any], state, config) -> StepResult:
-    """Commit tokens of one block.
+    """Commit (and, with a revision part, revise) tokens of one block.
 
     logits [b, L, V]: the block's (guided) logits; block_tokens [b, L]: its tokens, masked positions
-    holding `state.mask_token_id`; parts: the "proposal", "confidence" and "commit" parts; config: the
-    `SamplerConfig` whose EOS options apply (logits_eos_inf, confidence_eos_eot_inf).
+    holding `state.mask_token_id`; parts: the "proposal", "confidence" and "commit" parts, and optionally
+    "revision" and "stopping"; config: the `SamplerConfig` whose EOS options apply (logits_eos_inf,
+    confidence_eos_eot_inf).
     """
     mask_id = state.mask_token_id
+    revision, stopping = parts.get("revision"), parts.get("stopping")
     if config.logits_eos_inf:
         logits = logits.clone()
         logits[..., config.eos_token_id] = NEG_INF
+    if revision is not None:
+        logits = revision.rectify(logits, block_tokens, state)
     # The mask id is never a proposal: committing it would leave a hole the schedule does not count.
     proposal_logits = logits.clone()
     proposal_logits[..., mask_id] = NEG_INF
@@ -40,6 +46,23 @@ def decode_step(logits: torch.Tensor, block_tokens: torch.LongTensor, parts: dic
         special = [t for t in (config.eos_token_id, config.eot_token_id) if t is not None]
         confidence_logits[..., special] = NEG_INF
     candidates = block_tokens == mask_id
-    confidence = parts["confidence"](confidence_logits, x0, state).masked_fill(~candidates, NEG_INF)
-    transfer = parts["commit"](confidence, candidates, state) & candidates
-    return StepResult(torch.where(transfer, x0, block_tokens), x0, confidence, transfer)
+    # Every position's score: revision parts also judge committed tokens; only candidates can be committed.
+    scores = parts["confidence"](confidence_logits, x0, state)
+    confidence = scores.masked_fill(~candidates, NEG_INF)
+    transfer = torch.zeros_like(candidates)
+    if candidates.any():  # a full block (revision post steps) has nothing to commit
+        transfer = parts["commit"](confidence, candidates, state) & candidates
+    commit_block = getattr(stopping, "commit_block", None)
+    if commit_block is not None:  # early commit (Prophet, SchED): the whole block at once
+        whole = commit_block(proposal_logits, candidates, state)
+        if whole is not None:
+            transfer |= candidates & whole[:, None]
+    block = torch.where(transfer, x0, block_tokens)
+    if revision is not None:
+        block = revision(block, block_tokens, x0, scores, logits, transfer, state)
+    # What happened, from the tokens before and after: a revision part may change committed tokens.
+    was_masked, is_masked = candidates, block == mask_id
+    committed = was_masked & ~is_masked
+    remasked = ~was_masked & is_masked
+    edited = ~was_masked & ~is_masked & (block != block_tokens)
+    return StepResult(block, x0, confidence, committed, remasked, edited)
