@@ -1,10 +1,13 @@
 """The shared diffusion backbone: a transformer read top to bottom in one file.
 
-Pre-norm blocks with RMSNorm, rotary positions (optionally NTK-scaled), grouped-query attention and a
-SwiGLU MLP. One forward denoises a token canvas (logits over the vocabulary) and, when `latent_dim` is
-set, a stream of continuous latents (a prediction in latent space), after optional prefix embeddings
-from modality adapters. The attention layout (bidirectional, causal, block_causal, prefix) is a config
-choice; docs/backbone-contract.md states the exact rules and the KV-cache semantics.
+Pre-norm blocks with RMSNorm, rotary positions (with the rope scalings of Hugging Face configs),
+grouped-query attention (optional q/k/v biases and per-head QK-norm) and a SwiGLU MLP. One forward
+denoises a token canvas (logits over the vocabulary) and, when `latent_dim` is set, a stream of
+continuous latents (a prediction in latent space), after optional prefix embeddings from modality
+adapters. The attention layout (bidirectional, causal, block_causal, prefix) is a config choice;
+docs/backbone-contract.md states the exact rules and the KV-cache semantics. The options that
+checkpoints from elsewhere need (norm eps, biases, QK-norm, head_dim, logit shift, block alignment) are
+config fields of this one class; pipelines/convert maps those checkpoints onto it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from diffusers.utils import BaseOutput
 
 from .attention import BACKENDS, attention
 from .cache import KVCache
-from .masks import LAYOUTS, combine_masks, layout_mask
+from .config_checks import BACKBONE_RULES
+from .loading import SafeModelMixin
+from .masks import BLOCK_ALIGNMENTS, LAYOUTS, combine_masks, layout_mask
 
 
 @dataclass
@@ -45,21 +50,78 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+# rope_type -> the keys its rope_scaling dict must hold (besides rope_type itself)
+ROPE_SCALINGS = {
+    "ntk": ("factor",),
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def rope_type(scaling: dict | None) -> str | None:
+    """The scaling's kind: Hugging Face's `rope_type` (or the older `type`); None for no scaling."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        if kind is None and "factor" in scaling:
+            raise ValueError(f"rope_scaling={scaling} names no 'rope_type'; give one of {sorted(ROPE_SCALINGS)}.")
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"rope_scaling rope_type {kind!r} is not modelled by the backbone; it supports {sorted(ROPE_SCALINGS)}."
+        )
+    missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of rope_type {kind!r} needs {missing}; got {scaling}.")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0 or scaling.get("attention_factor", 1.0) not in (None, 1.0):
+        raise ValueError(f"rope_scaling {scaling}: partial rotary and attention factors are not modelled.")
+    return kind
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding; `rope_scaling={"type": "ntk", "factor": f}` stretches the base."""
+    """Rotary position embedding with the scalings of Hugging Face configs (`rope_scaling["rope_type"]`):
+
+    - "linear": positions divided by `factor`.
+    - "llama3": Llama 3.1's per-frequency scaling: wavelengths longer than original/low_freq_factor are
+      divided by `factor`, shorter than original/high_freq_factor kept, the band between interpolated.
+    - "dynamic": NTK base raised once a call reaches past `original_max_position_embeddings` L0, to
+      theta * (factor * L / L0 - factor + 1) ** (d / (d - 2)) for the call's longest position L, as
+      transformers computes it (recomputed every call; cached keys keep the frequencies they were made with).
+    - "ntk": this project's static NTK-aware stretch, theta * factor ** (d / (d - 2)) at every length.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None):
         super().__init__()
-        if scaling:
-            if scaling.get("type", "ntk") != "ntk":
-                raise ValueError(f"rope_scaling type {scaling.get('type')!r} is unknown; use 'ntk'.")
-            # NTK-aware: raise the base so the lowest frequency spans `factor` times more positions.
+        self.kind, self.scaling, self.head_dim, self.theta = rope_type(scaling), scaling, head_dim, theta
+        if self.kind == "ntk":
             theta = theta * float(scaling["factor"]) ** (head_dim / (head_dim - 2))
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        inv_freq = self.frequencies(theta)
+        if self.kind == "linear":
+            inv_freq = inv_freq / float(scaling["factor"])
+        elif self.kind == "llama3":
+            inv_freq = self._llama3(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def frequencies(self, theta, device=None):
+        return 1.0 / theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
+
+    @staticmethod
+    def _llama3(inv_freq, s):
+        factor, low, high, original = (float(s[k]) for k in ROPE_SCALINGS["llama3"])
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short waves
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
     def forward(self, positions: torch.Tensor):  # [B, S] -> cos, sin [B, 1, S, d]
-        freqs = positions.float()[..., None] * self.inv_freq
+        inv_freq = self.inv_freq
+        if self.kind == "dynamic":
+            factor, original = float(self.scaling["factor"]), float(self.scaling["original_max_position_embeddings"])
+            stretch = ((positions.max() + 1).float() / original).clamp(min=1.0)
+            theta = self.theta * (factor * stretch - factor + 1) ** (self.head_dim / (self.head_dim - 2))
+            inv_freq = self.frequencies(theta, positions.device)
+        freqs = positions.float()[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
@@ -70,19 +132,23 @@ def rotate(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, backend: str):
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, backend: str, bias: bool = False,
+                 qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.backend = backend
-        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
-        self.out = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.q = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.kv = nn.Linear(dim, 2 * kv_heads * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, dim, bias=False)
+        # Qwen3 / SDAR: an RMSNorm over each head's query and key, before rotary.
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask, cached: tuple | None, cache_position: int | None):
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
         k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(self.k_norm(k), cos, sin)
         new_kv = (k, v)
         if cached is not None:
             old_k, old_v = cached
@@ -109,11 +175,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, hidden, backend):
+    def __init__(self, dim: int, hidden: int, eps: float, **attention_options):
         super().__init__()
-        self.attn_norm = RMSNorm(dim)
-        self.attn = Attention(dim, heads, kv_heads, backend)
-        self.mlp_norm = RMSNorm(dim)
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, eps=eps, **attention_options)
+        self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
     def forward(self, x, cos, sin, mask, cached=None, cache_position=None):
@@ -130,10 +196,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-class DiffusionTransformer(ModelMixin, ConfigMixin):
-    """Masked-diffusion (and optionally latent-diffusion) transformer. See docs/backbone-contract.md."""
+class DiffusionTransformer(SafeModelMixin, ConfigMixin):
+    """Masked-diffusion (and optionally latent-diffusion) transformer. See docs/backbone-contract.md.
+
+    Options for checkpoints from elsewhere (defaults keep this project's own models unchanged):
+    `norm_eps` for every RMSNorm (Llama and LLaDA use 1e-5), `head_dim` when it is not
+    hidden_size / num_heads (Qwen3), `qkv_bias` (Qwen2), `qk_norm` (Qwen3, SDAR), `tie_word_embeddings`,
+    `logit_shift` (Dream, Fast-dLLM v2: logits[i] come from the hidden state of slot i - 1) and
+    `block_alignment` ("prefix": block_causal blocks start after the prefix; "start": they count from
+    slot 0, as SDAR, Fast-dLLM v2 and LLaDA2 do).
+    """
 
     config_name = "config.json"
+    config_rules = BACKBONE_RULES  # checked when the config is read, before the weights
     _supports_gradient_checkpointing = True
 
     @register_to_config
@@ -155,18 +230,26 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
         attention_backend: str = "auto",
         tie_word_embeddings: bool = True,
         norm_eps: float = 1e-6,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        logit_shift: bool = False,
+        block_alignment: str = "prefix",
     ):
         super().__init__()
         kv_heads = num_kv_heads or num_heads
-        if hidden_size % num_heads or num_heads % kv_heads:
+        if num_heads % kv_heads or (head_dim is None and hidden_size % num_heads):
             raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) and num_heads by "
-                f"num_kv_heads ({kv_heads})."
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({kv_heads}), and without head_dim "
+                f"hidden_size ({hidden_size}) by num_heads."
             )
-        if (hidden_size // num_heads) % 2:
-            raise ValueError(f"head size hidden_size/num_heads = {hidden_size // num_heads} must be even (rotary).")
+        head_dim = head_dim or hidden_size // num_heads
+        if head_dim % 2:
+            raise ValueError(f"head size {head_dim} (head_dim, default hidden_size/num_heads) must be even (rotary).")
         if attention_layout not in LAYOUTS:
             raise ValueError(f"attention_layout={attention_layout!r} is unknown; choose one of {LAYOUTS}.")
+        if block_alignment not in BLOCK_ALIGNMENTS:
+            raise ValueError(f"block_alignment={block_alignment!r} is unknown; choose one of {BLOCK_ALIGNMENTS}.")
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r} is unknown; choose one of {BACKENDS}.")
         if not 0 <= mask_token_id < vocab_size:
@@ -174,10 +257,10 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
         hidden = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
 
         self.embed = nn.Embedding(vocab_size, hidden_size)
-        self.rotary = Rotary(hidden_size // num_heads, rope_theta, rope_scaling)
-        self.blocks = nn.ModuleList(
-            Block(hidden_size, num_heads, kv_heads, hidden, attention_backend) for _ in range(num_layers)
-        )
+        self.rotary = Rotary(head_dim, rope_theta, rope_scaling)
+        attention_options = dict(heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, backend=attention_backend,
+                                 bias=qkv_bias, qk_norm=qk_norm)
+        self.blocks = nn.ModuleList(Block(hidden_size, hidden, norm_eps, **attention_options) for _ in range(num_layers))
         self.norm = RMSNorm(hidden_size, norm_eps)
         # Tied output weights reuse the embedding (no second parameter: safetensors refuses shared storage).
         self.lm_head = None if tie_word_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
@@ -299,7 +382,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
                 keep = old
         if prefix_length is None:
             prefix_length = n_prefix
-        layout = layout_mask(cfg.attention_layout, query_slots, num_keys, batch, prefix_length, cfg.block_size)
+        layout = layout_mask(cfg.attention_layout, query_slots, num_keys, batch, prefix_length, cfg.block_size,
+                             cfg.block_alignment)
         return combine_masks(layout, keep, query_slots), keep
 
     # ---- forward --------------------------------------------------------------------------------
@@ -371,15 +455,43 @@ class DiffusionTransformer(ModelMixin, ConfigMixin):
         logits = None
         if n_tokens:
             h_tok = h[:, n_prefix : n_prefix + n_tokens]
+            if cfg.logit_shift:
+                h_tok = self._shifted(h_tok, h, n_prefix, past_key_values, start)
             logits = (F.linear(h_tok, self.embed.weight) if self.lm_head is None else self.lm_head(h_tok)).float()
         latent_pred = self.latent_out(h[:, n_prefix + n_tokens :]) if latents is not None else None
         cache = None
         if use_cache or cache_position is not None:
             if key_mask is None:
                 key_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=x.device)
-            cache = KVCache(new_keys, new_values, key_mask)
+            hidden = self._cached_hidden(h, past_key_values, cache_position) if cfg.logit_shift else None
+            cache = KVCache(new_keys, new_values, key_mask, hidden)
         out = BackboneOutput(logits=logits, latent_pred=latent_pred, past_key_values=cache, hidden_states=h)
         return out if return_dict else out.to_tuple()
+
+    # ---- logit shift (Dream, Fast-dLLM v2) ------------------------------------------------------
+    @staticmethod
+    def _shifted(h_tok, h, n_prefix, cache, start):
+        """Hidden states predicting each token: slot i - 1's. The first token takes the slot before it (the
+        last prefix slot, or the cache's last hidden state before this call's slots), and its own when no
+        slot precedes it, as Dream's decoding does at position 0."""
+        if n_prefix:
+            before = h[:, n_prefix - 1 : n_prefix]
+        elif cache is not None and cache.hidden is not None and start > 0:
+            before = cache.hidden[:, start - 1 : start].to(h_tok.dtype)
+        else:
+            before = h_tok[:, :1]
+        return torch.cat([before, h_tok[:, :-1]], dim=1)
+
+    @staticmethod
+    def _cached_hidden(h, cache, cache_position):
+        """The final hidden states of every cached slot, kept so a later call can shift its first logit."""
+        if cache is None or cache.hidden is None:
+            return h if cache is None else None  # a cache without them cannot be completed
+        old = cache.hidden
+        if cache_position is None:
+            return torch.cat([old, h], dim=1)
+        old[:, cache_position : cache_position + h.shape[1]] = h
+        return old
 
     # ---- safe loading ---------------------------------------------------------------------------
     @classmethod

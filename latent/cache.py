@@ -16,6 +16,7 @@ class KVCache:
     keys: list[torch.Tensor]  # per layer [B, Hkv, L, d]
     values: list[torch.Tensor]  # per layer [B, Hkv, L, d]
     key_mask: torch.Tensor  # [B, L] bool, False at padding slots
+    hidden: torch.Tensor | None = None  # [B, L, D] final hidden states, kept by logit-shifted models only
 
     @property
     def length(self) -> int:
@@ -36,13 +37,16 @@ class KVCache:
             [k[:, :, :length] for k in self.keys],
             [v[:, :, :length] for v in self.values],
             self.key_mask[:, :length],
+            None if self.hidden is None else self.hidden[:, :length],
         )
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Keep only some batch rows (index tensor or boolean mask), e.g. when finished rows leave."""
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_mask[rows])
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_mask[rows],
+                       None if self.hidden is None else self.hidden[rows])
 
     def clone(self) -> KVCache:
         return KVCache(
-            [k.clone() for k in self.keys], [v.clone() for v in self.values], self.key_mask.clone()
+            [k.clone() for k in self.keys], [v.clone() for v in self.values], self.key_mask.clone(),
+            None if self.hidden is None else self.hidden.clone(),
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 LAYOUTS = ("bidirectional", "causal", "block_causal", "prefix")
+# Where block_causal blocks start: after the prefix (BD3-LM style prompts), or at slot 0 (SDAR,
+# Fast-dLLM v2, LLaDA2: the prompt is cut into blocks too).
+BLOCK_ALIGNMENTS = ("prefix", "start")
 
 
 def _as_rows(prefix_length, batch: int, device) -> torch.Tensor:
@@ -25,7 +28,8 @@ def _as_rows(prefix_length, batch: int, device) -> torch.Tensor:
 
 
 def block_index(slots: torch.Tensor, prefix_length: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Block of each slot under block_causal: -1 inside the prefix, then blocks of block_size."""
+    """Block of each slot under block_causal: -1 inside the prefix, then blocks of block_size (a prefix_length
+    of 0 gives the blocks counted from slot 0)."""
     rel = slots - prefix_length
     return torch.where(rel < 0, torch.full_like(rel, -1), torch.div(rel, block_size, rounding_mode="floor"))
 
@@ -37,8 +41,10 @@ def layout_mask(
     batch: int,
     prefix_length=None,
     block_size: int = 1,
+    block_alignment: str = "prefix",
 ) -> torch.Tensor | None:
-    """[B, 1, Q, K] boolean layout mask, or None when every query may attend every key."""
+    """[B, 1, Q, K] boolean layout mask, or None when every query may attend every key. `block_alignment`
+    ("prefix" or "start") says where block_causal blocks begin; "start" ignores prefix_length."""
     device = query_slots.device
     q = query_slots.view(1, -1, 1)  # [1, Q, 1]
     k = torch.arange(num_keys, device=device).view(1, 1, -1)  # [1, 1, K]
@@ -52,7 +58,9 @@ def layout_mask(
             return None
         allowed = (q >= p) | (k < p)
     elif layout == "block_causal":
-        p = _as_rows(prefix_length, batch, device)  # [B, 1]
+        if block_alignment not in BLOCK_ALIGNMENTS:
+            raise ValueError(f"block_alignment={block_alignment!r} is unknown; choose one of {BLOCK_ALIGNMENTS}.")
+        p = _as_rows(0 if block_alignment == "start" else prefix_length, batch, device)  # [B, 1]
         qb = block_index(query_slots.view(1, -1), p, block_size)[:, :, None]
         kb = block_index(torch.arange(num_keys, device=device).view(1, -1), p, block_size)[:, None, :]
         allowed = kb <= qb

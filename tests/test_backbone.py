@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latent import DiffusionTransformer
 
@@ -181,3 +182,95 @@ def test_unknown_forward_keywords_are_refused(tiny_config):
     # what diffusers' LLaDA2Pipeline passes, and the diffusers/transformers return_dict switch
     logits, *_ = m(x, attention_mask=torch.ones_like(x), position_ids=torch.arange(12)[None], return_dict=False)
     assert logits.shape == (2, 12, 64)
+
+
+# ---- options for checkpoints from elsewhere (pipelines/convert) ------------------------------------
+def test_block_alignment_start_counts_blocks_from_slot_zero(tiny_config):
+    from latent.masks import layout_mask
+
+    blocks = torch.arange(10) // 4
+    want = blocks[:, None] >= blocks[None, :]
+    got = layout_mask("block_causal", torch.arange(10), 10, 2, prefix_length=3, block_size=4, block_alignment="start")
+    assert torch.equal(got, want.expand(2, 1, 10, 10))
+    assert not torch.equal(layout_mask("block_causal", torch.arange(10), 10, 2, 3, 4), got)  # "prefix" differs
+    m = _model(tiny_config, attention_layout="block_causal", block_alignment="start")
+    x = _ids(n=12)
+    full = m(x, prefix_length=5).logits  # prefix_length plays no part: blocks [0, 4), [4, 8), [8, 12)
+    cache = m(x[:, :4], use_cache=True).past_key_values
+    for start in (4, 8):  # the exact block cache holds when the prompt fills whole blocks
+        out = m(x[:, start : start + 4], past_key_values=cache, use_cache=True)
+        assert torch.allclose(out.logits, full[:, start : start + 4], atol=1e-5)
+        cache = out.past_key_values
+    with pytest.raises(ValueError, match="block_alignment"):
+        _model(tiny_config, block_alignment="middle")
+
+
+def test_head_dim_qk_norm_and_biases(tiny_config):
+    m = _model(tiny_config, head_dim=16, qk_norm=True, qkv_bias=True, norm_eps=1e-5)
+    names = dict(m.named_parameters())
+    assert names["blocks.0.attn.q.weight"].shape == (4 * 16, 32) and names["blocks.0.attn.kv.bias"].shape == (2 * 2 * 16,)
+    assert names["blocks.0.attn.q_norm.weight"].shape == (16,) and "blocks.0.attn.out.bias" not in names
+    assert {mod.eps for mod in m.modules() if type(mod).__name__ == "RMSNorm"} == {1e-5}
+    eager = _model(tiny_config, head_dim=16, qk_norm=True, qkv_bias=True, norm_eps=1e-5, attention_backend="eager")
+    x = _ids()
+    assert torch.allclose(m(x).logits, eager(x).logits, atol=1e-5)
+    # biases start at zero and change nothing then; QK-norm changes the logits even with unit weights
+    plain, biased = _model(tiny_config), _model(tiny_config, qkv_bias=True)
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.allclose(biased(x).logits, plain(x).logits, atol=1e-6)
+    assert not torch.allclose(_model(tiny_config, qk_norm=True)(x).logits, _model(tiny_config)(x).logits, atol=1e-4)
+
+
+def test_rope_scalings_of_hugging_face_configs():
+    from latent.backbone import Rotary
+
+    pos = torch.arange(40.0)[None]
+    plain = Rotary(8, 10000.0, None)
+    linear = Rotary(8, 10000.0, {"rope_type": "linear", "factor": 4.0})
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(linear(pos), plain(pos / 4), strict=True))
+    llama3 = Rotary(8, 1e6, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192})
+    base = Rotary(8, 1e6, None).inv_freq  # short waves kept, waves longer than 8192 positions slowed 8x
+    assert llama3.inv_freq[0] == base[0] and torch.isclose(llama3.inv_freq[-1], base[-1] / 8)
+    dynamic = Rotary(8, 10000.0, {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16})
+    short = torch.arange(16.0)[None]
+    assert all(torch.equal(a, b) for a, b in zip(dynamic(short), plain(short), strict=True))  # within the original length
+    assert not torch.allclose(dynamic(pos)[0], plain(pos)[0])  # past it, the base is stretched
+    for bad, match in [({"rope_type": "yarn", "factor": 2.0}, "yarn"), ({"factor": 2.0}, "rope_type"),
+                       ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor")]:
+        with pytest.raises(ValueError, match=match):
+            Rotary(8, 10000.0, bad)
+
+
+def test_logit_shift_scores_each_position_from_the_one_before(tiny_config):
+    plain, shifted = _model(tiny_config, attention_layout="causal"), _model(tiny_config, attention_layout="causal",
+                                                                             logit_shift=True)
+    x = _ids()
+    a, b = plain(x).logits, shifted(x).logits
+    assert torch.allclose(b[:, 1:], a[:, :-1]) and torch.allclose(b[:, 0], a[:, 0])  # position 0 keeps its own
+    pre = torch.randn(2, 3, 32)
+    first = shifted(x, prefix_embeds=pre).logits[:, 0]  # the first token is scored from the last prefix slot
+    h = shifted(x, prefix_embeds=pre).hidden_states[:, 2]
+    assert torch.allclose(first, F.linear(h, shifted.embed.weight), atol=1e-5)
+    full = shifted(x, use_cache=True)
+    cache = shifted(x[:, :5], use_cache=True).past_key_values
+    assert torch.allclose(shifted(x[:, 5:], past_key_values=cache).logits, b[:, 5:], atol=1e-5)
+    rewrite = shifted(x[:, 4:8], past_key_values=full.past_key_values.clone(), cache_position=4)  # dual cache
+    assert torch.allclose(rewrite.logits, b[:, 4:8], atol=1e-5)
+
+
+def test_new_options_round_trip_and_older_configs_load(tiny_config, tmp_path):
+    m = _model(tiny_config, head_dim=16, qk_norm=True, qkv_bias=True, logit_shift=True, norm_eps=1e-5,
+               attention_layout="block_causal", block_alignment="start",
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16})
+    m.save_pretrained(tmp_path / "new")
+    x = _ids()
+    assert torch.equal(DiffusionTransformer.from_pretrained(tmp_path / "new").eval()(x).logits, m(x).logits)
+    old = _model(tiny_config)
+    old.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in cfg.items()
+                                if k not in ("head_dim", "qkv_bias", "qk_norm", "logit_shift", "block_alignment")}))
+    assert torch.equal(DiffusionTransformer.from_pretrained(tmp_path / "old").eval()(x).logits, old(x).logits)

@@ -25,14 +25,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from latent.training.errors import ConfigError
+
 __all__ = ["ConfigError", "load_config", "save_config", "flat_keys", "REPO_CONFIGS", "task_of",
            "RunConfig", "TrainerConfig", "OptimConfig"]
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key and how to fix it."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ def model_section_keys(user: dict) -> list[str]:
 
 def build_model(model_cfg: dict, tokenizer=None):
     """Build the model of a ``model`` config section (``name`` / ``preset`` / ``init_from`` are not passed)."""
-    from latent.training.config import ConfigError
+    from latent.training.errors import ConfigError
 
     cfg = dict(model_cfg)
     name = cfg.get("name", "diffusion_transformer")
