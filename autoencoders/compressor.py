@@ -30,17 +30,19 @@ The frozen encoder is not part of the saved weights: ``config.encoder_path`` nam
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks it up here
 from diffusers.utils import BaseOutput
 
-__all__ = ["TextCompressor", "CompressorOutput", "default_encoder_path", "ParallelDecoder", "safe_from_pretrained"]
+from latent.config_checks import FINITE_NON_NEGATIVE, POSITIVE
+from latent.loading import SafeModelMixin, load_hf_model
+
+__all__ = ["TextCompressor", "CompressorOutput", "default_encoder_path", "ParallelDecoder"]
 
 
 def default_encoder_path() -> str:
@@ -90,23 +92,15 @@ class CompressorOutput(BaseOutput):
     logits: torch.Tensor | None = None
 
 
-def safe_from_pretrained(cls, path, **kwargs):
-    """``ModelMixin.from_pretrained`` restricted to a local folder of safetensors weights."""
-    path = os.fspath(path)
-    folder = os.path.join(path, kwargs.get("subfolder") or "")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder!r} is not a folder; give a directory written by save_pretrained().")
-    if not any(n.endswith(".safetensors") for n in os.listdir(folder)):
-        raise ValueError(f"No safetensors weights in {folder!r}; pickled checkpoints are never loaded.")
-    kwargs.update(use_safetensors=True)
-    kwargs.setdefault("local_files_only", True)
-    return super(cls, cls).from_pretrained.__func__(cls, path, **kwargs)
-
-
-class TextCompressor(ModelMixin, ConfigMixin):
+class TextCompressor(SafeModelMixin, ConfigMixin):
     """Compress text into ``max_length / compression`` latents of ``latent_dim`` channels and back."""
 
     config_name = "config.json"
+    config_rules = {
+        **{k: POSITIVE for k in ("max_length", "compression", "latent_dim", "hidden_size", "num_layers",
+                                 "decoder_layers", "num_heads")},
+        **{k: FINITE_NON_NEGATIVE for k in ("latent_noise", "token_mask_prob", "align_weight")},
+    }
 
     @register_to_config
     def __init__(
@@ -178,7 +172,7 @@ class TextCompressor(ModelMixin, ConfigMixin):
         if self._encoder is None:
             from transformers import AutoModel
 
-            enc = AutoModel.from_pretrained(self._encoder_path, local_files_only=True).eval().requires_grad_(False)
+            enc = load_hf_model(AutoModel, self._encoder_path, "text encoder").eval().requires_grad_(False)
             object.__setattr__(self, "_encoder", enc)
         dev = self.queries.device
         if next(self._encoder.parameters()).device != dev:
@@ -330,8 +324,3 @@ class TextCompressor(ModelMixin, ConfigMixin):
             hit = self.logits_to_ids(logits) == input_ids
             acc = float(hit[real].float().mean()) if bool(real.any()) else math.nan
         return CompressorOutput(loss=ce + aw * align, ce=ce, align=align, accuracy=acc, latents=z, logits=logits)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder of safetensors weights (the frozen encoder comes from ``encoder_path``)."""
-        return safe_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)

@@ -21,10 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks it up here
 from diffusers.utils import BaseOutput
 
-from .compressor import ParallelDecoder, _layer, safe_from_pretrained
+from latent.config_checks import FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE
+from latent.loading import SafeModelMixin
+
+from .compressor import ParallelDecoder, _layer
 
 __all__ = ["ThoughtVAE", "ThoughtVAEOutput"]
 
@@ -44,10 +47,15 @@ class ThoughtVAEOutput(BaseOutput):
     logits: torch.Tensor | None = None
 
 
-class ThoughtVAE(ModelMixin, ConfigMixin):
+class ThoughtVAE(SafeModelMixin, ConfigMixin):
     """Encode a reasoning step into ``num_latents`` thought tokens of ``latent_dim`` channels and back."""
 
     config_name = "config.json"
+    config_rules = {
+        **{k: POSITIVE for k in ("vocab_size", "max_length", "num_latents", "latent_dim", "hidden_size", "num_layers",
+                                 "num_heads")},
+        "pad_token_id": NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE, "scaling_factor": FINITE_POSITIVE,
+    }
 
     @register_to_config
     def __init__(
@@ -149,8 +157,3 @@ class ThoughtVAE(ModelMixin, ConfigMixin):
         sf = float(1.0 / self.encode(input_ids)[0].std().clamp(min=1e-6))
         self.register_to_config(scaling_factor=sf)
         return sf
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder of safetensors weights."""
-        return safe_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)

@@ -33,7 +33,6 @@ shorter than one analysis frame, longer than `max_seconds`, unsupported dtypes, 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -45,7 +44,10 @@ import torchaudio
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 # diffusers' pipeline loader finds the loading method by looking base classes up in this module's namespace.
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+
+from latent.config_checks import FINITE_NON_NEGATIVE, FINITE_POSITIVE, POSITIVE
+from latent.loading import SafeModelMixin, load_hf_model
 
 from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 
@@ -513,7 +515,7 @@ class HFSpeechEncoder(nn.Module):
                 "model's save_pretrained() (nothing is downloaded)."
             )
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = load_hf_model(AutoModel, path, "speech encoder")  # safetensors only, no tensor left random
         enc = model.get_encoder() if cfg.model_type == "whisper" else model
         return cfg.to_dict(), enc.state_dict()
 
@@ -553,7 +555,7 @@ class HFSpeechEncoder(nn.Module):
 
 
 # ---- the two adapters -----------------------------------------------------------------------------------
-class SemanticAdapter(ModelMixin, ConfigMixin):
+class SemanticAdapter(SafeModelMixin, ConfigMixin):
     """Downsampling projector over the last encoder layer, then an MLP to the backbone width.
 
     pooling="stack": `downsample` consecutive frames are stacked, [B, T, C] -> [B, ceil(T / k), D].
@@ -632,7 +634,7 @@ class SemanticAdapter(ModelMixin, ConfigMixin):
         return PrefixEmbeds(self.net(pooled) * out_mask[..., None].to(h.dtype), out_mask)
 
 
-class AcousticAdapter(ModelMixin, ConfigMixin):
+class AcousticAdapter(SafeModelMixin, ConfigMixin):
     """Learned-query resampler over several encoder layers: a softmax-weighted sum (learned layer weights) of
     the layer-normed hidden states `layers`, read by `num_queries` queries through cross-attention that
     ignores padded frames. Always `num_queries` prefix slots."""
@@ -727,6 +729,13 @@ class AudioAdapter(ModalityAdapter):
 
     trunk_attr = "speech_encoder"
     ignore_for_config = ["encoder_path"]
+    config_rules = {
+        **{k: POSITIVE for k in ("hidden_size", "encoder_dim", "encoder_layers", "encoder_heads", "n_mels",
+                                 "sample_rate", "semantic_downsample", "semantic_hidden", "ctc_vocab_size",
+                                 "acoustic_queries", "acoustic_depth", "acoustic_heads")},
+        "max_seconds": FINITE_POSITIVE, "min_peak": FINITE_NON_NEGATIVE,
+        "encoder_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    }
 
     @register_to_config
     def __init__(

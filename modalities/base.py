@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.models.modeling_utils import ModelMixin
 
+from latent.loading import SafeModelMixin
 from latent.registry import Registry
 
 __all__ = [
@@ -155,9 +155,13 @@ def create_adapter(name: str | dict | Any, **kwargs) -> ModalityAdapter:
     return adapter_class(name)(**kwargs)
 
 
-class ModalityAdapter(ModelMixin, ConfigMixin):
+class ModalityAdapter(SafeModelMixin, ConfigMixin):
     """Base of every adapter. Subclasses decorate `__init__` with `register_to_config` and implement
-    `preprocess` and `forward`; `hidden_size` (the backbone width D) must be one of their config keys."""
+    `preprocess` and `forward`; `hidden_size` (the backbone width D) must be one of their config keys.
+
+    Loading is `latent.loading.SafeModelMixin`'s: safetensors only (a folder of pickles is refused by
+    name), the config checked against the constructor's annotations and `config_rules` before anything
+    is built, and weights that do not match the config refused rather than half-loaded."""
 
     config_name = "config.json"
     adapter_type: str = ""

@@ -47,6 +47,8 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks it up here
 
+from latent.config_checks import FINITE_POSITIVE, POSITIVE
+
 from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 
 __all__ = [
@@ -309,6 +311,12 @@ class DrivingAdapter(ModalityAdapter):
     """
 
     trunk_attr = None
+    _SCALES = ("two finite numbers > 0", lambda v: len(v) == 2 and all(FINITE_POSITIVE[1](x) for x in v))
+    config_rules = {
+        **{k: POSITIVE for k in ("hidden_size", "width", "vehicle_tokens", "vehicle_layers", "heads", "max_vehicles",
+                                 "max_lanes", "occupancy_channels")},
+        "speed_scale": FINITE_POSITIVE, "position_scale": _SCALES, "velocity_scale": _SCALES,
+    }
 
     @register_to_config
     def __init__(
@@ -326,12 +334,10 @@ class DrivingAdapter(ModalityAdapter):
         position_scale: tuple[float, float] = (50.0, 4.0),
         velocity_scale: tuple[float, float] = (10.0, 5.0),
     ):
-        super().__init__()
+        super().__init__()  # checks the config against config_rules first
         width = width or hidden_size
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}.")
-        if vehicle_tokens < 1:
-            raise ValueError(f"vehicle_tokens must be >= 1, got {vehicle_tokens}.")
         self.ego_mlp = nn.Sequential(nn.Linear(4, width), nn.GELU(), nn.Linear(width, width))
         self.lane_embed = nn.Embedding(max_lanes, width)  # lane index from the left
         self.right_embed = nn.Embedding(max_lanes, width)  # lanes to the right of the ego

@@ -8,9 +8,10 @@ prefix = adapter(pixels)                                                  # Pref
 ```
 
 Weights never come from a hub: the trunk is built with `pretrained=False` and, when `pretrained_path`
-is given, loaded from that local safetensors (or `torch.save`d state-dict) file. Preprocessing follows the
-trunk's timm data config (input size, mean/std, interpolation, crop_pct) and lives in `ImagePreprocessor`,
-a small picklable object that DataLoader workers run without the model.
+is given, loaded from that local safetensors file (a pickled .pth / .bin is refused, with the line that
+converts it). Preprocessing follows the trunk's timm data config (input size, mean/std, interpolation,
+crop_pct) and lives in `ImagePreprocessor`, a small picklable object that DataLoader workers run without
+the model. Every PIL mode is read at its own depth: 16-bit grey is scaled to [0, 1], not clipped to white.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from diffusers.configuration_utils import register_to_config
 # diffusers' pipeline loader finds the loading method by looking base classes up in this module's namespace.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from PIL import Image, ImageOps
+
+from latent.config_checks import NON_NEGATIVE, POSITIVE, one_of
+from latent.loading import PICKLED, refuse_pickle_file, require_safetensors
 
 from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 
@@ -76,16 +80,31 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000, index=None
         raise ImageError(f"{label} is not a readable image ({type(err).__name__}: {err}).") from err
 
 
-def _pil_to_tensor(im: Image.Image, background: tuple[int, int, int]) -> torch.Tensor:
-    """PIL image of any mode -> uint8 [3, H, W]; transparency is composited on `background`."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        base = Image.new("RGBA", im.size, (*background, 255))
-        im = Image.alpha_composite(base, im)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1)
+def _pil_to_float(im: Image.Image, background: tuple[int, int, int], label: str) -> torch.Tensor:
+    """PIL image of any mode -> float [3, H, W] in [0, 1]; transparency is composited on `background`.
+
+    Integer grey of more than 8 bits ("I;16*" from 16-bit PNG / TIFF, "I") is scaled from 0..65535:
+    `convert("RGB")` would clip every value above 255 to white. Float grey ("F") must hold [0, 1], like
+    float arrays."""
+    if im.mode.startswith("I"):
+        grey = np.asarray(im).astype(np.float32)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ImageError(
+                f"{label} is a {im.mode} image with values in [{grey.min():.0f}, {grey.max():.0f}]; integer images "
+                "are read as 16-bit (0..65535): convert it to 8 or 16 bits."
+            )
+        return torch.from_numpy(grey / 65535.0)[None].expand(3, -1, -1)
+    if im.mode == "F":
+        return _array_to_float(np.array(im), label, background)
+    try:
+        if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+            im = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (*background, 255)), im)
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+    except ValueError as err:  # a mode PIL cannot turn into RGB
+        raise ImageError(f"{label} has PIL mode {im.mode!r}, which cannot be converted to RGB ({err}).") from err
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
 def _array_to_float(arr, label: str, background) -> torch.Tensor:
@@ -177,7 +196,7 @@ class ImagePreprocessor:
         if isinstance(raw, Image.Image):
             w, h = raw.size
             self._check_size(h, w, label)
-            return _pil_to_tensor(raw, self.background).float() / 255.0
+            return _pil_to_float(raw, self.background, label)
         if isinstance(raw, (np.ndarray, torch.Tensor)):
             if isinstance(raw, np.ndarray) and raw.dtype == object:
                 raise ImageError(f"{label} is a numpy array of Python objects; give a numeric array.")
@@ -297,34 +316,26 @@ def sincos_2d(grid: tuple[int, int], dim: int, device, dtype) -> torch.Tensor:
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local safetensors / torch file, or a folder holding one."""
+    """A state dict from a local safetensors file, or a folder holding one; pickles are refused by name."""
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         pick = [n for n in ("model.safetensors", "pytorch_model.safetensors") if n in names]
         pick = pick or [n for n in names if n.endswith(".safetensors")]
-        pick = pick or [n for n in ("pytorch_model.bin", "model.pth", "model.pt") if n in names]
-        pick = pick or [n for n in names if n.endswith((".pth", ".pt", ".bin"))]
         if not pick:
-            raise ValueError(f"pretrained_path {path!r} is a folder with no .safetensors / .pth / .bin weights file.")
+            require_safetensors(path, "model.safetensors", "trunk weights")  # raises, naming any pickles
         if len(pick) > 1 and not pick[0].startswith(("model.", "pytorch_model.")):
             raise ValueError(f"pretrained_path {path!r} holds several weight files {pick}; name one of them.")
         path = os.path.join(path, pick[0])
     if not os.path.isfile(path):
         raise ValueError(f"pretrained_path {path!r} does not exist (weights are only read from local files).")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if path.endswith(PICKLED):
+        raise refuse_pickle_file(path)
+    from safetensors.torch import load_file
 
-            sd = load_file(path, device="cpu")
-        else:  # weights_only refuses pickled code: only tensors and plain containers load
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = load_file(path, device="cpu")
     except Exception as err:  # noqa: BLE001 - any failure here means a bad file; say which
         raise ValueError(f"Could not read weights from {path!r}: {type(err).__name__}: {err}") from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path!r} does not hold a state dict of tensors.")
     prefixes = ("module.", "trunk.", "model.")
     for p in prefixes:
         if sd and all(k.startswith(p) for k in sd):
@@ -387,6 +398,12 @@ class VisionAdapter(ModalityAdapter):
 
     trunk_attr = "trunk_model"
     ignore_for_config = ["pretrained_path"]
+    config_rules = {
+        "projector": one_of("mlp", "resampler"),
+        **{k: POSITIVE for k in ("hidden_size", "num_queries", "pool_size", "projector_hidden", "resampler_heads",
+                                 "image_size", "min_image_side", "max_image_pixels")},
+        "resampler_layers": NON_NEGATIVE,
+    }
 
     @register_to_config
     def __init__(
@@ -407,15 +424,9 @@ class VisionAdapter(ModalityAdapter):
         max_image_pixels: int = 64_000_000,
         pretrained_path: str | None = None,
     ):
-        super().__init__()
-        if projector not in ("mlp", "resampler"):
-            raise ValueError(f"projector={projector!r} is unknown; choose 'mlp' or 'resampler'.")
+        super().__init__()  # checks the config against config_rules first
         if projector == "resampler" and hidden_size % resampler_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by resampler_heads={resampler_heads}.")
-        if projector == "resampler" and num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}.")
-        if pool_size is not None and pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1 or None, got {pool_size}.")
         self.trunk_model = _create_trunk(backbone, image_size, backbone_kwargs or {})
         if pretrained_path is not None:
             load_trunk_weights(self.trunk_model, pretrained_path)

@@ -8,12 +8,26 @@ One JSON line per image: `{"path", "caption", "index", "seconds", "load_seconds"
 - Resumable: the output is append-only and flushed after every batch. A re-run with the same
   arguments skips every path that already has a complete line (success or error; `--retry-errors` redoes
   errors) and drops a torn last line left by a kill, so nothing is lost or written twice, SIGKILL included.
+- One writer: a job holds an exclusive lock on its output (`<out>.lock`, an flock the system releases when
+  the process dies, naming its pid, host and start time); a second job on the same output is refused
+  with that name, and the lock a dead job left is taken over.
+- What produced the records: `<out>.manifest.json` records the model (a hash of every file of its
+  folder, computed while the model loads; a `module:factory` by its name; through the Python API the
+  captioner's class or the folder it was loaded from, unless `producer=` says more), the decoding
+  settings, the dtype and the mmdlm version (not the batch size, device or workers, which do not choose
+  the captions). Resuming with other settings is
+  refused, naming what differs, unless `--overwrite` (start the file anew: its records are dropped) or
+  `--redo` (caption every image again into `<out>.redo`, which replaces `<out>` once complete; until then
+  `<out>` stays as it was, and a stopped redo resumes) is given. Duplicate records (an image written more
+  than once, e.g. by two jobs of an older version) are reported; `--repair` rewrites the file atomically
+  with one record per image (its last success, else its last error).
 - Sharding: `--shard i/n` keeps the paths whose CRC32 is i mod n, a pure function of the path string, so n
   processes given the same `--images` cover the set exactly once. Shard i writes
   `<out>.shards/shard-0000i-of-0000n.jsonl` and, when it is complete, a `.done` marker beside it; `<out>`
   itself stays untouched until every shard is done. Then the shard that finishes last merges all shard
   files into `<out>` (lines already in `<out>` are kept, no path is written twice, lines follow the input
-  order), under a lock file so two shards never merge at once. A stopped shard resumes when rerun. With
+  order), under `<out>`'s lock, so two shards never merge at once; shard files whose manifests differ
+  are not merged. A stopped shard resumes when rerun. With
   `--no-merge` (or when the merging process died), `--merge-only --shard 0/n --out <out>` merges once all
   n are done (exit status 1 while some are not). Under `torchrun` the shard comes from RANK / WORLD_SIZE and the device from LOCAL_RANK.
 
@@ -25,8 +39,13 @@ pipeline folder, or `package.module:factory` for a captioner of your own.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import functools
 import glob
+import hashlib
 import json
+import math
 import os
 import queue
 import socket
@@ -35,7 +54,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,14 +63,23 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "list_images", "shard_of", "parse_shard", "dist_shard", "run_captioning", "merge_shards", "shard_path",
-    "configure", "run", "BatchJobError",
+    "configure", "run", "BatchJobError", "OutputLocked", "OutputLock", "read_done", "read_records", "repair_output",
+    "describe_captioner", "folder_hash", "manifest_path",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class BatchJobError(ValueError):
-    """A bad argument of the batch job (inputs, output path, shard spec)."""
+    """A bad argument of the batch job (inputs, output path, shard spec), or an output it may not write."""
+
+
+class OutputLocked(BatchJobError):
+    """The output is being written by another job (`holder` names it)."""
+
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -136,28 +165,300 @@ def _check_writable(path: str) -> None:
         raise BatchJobError(f"cannot write --out {path!r}: {err.strerror or err}.") from err
 
 
-def read_done(path: str, repair: bool = True) -> tuple[dict[str, dict], int]:
-    """Complete lines of an output file by path; a torn last line (killed mid-write) is cut off.
-    Returns (records, number of malformed lines)."""
-    done: dict[str, dict] = {}
-    bad = 0
+@dataclass
+class Records:
+    """The complete lines of an output file: one record per image path (its last success, else its last
+    error), the number of malformed lines, and how many records each image written more than once has."""
+
+    by_path: dict[str, dict] = field(default_factory=dict)
+    bad: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.by_path and not self.bad
+
+
+def read_records(path: str, repair: bool = True) -> Records:
+    """Read an output file; a torn last line (killed mid-write) is cut off when `repair`."""
+    out = Records()
     if not os.path.exists(path):
-        return done, bad
+        return out
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
     if end < len(data) and repair:  # torn tail: the line was not finished, so its image was not counted
         with open(path, "r+b") as f:
             f.truncate(end)
+    seen: dict[str, int] = {}
     for raw in data[:end].splitlines():
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
-            done[rec["path"]] = rec
+            p = rec["path"]
         except (ValueError, KeyError, TypeError):
-            bad += 1
-    return done, bad
+            out.bad += 1
+            continue
+        seen[p] = seen.get(p, 0) + 1
+        old = out.by_path.get(p)
+        if old is None or "error" in old or "error" not in rec:  # a success is never replaced by an error
+            out.by_path[p] = rec
+    out.duplicates = {p: n for p, n in seen.items() if n > 1}
+    return out
+
+
+def read_done(path: str, repair: bool = True) -> tuple[dict[str, dict], int]:
+    """(records by path, number of malformed lines) of an output file (see `read_records`)."""
+    recs = read_records(path, repair)
+    return recs.by_path, recs.bad
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_records(path: str, records) -> int:
+    """Replace `path` atomically by these records, one line each, in input order."""
+    ordered = sorted(records, key=lambda r: (r.get("index", 1 << 62), r["path"]))
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    return len(ordered)
+
+
+def _report_duplicates(path: str, recs: Records, log) -> None:
+    if recs.duplicates:
+        extra = sum(recs.duplicates.values()) - len(recs.duplicates)
+        example = next(iter(recs.duplicates))
+        log(f"warning: {path} holds {extra} duplicate records: {len(recs.duplicates)} images were written more "
+            f"than once (e.g. {example!r}); each counts once, by its last success. Rewrite the file with one "
+            f"record per image: mmdlm caption --repair --out {path}")
+
+
+# ---- one writer at a time -------------------------------------------------------------------------
+def _close_quietly(fd: int, _worker_id: int = 0) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class OutputLock:
+    """An exclusive lock on a job's output file, held for the job's life.
+
+    `<out>.lock` is flock-ed: the system releases it when the holder dies, however it dies, so a lock a
+    dead job left is simply taken over. The file names the holder (pid, host, start time, command) for the
+    message a second job gets."""
+
+    def __init__(self, out: str):
+        self.path = os.fspath(out) + ".lock"
+        self.fd: int | None = None
+        self.previous: dict | None = None  # what a dead holder left in the file
+
+    def acquire(self) -> OutputLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise OutputLocked(
+                    f"{self.path[:-5]} is being written by another job ({holder}); two jobs on one output would "
+                    "caption every image twice. Wait for it to finish, stop it, or give another --out.", holder
+                ) from None
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise BatchJobError(f"cannot lock {self.path}: this file system has no file locks.") from err
+                raise
+            try:  # the holder we waited on may have removed the file as we opened it: lock the one in place
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.previous = self._read(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        try:
+            info = json.loads(os.pread(fd, 65536, 0) or b"null")
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _holder(self, fd: int) -> str:
+        info = None
+        for _ in range(20):  # the holder writes its name right after it locks
+            info = self._read(fd)
+            if info:
+                break
+            time.sleep(0.05)
+        if not info:
+            return "it has not written its name yet"
+        return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}: {info.get('command')}"
+
+    def took_over(self) -> str | None:
+        """A line about the dead job whose lock this one took over, if any."""
+        p = self.previous
+        if not p or p.get("pid") == os.getpid():
+            return None
+        return (f"took over the lock {self.path} left by pid {p.get('pid')} on host {p.get('host')} (started "
+                f"{p.get('started')}), which is no longer running.")
+
+    def worker_init(self) -> Callable[[int], None] | None:
+        """For DataLoader workers: close their inherited copy, so that a worker outliving a killed job
+        does not keep its output locked."""
+        return None if self.fd is None else functools.partial(_close_quietly, self.fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)  # while still locked: a job waiting to open it locks a new file
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---- what produced the records --------------------------------------------------------------------
+def manifest_path(path: str) -> str:
+    return path + ".manifest.json"
+
+
+def project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmdlm")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout that was never installed
+        return "unknown"
+
+
+def folder_hash(folder: str) -> str:
+    """sha256 over every file of a folder (relative name and content; hidden files are skipped)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, folder).encode("utf-8", "surrogateescape") + b"\0")
+            with open(full, "rb") as f:
+                for chunk in iter(functools.partial(f.read, 1 << 22), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def describe_captioner(captioner, caption_kwargs: dict | None = None, dtype: str | None = None,
+                       model: str | None = None, model_hash: str | None = None) -> dict:
+    """What produces the records: the model (a folder's hash, a factory's name, or the captioner's class),
+    the decoding settings, the dtype and the mmdlm version. Any of them changing changes the records.
+    `model_hash`: the folder's `folder_hash`, when the caller computed it already."""
+    folder = model if model and os.path.isdir(model) else getattr(captioner, "name_or_path", None)
+    if folder and os.path.isdir(folder):
+        who = {"folder_sha256": model_hash or folder_hash(folder), "path": os.path.abspath(folder)}
+    elif model:
+        who = {"factory": model}
+    else:
+        who = {"object": f"{type(captioner).__module__}.{type(captioner).__qualname__}"}
+    return {"model": who, "decoding": dict(sorted((caption_kwargs or {}).items())), "dtype": dtype,
+            "mmdlm": project_version()}
+
+
+def _fingerprint(producer: dict) -> str:
+    same = {**producer, "model": {k: v for k, v in producer["model"].items() if k != "path"}}  # a copy is the same model
+    return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_manifest(path: str) -> dict | None:
+    try:
+        with open(manifest_path(path), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise BatchJobError(f"{manifest_path(path)} is not valid JSON ({err}); it says what produced {path}.") from err
+
+
+def _write_manifest(path: str, producer: dict) -> None:
+    manifest = {"records": os.path.basename(path), "fingerprint": _fingerprint(producer), "producer": producer,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    _write_atomic(manifest_path(path), json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _differences(old: dict, new: dict) -> str:
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k) and k != "model.path"]
+    return "; ".join(f"{k}: {a.get(k)!r} in the file, {b.get(k)!r} now" for k in keys)
+
+
+def _start(path: str, producer: dict) -> None:
+    """An empty output file, then its manifest: a kill between leaves an empty file, never records under
+    another producer's name."""
+    _write_atomic(path, "")
+    _write_manifest(path, producer)
+
+
+def _open_output(target: str, producer: dict, overwrite: bool, redo: bool, log) -> tuple[str, Records]:
+    """The file this run appends to (`target`, or `<target>.redo` for --redo) and its records so far."""
+    redo_file = target + ".redo"
+    if overwrite:
+        for leftover in (redo_file, manifest_path(redo_file)):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        if os.path.exists(target) and os.path.getsize(target):
+            log(f"--overwrite: {target} starts anew; its earlier records are dropped.")
+        _start(target, producer)
+        return target, Records()
+    work = redo_file if redo else target
+    recs = read_records(work)
+    manifest = _read_manifest(work)
+    if manifest is not None and manifest.get("fingerprint") == _fingerprint(producer):
+        return work, recs
+    if redo or recs.empty:  # a fresh redo file, or an output with no records yet
+        _start(work, producer)
+        return work, Records()
+    stopped = (f" (a --redo was stopped: {redo_file} holds its new records; rerun with --redo to finish it)"
+               if os.path.exists(redo_file) else "")
+    if manifest is None:
+        why = (f"{target} holds {len(recs.by_path)} records but no {os.path.basename(manifest_path(target))} "
+               "saying what produced them (another program or an older mmdlm wrote it)")
+    else:
+        why = (f"{target} was produced with other settings ({_differences(manifest['producer'], producer)}), "
+               "and resuming would mix the records of both")
+    raise BatchJobError(
+        f"{why}{stopped}. Give another --out, or pass --redo (caption every image again; the file is replaced "
+        "when they are all done) or --overwrite (drop its records now and start anew)."
+    )
 
 
 class _Writer(threading.Thread):
@@ -250,6 +551,11 @@ class Summary:
         )
 
 
+def output_file(out: str, shard: tuple[int, int] | None) -> str:
+    """The file a job writes: `out`, or its shard's file."""
+    return out if shard is None else shard_path(out, shard)
+
+
 def run_captioning(
     captioner: Any,
     images,
@@ -262,48 +568,77 @@ def run_captioning(
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
     caption_kwargs: dict | None = None,
+    overwrite: bool = False,
+    redo: bool = False,
+    producer: dict | None = None,
+    lock: OutputLock | None = None,
 ) -> Summary:
-    """Caption `images` (see `list_images`) into the JSONL file `out`; resumable and shardable."""
+    """Caption `images` (see `list_images`) into the JSONL file `out`; resumable and shardable.
+
+    `producer` says what makes the records (default `describe_captioner(captioner, caption_kwargs)`); a file
+    made by another is refused unless `overwrite` or `redo`. `lock`: the output's lock when the caller
+    already holds it (the command line takes it before loading the model)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if batch_size < 1:
         raise BatchJobError(f"--batch-size must be >= 1, got {batch_size}.")
     if num_workers < 0:
         raise BatchJobError(f"--num-workers must be >= 0, got {num_workers}.")
+    if overwrite and redo:
+        raise BatchJobError("--overwrite and --redo exclude each other: start anew now, or replace when done.")
     out = os.fspath(out)
     shard = parse_shard(shard) if shard is not None else dist_shard()
     _check_writable(out)
     paths = list_images(images)
     items = list(enumerate(paths))
-    target = out
+    target = output_file(out, shard)
     if shard is not None:
         items = [(i, p) for i, p in items if shard_of(p, shard[1]) == shard[0]]
-        target = shard_path(out, shard)
         _check_writable(target)
-    done, bad = read_done(target)
-    if bad:
-        log(f"warning: {target} has {bad} malformed lines; they are ignored (their images are redone).")
-    if retry_errors:
-        done = {p: r for p, r in done.items() if "error" not in r}
-    pending = [(i, p) for i, p in items if p not in done]
-    log(
-        f"{len(items)} images{'' if shard is None else f' in shard {shard[0]}/{shard[1]}'}: "
-        f"{len(items) - len(pending)} already in {target}, {len(pending)} to caption."
-    )
-    t0 = time.perf_counter()
-    new = 0
-    if pending:
-        new = _caption_all(captioner, pending, target, batch_size, num_workers, progress, caption_kwargs or {})
-    elapsed = time.perf_counter() - t0
-    if shard is not None:
-        with open(target + ".done", "w") as f:
-            json.dump({"images": len(items), "host": socket.gethostname(), "time": time.time()}, f)
-    final, _ = read_done(target, repair=False)
+    producer = producer or describe_captioner(captioner, caption_kwargs)
+    own_lock = lock is None
+    lock = lock or OutputLock(target).acquire()
+    try:
+        if lock.took_over():
+            log(lock.took_over())
+        if shard is not None and (overwrite or redo) and os.path.exists(target + ".done"):
+            os.unlink(target + ".done")  # this shard's file is being made again: it is not done
+        work, recs = _open_output(target, producer, overwrite, redo, log)
+        if recs.bad:
+            log(f"warning: {work} has {recs.bad} malformed lines; they are ignored (their images are redone).")
+        _report_duplicates(work, recs, log)
+        done = recs.by_path
+        if retry_errors:
+            done = {p: r for p, r in done.items() if "error" not in r}
+        pending = [(i, p) for i, p in items if p not in done]
+        log(
+            f"{len(items)} images{'' if shard is None else f' in shard {shard[0]}/{shard[1]}'}: "
+            f"{len(items) - len(pending)} already in {work}, {len(pending)} to caption."
+        )
+        t0 = time.perf_counter()
+        new = 0
+        if pending:
+            new = _caption_all(captioner, pending, work, batch_size, num_workers, progress, caption_kwargs or {},
+                               lock.worker_init())
+        elapsed = time.perf_counter() - t0
+        final = read_records(work, repair=False)
+        if final.duplicates and retry_errors:  # the errors this run redid: keep one record per image
+            _write_records(work, final.by_path.values())
+        if work != target:  # --redo: every image is done, so the new file replaces the old one
+            os.replace(manifest_path(work), manifest_path(target))
+            os.replace(work, target)
+            log(f"--redo: {target} now holds the records of these settings only.")
+        if shard is not None:
+            with open(target + ".done", "w") as f:
+                json.dump({"images": len(items), "host": socket.gethostname(), "time": time.time()}, f)
+    finally:
+        if own_lock:
+            lock.release()
     wanted = {p for _, p in items}
-    ok = sum(1 for p, r in final.items() if p in wanted and "error" not in r)
-    failed = sum(1 for p, r in final.items() if p in wanted and "error" in r)
+    ok = sum(1 for p, r in final.by_path.items() if p in wanted and "error" not in r)
+    failed = sum(1 for p, r in final.by_path.items() if p in wanted and "error" in r)
     summary = Summary(target, len(items), ok, failed, new, elapsed, new / elapsed if elapsed > 0 else 0.0)
     if shard is not None and merge:
-        summary.merged = merge_shards(out, shard[1], log=log)
+        summary.merged = merge_shards(out, shard[1], log=log, replace=overwrite or redo)
     elif shard is not None:
         log(f"--no-merge: {out} is not written; once all {shard[1]} shards are done, merge them with "
             f"mmdlm caption --merge-only --shard 0/{shard[1]} --out {out}")
@@ -311,11 +646,12 @@ def run_captioning(
     return summary
 
 
-def _caption_all(captioner, pending, target, batch_size, num_workers, progress, caption_kwargs) -> int:
+def _caption_all(captioner, pending, target, batch_size, num_workers, progress, caption_kwargs,
+                 worker_init=None) -> int:
     loader = DataLoader(
         _Images(pending, captioner.preprocessor), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, shuffle=False, prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=worker_init if num_workers else None,
     )
     writer = _Writer(target)
     writer.start()
@@ -355,28 +691,12 @@ def _caption_all(captioner, pending, target, batch_size, num_workers, progress, 
     return n
 
 
-# ---- merging shards -------------------------------------------------------------------------------
-def _lock_is_stale(lock: str, max_age: float = 600.0) -> bool:
-    try:
-        with open(lock) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return time.time() - os.path.getmtime(lock) > max_age if os.path.exists(lock) else True
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(int(info["pid"]), 0)
-            return False
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return time.time() - float(info.get("time", 0)) > max_age
-
-
-def merge_shards(out: str, n: int, log: Callable[[str], Any] | None = None) -> bool:
+# ---- merging shards and repairing ----------------------------------------------------------------
+def merge_shards(out: str, n: int, log: Callable[[str], Any] | None = None, replace: bool = False) -> bool:
     """Merge the n shard files into `out` once all are done (lines of an existing `out` are kept; no
     path is written twice). Returns False, doing nothing, while a shard is unfinished or another
-    process merges."""
+    process writes `out`. The shards must have been made with the same settings, and an `out` that
+    already holds records with them too, unless `replace` (then `out` is replaced by the shards' records)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     shards = [shard_path(out, (i, n)) for i in range(n)]
     missing = [i for i, s in enumerate(shards) if not os.path.exists(s + ".done")]
@@ -388,40 +708,50 @@ def merge_shards(out: str, n: int, log: Callable[[str], Any] | None = None) -> b
             f"done: mmdlm caption --merge-only --shard 0/{n} --out {out}"
         )
         return False
-    lock = os.path.join(out + ".shards", "merge.lock")
-    for _attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if not _lock_is_stale(lock):
-                log(f"another process is merging into {out} ({lock} exists).")
-                return False
-            os.unlink(lock)
-    else:
-        return False
     try:
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode())
-        os.close(fd)
-        existing, _ = read_done(out, repair=True)
-        records = dict(existing)
+        lock = OutputLock(out).acquire()
+    except OutputLocked as err:
+        log(f"another process is writing {out} ({err.holder}); it merges the shards.")
+        return False
+    with lock:
+        manifests = [_read_manifest(s) for s in shards]
+        prints = {m.get("fingerprint") if m else None for m in manifests}
+        if len(prints) != 1 or None in prints:
+            raise BatchJobError(
+                f"the {n} shard files of {out} were not all produced with the same settings (or some have no "
+                f"manifest); rerun the odd shards with --redo, or all of them with --overwrite."
+            )
+        existing = read_records(out)
+        mine = _read_manifest(out)
+        if not existing.empty and not replace and (mine or {}).get("fingerprint") not in prints:
+            raise BatchJobError(
+                f"{out} already holds records of other settings than its shards'; merge with --overwrite to "
+                f"replace them, or merge into another --out."
+            )
+        records = {} if replace else dict(existing.by_path)
         for s in shards:
-            recs, _ = read_done(s, repair=False)
-            for p, r in recs.items():
+            for p, r in read_records(s, repair=False).by_path.items():
                 records.setdefault(p, r)
-        ordered = sorted(records.values(), key=lambda r: (r.get("index", 1 << 62), r["path"]))
-        tmp = f"{out}.merge-{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in ordered:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        log(f"merged {n} shards into {out}: {len(ordered)} lines.")
+        written = _write_records(out, records.values())
+        _write_manifest(out, manifests[0]["producer"])
+        log(f"merged {n} shards into {out}: {written} lines.")
         return True
-    finally:
-        if os.path.exists(lock):
-            os.unlink(lock)
+
+
+def repair_output(out: str, log: Callable[[str], Any] | None = None) -> int:
+    """Rewrite `out` atomically with one record per image (its last success, else its last error) and no
+    malformed or torn lines, under the output's lock. Returns how many records were removed."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not os.path.isfile(out):
+        raise BatchJobError(f"--repair: {out!r} is not a file.")
+    with OutputLock(out):
+        recs = read_records(out)
+        extra = sum(recs.duplicates.values()) - len(recs.duplicates)
+        if extra or recs.bad:
+            _write_records(out, recs.by_path.values())
+        log(f"repaired {out}: {len(recs.by_path)} images, {extra} duplicate records and {recs.bad} malformed lines "
+            "removed.")
+        return extra + recs.bad
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -455,8 +785,18 @@ SHARDING_HELP = (
     "done, and the shard that finishes last merges every shard file into OUT (lines already in OUT are kept, "
     "no image twice, input order). Until then the other shards print that they wait. A stopped shard resumes "
     "when rerun with the same arguments. With --no-merge, merge by hand with --merge-only --shard 0/n "
-    "--out OUT once all n shards are done."
+    "--out OUT once all n shards are done. "
+    "Safety: one job at a time writes OUT (a second is refused, naming the first); OUT.manifest.json says "
+    "which model and settings made the records, and a resume with others is refused unless --redo or "
+    "--overwrite is given; --repair --out OUT keeps one record per image."
 )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -474,12 +814,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-only", action="store_true",
                    help="merge the finished shard files of --shard ?/n into OUT and exit (1 if some are unfinished)")
     p.add_argument("--retry-errors", action="store_true", help="caption again images recorded as errors")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="start OUT anew with these settings: its earlier records are dropped now")
+    again.add_argument("--redo", action="store_true",
+                       help="caption every image again into OUT.redo, which replaces OUT once complete")
+    p.add_argument("--repair", action="store_true",
+                   help="rewrite OUT with one record per image (atomically); alone, needs only --out")
     p.add_argument("--prompt", default=None)
     p.add_argument("--gen-length", type=int, default=None)
     p.add_argument("--block-length", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="threshold decoding (default: the pipeline's)")
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--threshold", type=_finite_float, default=None, help="threshold decoding (default: the pipeline's)")
+    p.add_argument("--temperature", type=_finite_float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding process (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
@@ -500,25 +847,36 @@ def run(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard) if args.shard else dist_shard()
         if shard is None:
             raise BatchJobError("--merge-only needs --shard i/n (any i) to know n.")
-        return 0 if merge_shards(args.out, shard[1]) else 1
+        return 0 if merge_shards(args.out, shard[1], replace=args.overwrite or args.redo) else 1
+    if args.repair:
+        repair_output(args.out)
+        if args.model is None and args.images is None:
+            return 0
     if args.model is None or args.images is None:
-        raise BatchJobError("--model and --images are needed (only --merge-only runs without them).")
-    # Check everything cheap before loading the model.
+        raise BatchJobError("--model and --images are needed (only --merge-only and --repair run without them).")
+    # Check everything cheap, and take the output, before loading the model.
     _check_writable(args.out)
     list_images(args.images)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    captioner = load_captioner(args.model, device, args.dtype)
-    gen = {k: getattr(args, k) for k in ("prompt", "gen_length", "block_length", "steps", "threshold", "temperature")}
-    gen = {k: v for k, v in gen.items() if v is not None}
-    if args.seed is not None and getattr(captioner, "accepts_seed", False):
-        gen["seed"] = args.seed
-    run_captioning(
-        captioner, args.images, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-        shard=args.shard, merge=not args.no_merge, retry_errors=args.retry_errors,
-        progress=not args.no_progress, caption_kwargs=gen,
-    )
+    shard = parse_shard(args.shard) if args.shard else dist_shard()
+    target = output_file(args.out, shard)
+    _check_writable(target)
+    with OutputLock(target) as lock, ThreadPoolExecutor(1) as pool:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = _device(args.device)
+        # The model folder is hashed while it loads (hashlib runs outside the GIL): a large model costs no extra wait.
+        model_hash = pool.submit(folder_hash, args.model) if os.path.isdir(args.model) else None
+        captioner = load_captioner(args.model, device, args.dtype)
+        gen = {k: getattr(args, k) for k in ("prompt", "gen_length", "block_length", "steps", "threshold", "temperature")}
+        gen = {k: v for k, v in gen.items() if v is not None}
+        if args.seed is not None and getattr(captioner, "accepts_seed", False):
+            gen["seed"] = args.seed
+        run_captioning(
+            captioner, args.images, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+            shard=shard, merge=not args.no_merge, retry_errors=args.retry_errors, progress=not args.no_progress,
+            caption_kwargs=gen, overwrite=args.overwrite, redo=args.redo, lock=lock,
+            producer=describe_captioner(captioner, gen, args.dtype, args.model, model_hash and model_hash.result()),
+        )
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from latent.scheduler import MaskedDiffusionScheduler
 from modalities.vision import ImageError, as_image_list
 
-from .base import PipelineOutput, PrefixDiffusionPipeline, check_tokenizer
+from .base import PipelineOutput, PrefixDiffusionPipeline, check_finite, check_tokenizer
 
 __all__ = ["CaptioningPipeline", "CaptioningPipelineOutput"]
 
@@ -82,13 +82,16 @@ class CaptioningPipeline(PrefixDiffusionPipeline):
 
     # ---- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, images, pixel_values, prompt, gen_length, batch_size, on_error, output_type, callback,
-                     callback_on_step_end_tensor_inputs) -> list[str]:
+                     callback_on_step_end_tensor_inputs, temperature=None, threshold=None) -> list[str]:
         if (images is None) == (pixel_values is None):
             raise ValueError("Give exactly one of `images` (PIL, numpy, tensor, path, or a list) or `pixel_values`.")
         if pixel_values is not None and (not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4):
             raise ValueError("`pixel_values` must be a [B, 3, H, W] tensor from vision_adapter.preprocess(images).")
         if pixel_values is not None and pixel_values.shape[0] == 0:
             raise ImageError("`pixel_values` holds no images.")
+        # NaN pixels or settings decode to an empty caption that would pass for a result.
+        for name, value in (("pixel_values", pixel_values), ("temperature", temperature), ("threshold", threshold)):
+            check_finite(name, value)
         if prompt is not None and not isinstance(prompt, str):
             if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
                 raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
@@ -127,15 +130,16 @@ class CaptioningPipeline(PrefixDiffusionPipeline):
                 float in [0, 1]), tensors, or file paths; a [B, C, H, W] array/tensor is a batch.
                 Or `pixel_values` already preprocessed by `vision_adapter.preprocess`.
             prompt: optional text after the image (one for all images, or one per image); default the
-                pipeline's `prompt` (saved with it).
+                pipeline's `prompt` (saved with it). A prompt holding the mask token is refused.
             gen_length: caption tokens to decode (default: the pipeline's `gen_length`).
             block_length: decoding block (default: the largest divisor of gen_length up to the scheduler's;
                 a block_causal model's block_size).
             steps: forwards of the LLaDA schedule rule; giving it without `threshold` selects that rule.
-                steps=gen_length is 1 token per step.
+                steps=gen_length is 1 token per step; more steps than gen_length are refused.
             threshold: Fast-dLLM threshold decoding: commit every position with confidence >= threshold,
                 at least one per step. Default: the scheduler's rule (threshold 0.9 for saved captioners).
-            temperature: 0 = argmax; > 0 = Gumbel-max sampling (reproducible with `generator`).
+            temperature: 0 = argmax; > 0 = Gumbel-max sampling (reproducible with `generator`); NaN or
+                infinite temperatures, thresholds and pixel values are refused.
             remasking: confidence rule ("low_confidence", "margin", "neg_entropy", "random").
             cache: "auto" (exact prefix cache for the prefix layout), "none", or any sampler cache name.
             eos_early_stop: a caption stops once EOS is committed and everything before it is decoded.
@@ -152,7 +156,8 @@ class CaptioningPipeline(PrefixDiffusionPipeline):
         """
         gen_length = self.config.gen_length if gen_length is None else gen_length
         names = self.check_inputs(images, pixel_values, prompt, gen_length, batch_size, on_error, output_type,
-                                  callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs, temperature, threshold)
+        gen_length = int(gen_length)  # a numpy int is fine; check_inputs refused bools and floats
         if pixel_values is None:
             images = as_image_list(images)  # clear error for an empty list
             n = len(images)

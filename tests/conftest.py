@@ -17,3 +17,14 @@ def tiny_config():
         vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
         mask_token_id=63, max_position_embeddings=128, block_size=4,
     )
+
+
+@pytest.fixture(scope="session")
+def caption_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the scene captions (ASCII: any other character is spelled in byte tokens)."""
+    from latent.data.tokenizer import train_tokenizer
+    from modalities.data.scenes import make_split
+
+    d = tmp_path_factory.mktemp("tok")
+    (d / "caps.txt").write_text("\n".join(s.caption for s in make_split("train", 200)))
+    return train_tokenizer(str(d / "caps.txt"), d / "tok", vocab_size=400, min_frequency=1)

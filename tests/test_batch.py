@@ -18,9 +18,15 @@ from PIL import Image
 
 from pipelines.batch import (
     BatchJobError,
+    OutputLock,
+    OutputLocked,
+    describe_captioner,
+    folder_hash,
     list_images,
+    manifest_path,
     merge_shards,
     read_done,
+    read_records,
     run_captioning,
     shard_of,
     shard_path,
@@ -58,6 +64,11 @@ class FakeCaptioner:
 
 def make_fake(device=None):
     return FakeCaptioner(delay=float(os.environ.get("FAKE_DELAY", "0")), light=True)
+
+
+def make_other(device=None):
+    """Another model, as far as the job can tell."""
+    return FakeCaptioner(light=True)
 
 
 def make_images(folder, n, bad=()):
@@ -113,9 +124,10 @@ def test_unwritable_output_keeps_what_was_written(tmp_path):
     out.write_text('{"path": "earlier.png", "caption": "kept"}\n')
     with pytest.raises(BatchJobError, match="--batch-size"):
         run_captioning(FakeCaptioner(), d, out, batch_size=0, progress=False, log=lambda s: None)
-    s = run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=lambda s: None)
-    assert lines(out)[0] == {"path": "earlier.png", "caption": "kept"} and len(lines(out)) == 3
-    assert s.succeeded == 2
+    # records that no manifest names were made by someone else: refused, and left as they were
+    with pytest.raises(BatchJobError, match="no out.jsonl.manifest.json saying what produced them"):
+        run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=lambda s: None)
+    assert lines(out) == [{"path": "earlier.png", "caption": "kept"}]
 
 
 def test_errors_are_lines_and_the_job_goes_on(tmp_path):
@@ -135,6 +147,9 @@ def test_errors_are_lines_and_the_job_goes_on(tmp_path):
     # a re-run does nothing; --retry-errors redoes only the errors (they fail again, one line each)
     s2 = run_captioning(FakeCaptioner(), d, tmp_path / "o.jsonl", num_workers=0, progress=False, log=logs.append)
     assert s2.new == 0 and len(lines(tmp_path / "o.jsonl")) == 8
+    s3 = run_captioning(FakeCaptioner(), d, tmp_path / "o.jsonl", num_workers=0, retry_errors=True, progress=False,
+                        log=logs.append)
+    assert s3.new == 3 and len(lines(tmp_path / "o.jsonl")) == 8 and s3.failed == 3
 
 
 def test_torn_last_line_is_redone(tmp_path):
@@ -254,3 +269,131 @@ def test_images_from_arrays_are_not_paths():
     pre = ImagePreprocessor(input_size=(8, 8))
     assert pre(np.zeros((10, 10, 3), np.uint8)).shape == (1, 3, 8, 8)
     assert pre(torch.zeros(2, 3, 10, 10)).shape == (2, 3, 8, 8)
+
+
+# ---- one writer, known producers, one record per image --------------------------------------------
+def quiet(logs=None):
+    return logs.append if logs is not None else (lambda s: None)
+
+
+def test_a_second_job_on_one_output_is_refused_naming_the_first(tmp_path):
+    d = make_images(tmp_path / "imgs", 30)
+    out = tmp_path / "o.jsonl"
+    cmd, env = _cli("--images", str(d), "--out", str(out), "--batch-size", "2", "--num-workers", "0",
+                    "--no-progress", env={"FAKE_DELAY": "0.4"})  # 6 s of work: the two overlap
+    jobs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # started together
+    results = [(job.wait(timeout=120), job.stderr.read()) for job in jobs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    winner = next(job for job, (rc, _) in zip(jobs, results, strict=True) if rc == 0)
+    assert "is being written by another job" in refused and f"pid {winner.pid} on host" in refused
+    assert "started 20" in refused and "test_batch:make_fake" in refused
+    paths = [r["path"] for r in lines(out)]
+    assert len(paths) == len(set(paths)) == 30 and not os.path.exists(str(out) + ".lock")
+    # in one process too: a held lock refuses the job before anything is read or written
+    with OutputLock(str(out)):
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()} on host"):
+            run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=quiet())
+
+
+def test_the_lock_of_a_dead_job_is_taken_over(tmp_path):
+    d = make_images(tmp_path / "imgs", 3)
+    out = tmp_path / "o.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "o.jsonl.lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "then"}))
+    logs = []
+    s = run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=logs.append)
+    assert s.succeeded == 3 and any(f"left by pid {dead.pid}" in m and "no longer running" in m for m in logs)
+
+
+def test_resuming_with_other_settings_is_refused_unless_asked(tmp_path, capsys):
+    d = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "o.jsonl"
+    base = ["caption", "--images", str(d), "--out", str(out), "--num-workers", "0", "--no-progress"]
+    assert cli_main([*base, "--model", "test_batch:make_fake", "--gen-length", "8"]) == 0
+    before = out.read_text()
+    manifest = json.loads(open(manifest_path(str(out))).read())
+    assert manifest["producer"]["decoding"] == {"gen_length": 8} and manifest["producer"]["mmdlm"]
+    capsys.readouterr()
+    for change, named in ((["--model", "test_batch:make_fake", "--gen-length", "16"], "decoding.gen_length: 8"),
+                          (["--model", "test_batch:make_other", "--gen-length", "8"], "model.factory")):
+        assert cli_main([*base, *change]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "produced with other settings" in err and named in err and "--redo" in err and "--overwrite" in err
+        assert out.read_text() == before  # nothing was mixed in
+    # --redo: every image again; the old file stays whole until the new one is complete
+    class Stops(FakeCaptioner):
+        calls = 0
+
+        def caption(self, pixels, **kw):  # the second batch never comes back
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("stopped")
+            return super().caption(pixels, **kw)
+
+    redo = dict(producer=describe_captioner(None, {"gen_length": 16}, model="test_batch:make_fake"), redo=True,
+                num_workers=0, batch_size=2, progress=False, log=quiet())
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_captioning(Stops(), d, out, **redo)
+    assert out.read_text() == before
+    logs = []
+    s = run_captioning(FakeCaptioner(), d, out, **{**redo, "log": logs.append})  # a stopped redo resumes
+    assert s.new == 4 and any("2 already in" in m for m in logs) and not os.path.exists(str(out) + ".redo")
+    assert json.loads(open(manifest_path(str(out))).read())["producer"]["decoding"] == {"gen_length": 16}
+    assert cli_main([*base, "--model", "test_batch:make_fake", "--gen-length", "16"]) == 0  # resumes now
+    assert "6 already in" in capsys.readouterr().err
+    # --overwrite: a new file at once
+    assert cli_main([*base, "--model", "test_batch:make_other", "--overwrite"]) == 0
+    assert len(lines(out)) == 6 and json.loads(open(manifest_path(str(out))).read())["producer"]["model"] == {
+        "factory": "test_batch:make_other"}
+
+
+def test_a_model_folder_is_known_by_its_content(tmp_path):
+    (tmp_path / "a" / "model").mkdir(parents=True)
+    (tmp_path / "a" / "model" / "w.bin").write_bytes(b"\0" * 100)
+    (tmp_path / "a" / "model_index.json").write_text("{}")
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "model" / "w.bin").write_bytes(b"\0" * 99 + b"\1")
+    assert folder_hash(str(tmp_path / "a")) == folder_hash(str(tmp_path / "copy")) != folder_hash(str(tmp_path / "b"))
+    d = make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "o.jsonl"
+    for folder, ok in (("a", True), ("copy", True), ("b", False)):  # a copy is the same model, elsewhere
+        job = dict(producer=describe_captioner(None, {}, model=str(tmp_path / folder)), num_workers=0,
+                   progress=False, log=quiet())
+        if ok:
+            run_captioning(FakeCaptioner(), d, out, **job)
+        else:
+            with pytest.raises(BatchJobError, match="model.folder_sha256"):
+                run_captioning(FakeCaptioner(), d, out, **job)
+
+
+def test_duplicates_are_reported_and_repaired(tmp_path, capsys):
+    d = make_images(tmp_path / "imgs", 5)
+    out = tmp_path / "o.jsonl"
+    run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=quiet())
+    once = lines(out)
+    out.write_text(out.read_text() * 2 + "not json\n")  # as two writers of an older version left it
+    logs = []
+    s = run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=logs.append)
+    warning = next(m for m in logs if "duplicate records" in m)
+    assert "5 duplicate records: 5 images were written more than once" in warning and "--repair" in warning
+    assert s.new == 0 and s.succeeded == 5 and len(read_records(str(out)).duplicates) == 5
+    assert cli_main(["caption", "--repair", "--out", str(out)]) == 0
+    assert "5 duplicate records and 1 malformed lines removed" in capsys.readouterr().err
+    assert [key(r) for r in lines(out)] == [key(r) for r in once]
+    logs.clear()
+    run_captioning(FakeCaptioner(), d, out, num_workers=0, progress=False, log=logs.append)  # still resumable
+    assert not any("duplicate records" in m for m in logs) and any("5 already in" in m for m in logs)
+
+
+def test_nan_settings_are_refused_on_the_command_line(tmp_path, capsys):
+    d = make_images(tmp_path / "imgs", 1)
+    with pytest.raises(SystemExit):
+        cli_main(["caption", "--model", "test_batch:make_fake", "--images", str(d), "--out", str(tmp_path / "o"),
+                  "--temperature", "nan"])
+    assert "must be a finite number" in capsys.readouterr().err

@@ -21,12 +21,8 @@ GEN = 8
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from latent.data.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    (d / "caps.txt").write_text("\n".join(s.caption for s in make_split("train", 200)))
-    return train_tokenizer(str(d / "caps.txt"), d / "tok", vocab_size=400, min_frequency=1)
+def tokenizer(caption_tokenizer):
+    return caption_tokenizer
 
 
 def build(tokenizer, layout="prefix", commit="threshold", hidden=32):

@@ -1,5 +1,7 @@
 """Vision adapter: preprocessing of every input kind, shapes, masks, freezing, save/load, local weights."""
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -37,6 +39,18 @@ def test_prefix_embeds_checks_and_helpers():
     assert both.attention_mask(num_tokens=2).shape == (2, 6)
     assert both.select(torch.tensor([1])).mask.tolist() == [[True, True, True, False]]
     assert p.repeat_interleave(3).batch_size == 6
+
+
+@pytest.mark.parametrize("field,value", [("image_size", -32), ("hidden_size", "32"), ("num_queries", 0),
+                                         ("projector", "linear"), ("min_image_side", 0)])
+def test_bad_config_values_are_refused_when_read(tmp_path, adapter, field, value):
+    with pytest.raises(ValueError, match=f"`{field}` must be"):
+        small(**{field: value})
+    adapter.save_pretrained(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "config.json").read_text())
+    (tmp_path / "ad" / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ValueError, match=f"config.json: VisionAdapter config `{field}` must be"):
+        VisionAdapter.from_pretrained(tmp_path / "ad")
 
 
 def test_registry():
@@ -100,6 +114,35 @@ def test_transparency_is_composited_on_white():
     assert torch.allclose(pre(clear), torch.ones(1, 3, 16, 16))
     arr = np.zeros((16, 16, 4), np.uint8)  # transparent black RGBA array -> white
     assert torch.allclose(pre(arr), torch.ones(1, 3, 16, 16))
+
+
+def test_every_pil_mode_is_read_at_its_depth(tmp_path):
+    pre = ImagePreprocessor(input_size=(16, 64), mean=(0, 0, 0), std=(1, 1, 1))
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))  # a left-to-right gradient
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I;16")
+    want = torch.from_numpy(ramp.astype(np.float32) / 65535).expand(3, -1, -1)
+    x = pre.to_float(str(tmp_path / "grey16.png"))
+    assert torch.allclose(x, want, atol=1e-6)  # scaled, not clipped: convert("RGB") made it nearly all white
+    assert pre(str(tmp_path / "grey16.png"))[0, 0, 0].std() > 0.25
+    assert torch.allclose(pre.to_float(Image.fromarray(ramp.astype(np.int32))), want, atol=1e-6)  # mode "I"
+    unit = ramp.astype(np.float32) / 65535
+    assert torch.allclose(pre.to_float(Image.fromarray(unit)), want, atol=1e-6)  # mode "F"
+    with pytest.raises(ImageError, match=r"must be in \[0, 1\]"):
+        pre.to_float(Image.fromarray(unit * 255))
+    with pytest.raises(ImageError, match="integer images are read as 16-bit"):
+        pre.to_float(Image.fromarray(np.full((16, 16), 70000, np.int32)))
+    # grey + alpha, and a palette with a transparent entry, are composited on white
+    la = Image.fromarray(np.stack([np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)], -1), "LA")
+    assert torch.allclose(pre.to_float(la), torch.ones(3, 16, 16))
+    p = Image.new("P", (16, 16), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0])
+    p.info["transparency"] = 0
+    p.save(tmp_path / "p.png", transparency=0)
+    assert torch.allclose(pre.to_float(str(tmp_path / "p.png")), torch.ones(3, 16, 16))
+    p.putpixel((0, 0), 1)
+    assert pre.to_float(p)[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -183,11 +226,22 @@ def test_local_pretrained_weights(tmp_path):
     save_file(sd, tmp_path / "resnet18.safetensors")
     (tmp_path / "folder").mkdir()
     save_file(sd, tmp_path / "folder" / "model.safetensors")
-    torch.save(sd, tmp_path / "resnet18.pth")
-    for src in ("resnet18.safetensors", "folder", "resnet18.pth"):
+    for src in ("resnet18.safetensors", "folder"):
         a = small(pretrained_path=str(tmp_path / src))
         assert torch.equal(a.trunk_model.conv1.weight, ref.conv1.weight), src
         assert "pretrained_path" not in a.config
+    # a pickle is refused by name, never opened; the line the error gives converts it
+    torch.save(sd, tmp_path / "resnet18.pth")
+    (tmp_path / "pickles").mkdir()
+    torch.save(sd, tmp_path / "pickles" / "pytorch_model.bin")
+    for src, name in (("resnet18.pth", "resnet18.pth"), ("pickles", "pytorch_model.bin")):
+        with pytest.raises(ValueError, match="never loaded") as err:
+            small(pretrained_path=str(tmp_path / src))
+        assert name in str(err.value)
+    line = str(err.value).split('python -c "', 1)[1].rsplit('"', 1)[0]
+    exec(line)  # the user's one-off conversion, where they trust the file
+    a = small(pretrained_path=str(tmp_path / "pickles"))
+    assert torch.equal(a.trunk_model.conv1.weight, ref.conv1.weight)
     # saved adapters carry the trunk weights: reloading needs no pretrained file
     a.save_pretrained(tmp_path / "saved")
     assert torch.equal(VisionAdapter.from_pretrained(tmp_path / "saved").trunk_model.conv1.weight, ref.conv1.weight)

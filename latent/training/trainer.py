@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from latent.folders import atomic_folder, replace_dir  # noqa: F401 - replace_dir: re-exported
 from latent.training.checkpoint import (
     CheckpointWriter,
     latest_checkpoint,
@@ -80,19 +80,6 @@ class TaskModules(torch.nn.Module):
 
     def forward(self, batch, stage):
         return self._task[0].loss(self, batch, stage)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a fully written folder into place (the old one, if any, is removed only after the rename)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
 
 
 def _seed_everything(seed: int) -> None:
@@ -332,14 +319,11 @@ class Trainer:
     def export(self, folder: Path, stage) -> Path:
         """The task writes ``folder`` through a temporary sibling that is renamed into place (main only)."""
         if self.is_main:
-            tmp = folder.with_name(f".tmp-{folder.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            was = self.modules.training
-            self.modules.eval()
-            self.task.export(self.modules, tmp, stage)
-            self.modules.train(was)
-            replace_dir(tmp, folder)
+            with atomic_folder(folder) as tmp:
+                was = self.modules.training
+                self.modules.eval()
+                self.task.export(self.modules, tmp, stage)
+                self.modules.train(was)
         self.acc.wait_for_everyone()
         return folder
 

@@ -168,10 +168,11 @@ def minilm_latents(texts, dim: int, max_tokens: int, basis: dict | None = None, 
     from transformers import AutoModel, AutoTokenizer
 
     from autoencoders.compressor import default_encoder_path
+    from latent.loading import load_hf_model
 
     path = encoder_path or default_encoder_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    enc = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
+    enc = load_hf_model(AutoModel, path, "text encoder").eval().to(device)  # safetensors only
     hs, keep = [], []
     for i in range(0, len(texts), batch_size):
         b = tok(list(texts[i : i + batch_size]), padding="max_length", max_length=max_tokens, truncation=True,
