@@ -16,9 +16,15 @@ Objectives:
   linear schedule.
 - :func:`sft_loss` -- prompt never masked, each sample's loss divided by its answer length.
 - :func:`block_diffusion_loss` -- BD3-LM: noisy and clean copies in one forward under
-  :func:`block_diffusion_attention_mask`.
+  :func:`block_diffusion_attention_mask`; optionally complementary masks and an auxiliary AR loss.
 - :func:`causal_lm_loss` -- next-token cross-entropy for the autoregressive baseline.
 - :func:`elbo_nll` / :func:`elbo_bits_per_token` -- Monte-Carlo estimate of the diffusion ELBO.
+
+Models with ``config.logit_shift`` (Dream, Fast-dLLM v2: logits[i] come from slot i - 1) are handled
+where the shift changes what a logit may see: in the [noisy | clean] forward of block diffusion the
+first token of each noisy block is predicted from the last clean token before it, as block-wise
+sampling with a cache of finished blocks does. :func:`annealed_attention_mask` is the causal-to-
+bidirectional mask of AR-to-diffusion adaptation.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from latent.masks import block_diffusion_training_mask
-from latent.schedules import MaskingSchedule, get_schedule, sample_times
+from latent.schedules import LinearSchedule, MaskingSchedule, get_schedule, sample_times
 
 __all__ = [
     "LossOutput",
@@ -38,6 +44,7 @@ __all__ = [
     "corrupt",
     "masked_diffusion_loss",
     "sft_loss",
+    "annealed_attention_mask",
     "block_diffusion_attention_mask",
     "block_diffusion_loss",
     "causal_lm_loss",
@@ -88,6 +95,20 @@ def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
             f"got {tuple(attention_mask.shape)}"
         )
     return attention_mask.bool()
+
+
+def _shifts_logits(model) -> bool:
+    return bool(getattr(getattr(_unwrap(model), "config", None), "logit_shift", False))
+
+
+def _drop_pad_keys(allowed: torch.Tensor, keep_keys: torch.Tensor | None) -> torch.Tensor:
+    """AND a square ``[1, 1, S, S]`` mask with a ``[B, S]`` key padding mask; a pad query then attends
+    to itself, so no row is empty (no NaN) and real queries are unaffected."""
+    if keep_keys is None:
+        return allowed
+    keep = keep_keys.bool().to(allowed.device)
+    eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    return (allowed & keep[:, None, None, :]) | eye
 
 
 def _uniform(shape, generator, device) -> torch.Tensor:
@@ -146,6 +167,7 @@ def masked_diffusion_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     low_discrepancy: bool = True,
+    model_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> LossOutput:
     """Masked-diffusion pre-training loss (LLaDA / MDLM).
@@ -153,7 +175,9 @@ def masked_diffusion_loss(
     ``t ~ U(0, 1)`` per row (stratified across the batch), ``s = (1 - eps) t + eps``, each valid
     token masked with probability ``mask_prob(s)``; the loss is ``sum_masked CE * weight(s)`` divided
     by the number of valid tokens. With the linear schedule, ``mask_prob(s) = s = p`` and the weight is
-    ``1 / p``. Padding (``attention_mask == 0``) is never masked and not counted.
+    ``1 / p``. Padding (``attention_mask == 0``) is never masked and not counted. ``model_mask``, a
+    ``[B or 1, 1, N, N]`` boolean mask (e.g. :func:`annealed_attention_mask`), is given to the model in
+    place of the padding mask, pad keys removed from it.
     """
     sched = get_schedule(schedule)
     B, N = input_ids.shape
@@ -161,7 +185,8 @@ def masked_diffusion_loss(
     t = _times(t, (B,), generator, low_discrepancy, input_ids.device)
     s = (1.0 - eps) * t + eps
     noisy, masked = corrupt(input_ids, sched.mask_prob(s), mask_token_id, noise, generator, maskable=valid)
-    logits = _logits(model(noisy, attention_mask=attention_mask, **model_kwargs))
+    seen = attention_mask if model_mask is None else _drop_pad_keys(model_mask.bool(), attention_mask)
+    logits = _logits(model(noisy, attention_mask=seen, **model_kwargs))
     ce = _masked_ce(logits, input_ids, masked)
     w = sched.weight(s)[:, None].expand(B, N)[masked]
     num_tokens = int(valid.sum())
@@ -227,13 +252,55 @@ def block_diffusion_attention_mask(
     ``[B, N]`` padding mask removes pad keys in both halves (a pad query then attends to itself).
     """
     allowed = block_diffusion_training_mask(seq_len, block_size, device=device)
-    if attention_mask is not None:
-        keep = attention_mask.bool().to(allowed.device)
-        keys = torch.cat([keep, keep], dim=1)  # [B, 2N]
-        # a pad query attends to itself, so no row is empty (no NaN); real queries are unaffected
-        eye = torch.eye(2 * seq_len, dtype=torch.bool, device=allowed.device)
-        allowed = (allowed & keys[:, None, None, :]) | eye
-    return allowed
+    keys = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=1)  # [B, 2N]
+    return _drop_pad_keys(allowed, keys)
+
+
+def annealed_attention_mask(
+    seq_len: int,
+    progress: float,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, N, N]`` mask annealing causal attention into bidirectional attention.
+
+    With ``w = floor(clamp(progress, 0, 1) * N)``, query ``i`` sees keys ``j <= i + w``: causal at
+    progress 0, fully bidirectional at progress 1 (``w = N``), a window reaching ``w`` tokens into the
+    future in between. An optional ``[B, N]`` padding mask removes pad keys.
+    """
+    w = math.floor(min(max(float(progress), 0.0), 1.0) * seq_len)
+    pos = torch.arange(seq_len, device=device)
+    allowed = (pos[None, :] <= pos[:, None] + w)[None, None]
+    return _drop_pad_keys(allowed, attention_mask)
+
+
+def _noisy_half_logits(model, noisy, clean, block_size, attention_mask, model_kwargs) -> torch.Tensor:
+    """Logits of the noisy half of the BD3-LM ``[noisy | clean]`` forward, one per noisy position."""
+    B, N = clean.shape
+    x = torch.cat([noisy, clean], dim=1)
+    pos = torch.arange(N, device=clean.device).repeat(2)[None, :].expand(B, 2 * N)
+    mask4d = block_diffusion_attention_mask(N, block_size, attention_mask, device=clean.device)
+    logits = _logits(model(x, attention_mask=mask4d, position_ids=pos, **model_kwargs))
+    if not _shifts_logits(model):
+        return logits[:, :N]
+    # With the shift, logit j comes from slot j - 1. For the first token of noisy block b > 0 that slot is
+    # noisy block b - 1's; sampling predicts it from the last clean token of block b - 1 (slot N + j - 1),
+    # whose hidden state gives the shifted logit of clean slot N + j.
+    j = torch.arange(N, device=clean.device)
+    starts = (j % block_size == 0) & (j > 0)
+    return torch.where(starts[None, :, None], logits[:, N:], logits[:, :N])
+
+
+def _autoregressive_ce(model, input_ids, valid, model_kwargs) -> torch.Tensor:
+    """Mean next-token cross-entropy of one forward under a causal 4D mask (whatever the model's layout):
+    with the logit shift logit j predicts token j, otherwise token j + 1."""
+    N = input_ids.shape[1]
+    causal = _drop_pad_keys(annealed_attention_mask(N, 0.0, device=input_ids.device), valid)
+    logits = _logits(model(input_ids, attention_mask=causal, **model_kwargs))
+    logits = logits[:, 1:] if _shifts_logits(model) else logits[:, :-1]
+    targets, scored = input_ids[:, 1:], valid[:, 1:] & valid[:, :-1]
+    ce = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+    return ce / max(int(scored.sum()), 1)
 
 
 def block_diffusion_loss(
@@ -249,6 +316,8 @@ def block_diffusion_loss(
     generator: torch.Generator | None = None,
     low_discrepancy: bool = True,
     per_block_t: bool = True,
+    complementary: bool = False,
+    ar_weight: float = 0.0,
     **model_kwargs,
 ) -> LossOutput:
     """Block-diffusion (BD3-LM) loss for the ``block_causal`` layout, in a single forward pass.
@@ -259,11 +328,20 @@ def block_diffusion_loss(
     gets its own time ``t`` (``per_block_t``; shape ``[B, N // block_size]``, stratified across all
     blocks of the batch) or each row one time (shape ``[B]``). Loss as in
     :func:`masked_diffusion_loss`, over the noisy half's logits.
+
+    ``complementary`` (Fast-dLLM v2): each row is trained twice, once with its masked set ``M`` (mask
+    level ``p``) and once with the complement ``valid - M`` (level ``1 - p``, weight
+    ``1 / max(1 - p, eps)``), so every token is predicted in exactly one of the two copies; the loss is
+    the mean of the two estimates (linear schedule only, where ``1 - p`` is uniform like ``p``).
+    ``ar_weight``: plus that weight times the next-token loss of a second forward of the clean sequence
+    under a causal mask (keeps the autoregressive ability of an adapted AR model).
     """
     sched = get_schedule(schedule)
     B, N = input_ids.shape
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if complementary and not isinstance(sched, LinearSchedule):
+        raise ValueError("complementary masks need the linear schedule (the complement's level 1 - p is then uniform)")
     nb = -(-N // block_size)
     valid = _valid_mask(input_ids, attention_mask)
     t = _times(t, (B, nb) if per_block_t else (B,), generator, low_discrepancy, input_ids.device)
@@ -273,14 +351,22 @@ def block_diffusion_loss(
     else:
         s_tok = s[:, None].expand(B, N)
     noisy, masked = corrupt(input_ids, sched.mask_prob(s_tok), mask_token_id, noise, generator, maskable=valid)
-    x = torch.cat([noisy, input_ids], dim=1)
-    pos = torch.arange(N, device=input_ids.device).repeat(2)[None, :].expand(B, 2 * N)
-    mask4d = block_diffusion_attention_mask(N, block_size, attention_mask, device=input_ids.device)
-    logits = _logits(model(x, attention_mask=mask4d, position_ids=pos, **model_kwargs))[:, :N]
-    ce = _masked_ce(logits, input_ids, masked)
-    w = sched.weight(s_tok)[masked]
+    w_tok = sched.weight(s_tok)
+    clean, pad = input_ids, attention_mask
+    if complementary:
+        other = valid & ~masked
+        noisy = torch.cat([noisy, torch.where(other, torch.full_like(input_ids, mask_token_id), input_ids)])
+        masked = torch.cat([masked, other])
+        w_tok = torch.cat([w_tok, 1.0 / (1.0 - s_tok).clamp(min=eps)])
+        clean = torch.cat([input_ids, input_ids])
+        pad = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    logits = _noisy_half_logits(model, noisy, clean, block_size, pad, model_kwargs)
+    ce = _masked_ce(logits, clean, masked)
     num_tokens = int(valid.sum())
-    loss = (ce * w).sum() / max(num_tokens, 1)
+    copies = 2 if complementary else 1
+    loss = (ce * w_tok[masked]).sum() / max(copies * num_tokens, 1)
+    if ar_weight:
+        loss = loss + ar_weight * _autoregressive_ce(model, input_ids, valid, model_kwargs)
     return LossOutput(loss, num_tokens, int(masked.sum()))
 
 
@@ -386,10 +472,7 @@ def elbo_nll(
         if block_size is None:
             logits = _logits(model(noisy, attention_mask=attention_mask, **model_kwargs))
         else:
-            x = torch.cat([noisy, input_ids], dim=1)
-            pos = torch.arange(N, device=input_ids.device).repeat(2)[None, :].expand(B, 2 * N)
-            mask4d = block_diffusion_attention_mask(N, block_size, attention_mask, device=input_ids.device)
-            logits = _logits(model(x, attention_mask=mask4d, position_ids=pos, **model_kwargs))[:, :N]
+            logits = _noisy_half_logits(model, noisy, input_ids, block_size, attention_mask, model_kwargs)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), input_ids.reshape(-1), reduction="none")
         ce = ce.view(B, N) * masked * sched.weight(t_tok)
         total += ce.sum(1).double()

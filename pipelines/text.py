@@ -7,6 +7,7 @@ pipe = TextDiffusionPipeline.from_pretrained("runs/text_tiny/pipeline")
 out = pipe("The meaning of a word is", gen_length=64, block_length=32, steps=64)
 print(out.texts[0])
 out = pipe(["a", "b"], gen_length=64, threshold=0.9)      # Fast-dLLM threshold decoding
+out = pipe(messages=[{"role": "user", "content": "Hi"}])  # a chat model: its tokenizer's chat template
 ```
 """
 
@@ -75,6 +76,27 @@ class TextDiffusionPipeline(PrefixDiffusionPipeline):
         if not prompts[i].strip():
             raise ValueError(f"`prompt` {i} is an empty string; every row needs at least one prompt token.")
 
+    def _chat_prompts(self, prompt, messages, input_ids) -> list[str]:
+        """Prompts rendered by the tokenizer's chat template, ready for the assistant's turn: `messages` (one
+        conversation, a list of {"role", "content"} dicts, or a list of them), or each `prompt` as a user turn."""
+        if input_ids is not None:
+            raise ValueError("`messages` / `apply_chat_template` go with text, not `input_ids`.")
+        if messages is not None and prompt is not None:
+            raise ValueError("Give `prompt` or `messages`, not both.")
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("This pipeline's tokenizer has no chat template (tokenizer.chat_template is unset); "
+                             "pass plain `prompt` text, or load the tokenizer of a chat model.")
+        if messages is not None:
+            if not isinstance(messages, (list, tuple)) or not messages:
+                raise ValueError("`messages` must be a non-empty list of {'role', 'content'} dicts, or a list of them.")
+            convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        else:
+            if prompt is None:
+                raise ValueError("`apply_chat_template=True` needs `prompt` text (or pass `messages`).")
+            convs = [[{"role": "user", "content": p}] for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        return [tok.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in convs]
+
     def _prefix(self, batch):
         return (None, None) if batch is None else batch  # the caller's own prefix rows, already embedded
 
@@ -84,6 +106,8 @@ class TextDiffusionPipeline(PrefixDiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         *,
+        messages: list[dict] | list[list[dict]] | None = None,
+        apply_chat_template: bool = False,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         gen_length: int = 128,
@@ -110,6 +134,10 @@ class TextDiffusionPipeline(PrefixDiffusionPipeline):
 
         Args:
             prompt: one prompt or a list (left-padded together); or `input_ids` (+ `attention_mask`).
+            messages, apply_chat_template: chat models. `messages` (one conversation of {"role", "content"}
+                dicts, or a list of conversations) or, with `apply_chat_template=True`, each prompt as a user
+                turn, rendered by the tokenizer's chat template with the assistant's turn opened; a
+                tokenizer without a template is refused.
             gen_length, block_length, steps: LLaDA's knobs. block_length defaults to the model's block_size
                 for a block_causal model, else to the largest divisor of gen_length up to the scheduler's.
                 `steps` is the total number of forwards of the LLaDA schedule rule (steps / (gen_length /
@@ -138,6 +166,8 @@ class TextDiffusionPipeline(PrefixDiffusionPipeline):
 
         Returns `TextDiffusionPipelineOutput`, or its fields as a tuple with `return_dict=False`.
         """
+        if messages is not None or apply_chat_template:
+            prompt = self._chat_prompts(prompt, messages, input_ids)
         names = self.check_inputs(prompt, input_ids, attention_mask, gen_length, on_error, output_type,
                                   callback_on_step_end, callback_on_step_end_tensor_inputs)
         decode = dict(

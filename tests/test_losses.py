@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from latent.backbone import DiffusionTransformer
 from latent.losses import (
+    annealed_attention_mask,
     block_diffusion_attention_mask,
     block_diffusion_loss,
     causal_lm_loss,
@@ -22,9 +23,9 @@ from latent.schedules import available_schedules, get_schedule, sample_times, st
 V, M = 64, 63
 
 
-def make_model(tiny_config, layout="bidirectional", seed=0):
+def make_model(tiny_config, layout="bidirectional", seed=0, **options):
     torch.manual_seed(seed)
-    cfg = dict(tiny_config, attention_layout=layout, attention_backend="eager")
+    cfg = dict(tiny_config, attention_layout=layout, attention_backend="eager", **options)
     return DiffusionTransformer(**cfg).eval()
 
 
@@ -208,6 +209,21 @@ def test_block_diffusion_mask_matches_definition():
             assert bool(m[q, k]) == want, (q, k)
 
 
+def direct_blockwise_loss(model, x, t, noise, bs, eps):
+    """The BD3-LM loss block by block: the block_causal model (its own layout mask) run on
+    [clean blocks < b, noisy block b], CE / p at the masked tokens of block b."""
+    p_tok = ((1 - eps) * t + eps).repeat_interleave(bs, dim=1)
+    masked = noise < p_tok
+    noisy = torch.where(masked, M, x)
+    total = torch.tensor(0.0)
+    for b in range(x.shape[1] // bs):
+        ctx = torch.cat([x[:, : b * bs], noisy[:, b * bs : (b + 1) * bs]], dim=1)
+        logits = model(ctx).logits[:, b * bs :]
+        ce = F.cross_entropy(logits.transpose(1, 2), x[:, b * bs : (b + 1) * bs], reduction="none")
+        total = total + (ce * masked[:, b * bs : (b + 1) * bs] / p_tok[:, b * bs : (b + 1) * bs]).sum()
+    return total / x.numel()
+
+
 def test_block_diffusion_loss_equals_blockwise_denoising(tiny_config):
     """One forward over [noisy | clean] gives, for noisy block b, exactly the logits of the block_causal
     model run on [clean blocks < b, noisy block b] -- what block-wise sampling with a cache sees."""
@@ -217,26 +233,70 @@ def test_block_diffusion_loss_equals_blockwise_denoising(tiny_config):
     x = ids(B, N)
     t = torch.tensor([[0.2, 0.5, 0.9], [0.7, 0.1, 0.4]])
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(6))
-    eps = 1e-3
-    out = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=eps)
-    s = (1 - eps) * t + eps
-    p_tok = s.repeat_interleave(bs, dim=1)
-    masked = noise < p_tok
-    noisy = torch.where(masked, M, x)
-    total = torch.tensor(0.0)
-    for b in range(3):
-        ctx = torch.cat([x[:, : b * bs], noisy[:, b * bs : (b + 1) * bs]], dim=1)
-        logits = model(ctx).logits[:, b * bs :]  # default layout mask of the block_causal model
-        ce = F.cross_entropy(logits.transpose(1, 2), x[:, b * bs : (b + 1) * bs], reduction="none")
-        total = total + (ce * masked[:, b * bs : (b + 1) * bs] / p_tok[:, b * bs : (b + 1) * bs]).sum()
-    ref = total / x.numel()
-    assert torch.allclose(out.loss, ref, rtol=1e-4, atol=1e-6)
+    out = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=1e-3)
+    assert torch.allclose(out.loss, direct_blockwise_loss(model, x, t, noise, bs, 1e-3), rtol=1e-4, atol=1e-6)
     # one time per row also works, and a padding mask keeps the loss finite
     pad = torch.ones_like(x)
     pad[1, -3:] = 0
     out2 = block_diffusion_loss(model, x, M, bs, attention_mask=pad, per_block_t=False,
                                 generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out2.loss) and out2.num_tokens == int(pad.sum())
+
+
+def test_block_diffusion_loss_with_logit_shift_equals_blockwise_denoising(tiny_config):
+    """With the logit shift, noisy block b's first token is predicted from the last clean token of block
+    b - 1: the loss equals the shifted block_causal model run on [clean blocks < b, noisy block b]."""
+    bs = tiny_config["block_size"]
+    model = make_model(tiny_config, layout="block_causal", logit_shift=True, block_alignment="start")
+    B, N = 2, 3 * bs
+    x = ids(B, N)
+    t = torch.tensor([[0.3, 0.6, 0.8], [0.5, 0.2, 0.9]])
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    out = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=1e-3)
+    assert torch.allclose(out.loss, direct_blockwise_loss(model, x, t, noise, bs, 1e-3), rtol=1e-4, atol=1e-6)
+    # the ELBO's block path reads the same shifted logits
+    assert torch.isfinite(torch.as_tensor(elbo_nll(model, x, M, num_samples=2, block_size=bs).bits_per_token))
+
+
+def test_complementary_block_diffusion_loss_is_the_mean_of_both_copies(tiny_config):
+    """Copy 2 masks exactly the tokens copy 1 keeps: it is the plain loss at noise 1 - u and level 1 - p."""
+    bs = tiny_config["block_size"]
+    model = make_model(tiny_config, layout="block_causal")
+    x = ids(2, 2 * bs)
+    t = torch.tensor([[0.2, 0.7], [0.4, 0.9]])
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(8))
+    eps = 1e-3
+    out = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=eps, complementary=True)
+    s = (1 - eps) * t + eps
+    t_other = (1 - s - eps) / (1 - eps)  # its level (1 - eps) t' + eps is 1 - s, its weight 1 / (1 - s)
+    first = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=eps)
+    second = block_diffusion_loss(model, x, M, bs, t=t_other, noise=1 - noise, eps=eps)
+    assert torch.allclose(out.loss, (first.loss + second.loss) / 2, rtol=1e-4, atol=1e-6)
+    assert out.num_masked == x.numel()  # the two masks partition every row
+    with pytest.raises(ValueError, match="linear"):
+        block_diffusion_loss(model, x, M, bs, schedule="cosine", complementary=True)
+
+
+def test_auxiliary_ar_loss_is_the_next_token_loss_of_the_clean_sequence(tiny_config):
+    """ar_weight adds the causal next-token loss; a shifted model under a causal mask is the AR model
+    with the same weights (logit j + 1 of one is logit j of the other)."""
+    bs = tiny_config["block_size"]
+    shifted = make_model(tiny_config, layout="block_causal", logit_shift=True, block_alignment="start")
+    ar = make_model(tiny_config, layout="causal")
+    x = ids(2, 2 * bs)
+    kw = dict(t=torch.full((2, 2), 0.5), noise=torch.rand(x.shape, generator=torch.Generator().manual_seed(9)))
+    plain = block_diffusion_loss(shifted, x, M, bs, **kw)
+    with_ar = block_diffusion_loss(shifted, x, M, bs, ar_weight=0.5, **kw)
+    assert torch.allclose(with_ar.loss - plain.loss, 0.5 * causal_lm_loss(ar, x).loss, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_diffusion_loss_under_a_causal_model_mask_is_the_causal_models(tiny_config):
+    """model_mask replaces the layout: the bidirectional model under a causal 4D mask is the causal model."""
+    x = ids(2, 12)
+    kw = dict(t=torch.tensor([0.3, 0.8]), noise=torch.rand(x.shape, generator=torch.Generator().manual_seed(10)))
+    causal = masked_diffusion_loss(make_model(tiny_config, layout="causal"), x, M, **kw)
+    masked = masked_diffusion_loss(make_model(tiny_config), x, M, model_mask=annealed_attention_mask(12, 0.0), **kw)
+    assert torch.allclose(causal.loss, masked.loss, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- autoregressive baseline

@@ -6,7 +6,11 @@ Data: the built-in English corpus (built into ``data.corpus_dir`` on first use, 
 txt/jsonl files and any local HF tokenizer. Objectives (``objective.name``): ``mdm`` (LLaDA / MDLM),
 ``sft`` (prompt never masked), ``block_diffusion`` ([noisy | clean] in one pass, block_causal layout),
 ``causal`` (next-token loss, causal layout). Evaluation: the validation bound in bits per token (an upper
-bound on the NLL for the diffusion objectives, the exact NLL for AR: comparable across objectives). Export:
+bound on the NLL for the diffusion objectives, the exact NLL for AR: comparable across objectives). Adaptation of an
+autoregressive backbone (``model.init_from`` a causal run or a converted model, the section's layout keys
+switching it to ``bidirectional`` / ``block_causal`` with ``logit_shift``): ``objective.anneal_steps``
+anneals the mdm attention from causal to bidirectional (:func:`latent.losses.annealed_attention_mask`);
+``complementary``, ``ar_weight`` and ``block_curriculum`` extend block diffusion. Export:
 ``<run>/pipeline`` holds the backbone (``model/``), the tokenizer and ``training.json``; for the diffusion
 objectives it is a ``TextDiffusionPipeline`` folder, and samples of it are written to ``samples.txt``.
 """
@@ -20,7 +24,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from latent.losses import block_diffusion_loss, causal_lm_loss, masked_diffusion_loss, sft_loss
+from latent.losses import (annealed_attention_mask, block_diffusion_loss, causal_lm_loss, masked_diffusion_loss,
+                           sft_loss)
 from latent.schedules import sample_times
 from latent.training.config import ConfigError
 from latent.training.evaluate import validation_bound
@@ -28,6 +33,8 @@ from latent.training.task import StepLoss, Task, register_task, step_generator
 
 __all__ = ["TextTask", "sample_texts"]
 
+# model-section keys that may change a backbone loaded from model.init_from (the weights stay valid)
+_LAYOUT_KEYS = ("attention_layout", "block_size", "block_alignment", "logit_shift", "attention_backend")
 _LAYOUT_FOR = {"causal": ("causal",), "block_diffusion": ("block_causal",), "mdm": ("bidirectional", "prefix"),
                "sft": ("bidirectional", "prefix")}
 
@@ -61,6 +68,12 @@ class Objective:
     eps: float = 1e-3
     low_discrepancy: bool = True
     per_block_t: bool = True  # block_diffusion: one time per block
+    # AR-to-diffusion adaptation (model.init_from a causal backbone):
+    anneal_steps: int = 0  # mdm: causal -> bidirectional attention over these steps (0 = the layout's mask)
+    complementary: bool = False  # block_diffusion: also train each row on the complement of its mask
+    ar_weight: float = 0.0  # block_diffusion: weight of an auxiliary next-token loss on the clean sequence
+    block_curriculum: list[int] | None = None  # block_diffusion: smaller training block sizes first, ...
+    curriculum_steps: int = 0  # ... each for this many steps, then model.block_size
 
 
 @dataclass
@@ -140,6 +153,18 @@ class TextTask(Task):
         for key in ("data.seq_len", "eval.elbo_samples", "eval.batch_size"):
             if OmegaConf.select(cfg, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+        oc = cfg.objective
+        if oc.anneal_steps < 0 or oc.curriculum_steps < 0 or oc.ar_weight < 0:
+            raise ConfigError("objective.anneal_steps, curriculum_steps and ar_weight must be >= 0")
+        if oc.anneal_steps and oc.name != "mdm":
+            raise ConfigError(f"objective.anneal_steps is for objective.name='mdm', not {oc.name!r}")
+        if (oc.complementary or oc.ar_weight or oc.block_curriculum) and oc.name != "block_diffusion":
+            raise ConfigError("objective.complementary / ar_weight / block_curriculum are for block_diffusion")
+        if oc.block_curriculum and not oc.curriculum_steps:
+            raise ConfigError("objective.block_curriculum needs objective.curriculum_steps > 0")
+        for size in oc.block_curriculum or ():
+            if size < 1 or cfg.data.seq_len % size:
+                raise ConfigError(f"objective.block_curriculum size {size} must divide data.seq_len={cfg.data.seq_len}")
         if (cfg.objective.name == "sft") != (cfg.data.format == "sft"):
             raise ConfigError(
                 f"objective.name={cfg.objective.name!r} needs data.format="
@@ -175,23 +200,39 @@ class TextTask(Task):
             self.val_ids = load_sequences(self.valid_files, self.tokenizer, d.seq_len, cfg.eval.valid_sequences,
                                           text_key=d.text_key)
             self.val_plens = None
-        model = build_model(cfg.model, self.tokenizer)
+        model = self._init_model() if cfg.model.get("init_from") else build_model(cfg.model, self.tokenizer)
         self._check_model(model)
-        if cfg.model.get("init_from"):
-            from pipelines.tasks.common import load_backbone
-
-            saved = load_backbone(cfg.model.init_from)
-            from latent.training.checkpoint import check_compatible
-
-            sd = saved.state_dict()
-            check_compatible({k: tuple(v.shape) for k, v in sd.items()}, model, f"model.init_from={cfg.model.init_from}")
-            model.load_state_dict(sd)
         self.mask_id = int(model.config.mask_token_id)
         self.block_size = getattr(model.config, "block_size", None)
         if ctx.is_main:
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
         return {"model": model}
+
+    def _init_model(self):
+        """The backbone saved at ``model.init_from`` (a run, a pipeline or a converted model folder): its
+        architecture, with the section's layout keys applied (same weights: a causal AR backbone becomes a
+        bidirectional or block_causal one, ``logit_shift`` keeping its head's next-token meaning). Any
+        other key the section sets must agree with the saved model."""
+        from pipelines.tasks.common import load_backbone
+
+        section = {k: v for k, v in OmegaConf.to_container(self.cfg.model).items() if v is not None}
+        model = load_backbone(section["init_from"])
+        saved = dict(model.config)
+        layout = {k: section[k] for k in _LAYOUT_KEYS if k in section}
+        clash = {k: (v, saved[k]) for k, v in section.items()
+                 if k not in (*_LAYOUT_KEYS, "name", "preset", "init_from") and k in saved and saved[k] != v}
+        if clash:
+            raise ConfigError(
+                "model.init_from fixes the architecture; these model keys disagree with it (given, saved): "
+                f"{clash}. Drop them (and model.preset), or train from scratch without init_from"
+            )
+        if layout:
+            model.register_to_config(**layout)
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ConfigError(f"model.init_from has vocab_size={model.config.vocab_size} < the tokenizer's "
+                              f"{len(self.tokenizer)} tokens")
+        return model
 
     def _check_model(self, model) -> None:
         mc, n = model.config, self.cfg.data.seq_len
@@ -220,14 +261,21 @@ class TextTask(Task):
         N = ids.shape[1]
         oc = self.cfg.objective
         if self.objective == "block_diffusion" and oc.per_block_t:
-            nb = -(-N // self.block_size)
+            nb = -(-N // self._train_block_size(step))
             t = sample_times(B * nb, g, oc.low_discrepancy).view(B, nb)
         else:
             t = sample_times(B, g, oc.low_discrepancy)
-        out = {"ids": ids, "t": t, "noise": torch.rand(B, N, generator=g)}
+        out = {"ids": ids, "t": t, "noise": torch.rand(B, N, generator=g), "step": step}
         if plens is not None:
             out["plens"] = plens
         return out
+
+    def _train_block_size(self, step: int) -> int:
+        """Block size of the training step: objective.block_curriculum[k] during the k-th span of
+        curriculum_steps steps, then the model's."""
+        sizes, span = self.cfg.objective.block_curriculum or [], self.cfg.objective.curriculum_steps
+        k = step // span if span else len(sizes)
+        return int(sizes[k]) if k < len(sizes) else self.block_size
 
     def count(self, batch):
         return int(batch["ids"].numel())
@@ -237,11 +285,16 @@ class TextTask(Task):
         ids, t, noise = batch["ids"].to(dev), batch["t"].to(dev), batch["noise"].to(dev)
         common = dict(schedule=oc.schedule, eps=oc.eps, t=t, noise=noise)
         if self.objective == "mdm":
-            out = masked_diffusion_loss(model, ids, self.mask_id, **common)
+            mask = None
+            if oc.anneal_steps:
+                mask = annealed_attention_mask(ids.shape[1], batch["step"] / oc.anneal_steps, device=dev)
+            out = masked_diffusion_loss(model, ids, self.mask_id, model_mask=mask, **common)
         elif self.objective == "sft":
             out = sft_loss(model, ids, self.mask_id, prompt_lengths=batch["plens"].to(dev), **common)
         elif self.objective == "block_diffusion":
-            out = block_diffusion_loss(model, ids, self.mask_id, self.block_size, per_block_t=oc.per_block_t, **common)
+            out = block_diffusion_loss(model, ids, self.mask_id, self._train_block_size(batch["step"]),
+                                       per_block_t=oc.per_block_t, complementary=oc.complementary,
+                                       ar_weight=oc.ar_weight, **common)
         else:
             out = causal_lm_loss(model, ids, bos_token_id=self.eos)
         return StepLoss(out.loss)
