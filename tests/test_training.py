@@ -341,7 +341,7 @@ def test_bad_input_fails_before_training(corpus, tmp_path):
     train(tiny(corpus, ok, "trainer.max_steps=1", "trainer.eval_at_start=false", "eval.final=false"))
     with pytest.raises(ValueError, match=r"(?s)different model shape.*model\.hidden_size: checkpoint 32 vs now 48"):
         Trainer(tiny(corpus, ok, "model.hidden_size=48"))
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ConfigError, match=r"model.init_from fixes the architecture.*'hidden_size': \(48, 32\)"):
         Trainer(tiny(corpus, tmp_path / "x", "model.hidden_size=48", f"model.init_from={ok / 'pipeline'}"))
 
 
