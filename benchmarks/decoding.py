@@ -4,7 +4,9 @@ block cache, and diffusers' LLaDA2Pipeline, all on trained models, on CPU (or a 
 The task has a verifiable answer so quality is exact-match accuracy: the prompt is a random sequence
 of `--prompt` symbols and the answer repeats it up to `--gen` tokens. Two small models learn it first
 (a few minutes on 2 CPU cores) with the copy task's recipes (configs/copy_*.yaml, through the one trainer):
-a bidirectional one (SFT loss) and a block_causal one (BD3-LM loss).
+a bidirectional one (SFT loss), a block_causal one (BD3-LM loss) and the autoregressive peer of the same
+size (next-token loss), which decodes with our KV cache and, exported to a transformers LlamaForCausalLM,
+with `generate(use_cache=True)`.
 Every configuration then runs in its own process, so its peak memory (max RSS) is its own.
 
     python benchmarks/decoding.py                      # train, measure, write experiments/results/decoding-cpu.json
@@ -57,6 +59,16 @@ def train(layout: str, args, out_dir: Path) -> Path:
     return path
 
 
+def export_llama(causal_model: str, work: Path) -> str:
+    """The AR peer's weights as a Hugging Face Llama folder (pipelines.convert.export), once."""
+    from pipelines.convert import export
+
+    out = work / "causal_hf_llama"
+    if not (out / "config.json").exists():
+        export(causal_model, str(out), family="llama")
+    return str(out)
+
+
 def _llada2(model, prompts, args, threshold):
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
@@ -77,6 +89,27 @@ def _llada2(model, prompts, args, threshold):
     return torch.cat([prompts, out.sequences], dim=1), calls["n"]
 
 
+def _autoregressive(model, prompts, args, engine):
+    """The AR peer: our causal backbone with its KV cache, or the same weights exported to a transformers
+    LlamaForCausalLM decoding with generate(use_cache=True) (greedy)."""
+    if engine == "ar":
+        from latent.sampling import autoregressive_generate
+
+        out = autoregressive_generate(model, prompts, args.gen)
+        return out.sequences, out.nfe
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.gen, min_new_tokens=args.gen,
+                         do_sample=False, use_cache=True, pad_token_id=SYMBOLS)
+    return out, args.gen
+
+
+def _load(spec):
+    if spec["engine"] == "hf":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(spec["model"]).eval()
+    return DiffusionTransformer.from_pretrained(spec["model"]).eval()
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec,
     so a spawned child would report its parent's peak."""
@@ -91,7 +124,7 @@ def run_config(spec: dict, queue) -> None:
     """One configuration in a fresh process: decode the evaluation prompts, report speed/quality/RSS."""
     torch.set_num_threads(spec["threads"])
     args = argparse.Namespace(**spec["args"])
-    model = DiffusionTransformer.from_pretrained(spec["model"]).eval()
+    model = _load(spec)
     g = torch.Generator().manual_seed(123)
     data = make_batch(args.batch * args.rounds, args.prompt, args.gen, g)
     rss0 = peak_rss_mib()
@@ -104,6 +137,8 @@ def run_config(spec: dict, queue) -> None:
         with torch.no_grad():
             if spec["engine"] == "llada2":
                 seq, calls = _llada2(model, prompts, args, spec["knobs"].get("threshold", 2.0))
+            elif spec["engine"] in ("ar", "hf"):
+                seq, calls = _autoregressive(model, prompts, args, spec["engine"])
             else:
                 out = generate(model, prompts, gen_length=args.gen, block_length=args.block, **spec["knobs"])
                 seq, calls = out.sequences, out.nfe
@@ -141,7 +176,8 @@ def main(argv=None):
         sys.exit("--prompt must equal --block: the block_causal model is trained with the prompt as block 0")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    models = {layout: str(train(layout, args, work)) for layout in ("bidirectional", "block_causal")}
+    models = {layout: str(train(layout, args, work)) for layout in ("bidirectional", "block_causal", "causal")}
+    models["hf_llama"] = export_llama(models["causal"], work)
     steps = args.gen  # 1 token per step
     th = args.threshold
     configs = [
@@ -155,6 +191,8 @@ def main(argv=None):
          dict(commit="threshold", threshold=th, cache="block_exact")),
         ("diffusers_llada2_1tok", "block_causal", "llada2", dict(threshold=2.0)),
         ("diffusers_llada2_threshold", "block_causal", "llada2", dict(threshold=th)),
+        ("ar_ours_kv_cache", "causal", "ar", {}),
+        ("ar_transformers_generate_kv_cache", "hf_llama", "hf", {}),
     ]
     ctx = mp.get_context("spawn")
     rows = []
@@ -179,6 +217,11 @@ def main(argv=None):
         / by["diffusers_llada2_1tok"]["tokens_per_s"],
         "ours_vs_llada2_threshold": by["block_causal_threshold_exact_cache"]["tokens_per_s"]
         / by["diffusers_llada2_threshold"]["tokens_per_s"],
+        "best_diffusion_vs_transformers_ar": max(r["tokens_per_s"] for r in rows if r["layout"] != "causal"
+                                                 and r["layout"] != "hf_llama")
+        / by["ar_transformers_generate_kv_cache"]["tokens_per_s"],
+        "block_causal_threshold_exact_vs_transformers_ar": by["block_causal_threshold_exact_cache"]["tokens_per_s"]
+        / by["ar_transformers_generate_kv_cache"]["tokens_per_s"],
     }
     for k, v in ratios.items():
         print(f"{k:36s} {v:.2f}x")
