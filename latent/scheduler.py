@@ -58,6 +58,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         commit: str = "schedule",
         confidence: str = "low_confidence",
         revision: str = "none",
+        verifier: str = "none",
         threshold: float = 0.9,
         factor: float = 1.0,
         temperature: float = 0.0,
@@ -80,7 +81,8 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         knobs = dict(
             block_length=cfg.block_length, steps=cfg.num_inference_steps, commit=cfg.commit,
-            confidence=cfg.confidence, revision=cfg.revision, threshold=cfg.threshold, factor=cfg.factor,
+            confidence=cfg.confidence, revision=cfg.revision, verifier=cfg.verifier,
+            threshold=cfg.threshold, factor=cfg.factor,
             temperature=cfg.temperature, cache=cfg.cache,
         )
         # A checkpoint family's special tokens (e.g. a converted LLaDA's EoT); a tokenizer's ids override them.
@@ -133,7 +135,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         step_index = self.num_inference_steps - 1 - int(timestep)
         cfg = self.sampler_config(
             gen_length=sample.shape[1], block_length=sample.shape[1], steps=self.num_inference_steps,
-            noise_shape="block", **overrides,
+            noise_shape="block", **{"verifier": "none", **overrides},  # a verifier belongs to the loop, not the step
         ).validate()
         names = cfg.part_names()
         parts = {slot: create_part(slot, names[slot], cfg) for slot in ("proposal", "confidence", "stopping")}

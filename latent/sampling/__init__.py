@@ -1,10 +1,22 @@
 """Samplers: one decoding loop over swappable parts (proposal, confidence, commit, revision, stopping,
-guidance, cache), each chosen by name. `generate(...)` is the LLaDA-style entry; `Sampler` is built once
+guidance, cache, verifier), each chosen by name. `generate(...)` is the LLaDA-style entry; `Sampler` is built once
 from a config. New parts: decorate a class with the slot's `register_*` and name it in the config.
 `autoregressive_generate` is the left-to-right baseline; `plot_trajectory` draws a recorded decoding
 trajectory. docs/sampling.md states the semantics."""
 
-from . import cache_approx, cache_exact, commit, confidence, guidance, proposal, revision, stopping  # noqa: F401 - register parts
+from . import (  # noqa: F401 - register parts
+    cache_approx,
+    cache_delayed,
+    cache_exact,
+    commit,
+    confidence,
+    diffuspec,
+    guidance,
+    proposal,
+    revision,
+    stopping,
+    verifier,
+)
 from .autoregressive import AutoregressiveOutput, autoregressive_generate
 from .config import SamplerConfig
 from .output import SamplerOutput
@@ -19,6 +31,7 @@ from .registry import (
     register_proposal,
     register_revision,
     register_stopping,
+    register_verifier,
 )
 from .sampler import Sampler, generate
 from .state import DecodeState
@@ -29,5 +42,5 @@ __all__ = [
     "AutoregressiveOutput", "DecodeState", "Part", "Sampler", "SamplerConfig", "SamplerOutput", "StepResult",
     "Trajectory", "TrajectoryRecorder", "autoregressive_generate", "create_part", "decode_step", "generate",
     "list_parts", "plot_trajectory", "register_cache", "register_commit", "register_confidence", "register_guidance",
-    "register_proposal", "register_revision", "register_stopping",
+    "register_proposal", "register_revision", "register_stopping", "register_verifier",
 ]

@@ -43,7 +43,11 @@ class ScheduleCommit(Part):
         self.quota[state.rows] = transfer_schedule(masked, self.steps_per_block)
 
     def __call__(self, confidence, candidates, state):
-        k = self.quota[state.rows, state.block_step]
+        step = getattr(state, "rule_step", None)  # per row when a drafting verifier runs rows at different steps
+        step = state.block_step if step is None else step
+        step = torch.as_tensor(step, device=self.quota.device).expand(len(state.rows))
+        # A drafting verifier may look past the block's last step: nothing is left to commit there.
+        k = torch.where(step < self.steps_per_block, self.quota[state.rows, step.clamp(max=self.steps_per_block - 1)], 0)
         return candidates & (confidence_rank(confidence) < k[:, None])
 
 

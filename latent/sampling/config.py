@@ -29,6 +29,7 @@ class SamplerConfig:
     stopping: Any = "block_full"
     guidance: Any = "auto"  # cfg when cfg_scale > 0, else none
     cache: Any = "none"
+    verifier: Any = "none"  # whether drafted tokens are accepted
     # proposal
     temperature: float = 0.0
     top_k: int | None = None
@@ -51,6 +52,19 @@ class SamplerConfig:
     sched_schedule: str = "linear"  # "linear" or "cosine" decay from the first to the second
     # guidance
     cfg_scale: float = 0.0
+    # cache "dkv": every `dkv_refresh`-th forward of a block (and its first two) recomputes every K/V
+    dkv_refresh: int = 4
+    # verifier (docs/sampling.md, "Verifier")
+    freedave_drafts: int = 4  # freedave: candidate blocks checked per forward (the sampler's next steps)
+    verifier_model: Any = None  # diffuspec: the autoregressive verifier (any causal model returning .logits)
+    diffuspec_draft_lengths: tuple = (20, 30)  # diffuspec: (k_min, k_max) of the draft window; k starts at k_max
+    diffuspec_growth: int = 10  # diffuspec: delta, added to k while acceptance keeps up with the draft
+    diffuspec_ema: float = 0.5  # diffuspec: rho, the weight of the newest step in the length averages
+    diffuspec_candidates: int = 15  # diffuspec CPS: at most M candidates per position ...
+    diffuspec_mass: float = 0.8  # ... the fewest whose probability reaches tau (EOS always one)
+    diffuspec_beam: int = 3  # diffuspec CPS: beam width
+    diffuspec_weight: float = 0.5  # diffuspec CPS: lambda, the drafter's share of the score (1 - it: the proxy's)
+    diffuspec_proxy: Any = None  # diffuspec CPS: a causal proxy (e.g. an n-gram model); None = the drafter alone
     # special tokens; mask_token_id defaults to model.config.mask_token_id
     mask_token_id: int | None = None
     eos_token_id: int | None = None
@@ -143,6 +157,7 @@ class SamplerConfig:
         if not 0 < self.factor < float("inf"):
             raise ValueError(f"`factor` must be finite and > 0, got {self.factor}.")
         self._validate_revision_and_stopping(names)
+        self._validate_cache_and_verifier(names)
         if not 0 <= self.cfg_scale < float("inf"):
             raise ValueError(f"`cfg_scale` must be finite and >= 0 (0 = off), got {self.cfg_scale}.")
         if names["guidance"] == "cfg" and self.cfg_scale == 0:
@@ -175,3 +190,36 @@ class SamplerConfig:
                 "revision='saber' re-masks tokens at every step, so the block cannot run a fixed number of steps; "
                 "use commit='saber' (its adaptive rule), 'threshold' or 'factor'."
             )
+
+    def _validate_cache_and_verifier(self, names: dict) -> None:
+        cache, verifier = part_name(names["cache"]), part_name(names["verifier"])
+        if not isinstance(self.dkv_refresh, int) or isinstance(self.dkv_refresh, bool) or self.dkv_refresh < 1:
+            raise ValueError(f"`dkv_refresh` must be an int >= 1 (1 = recompute every forward), got {self.dkv_refresh!r}.")
+        if cache == "dkv" and (part_name(names["revision"]) != "none" or part_name(names["stopping"]) == "sched"):
+            raise ValueError("cache='dkv' computes no logits for tokens whose K/V it reuses; revision parts and "
+                             "stopping='sched' read them, so use revision='none' and another stopping part.")
+        if not isinstance(self.freedave_drafts, int) or self.freedave_drafts < 1:
+            raise ValueError(f"`freedave_drafts` must be an int >= 1, got {self.freedave_drafts!r}.")
+        if verifier in ("freedave", "diffuspec"):
+            if part_name(names["proposal"]) != "argmax" or self.temperature > 0:
+                raise ValueError(f"verifier={verifier!r} checks drafts against greedy decoding; use temperature=0.")
+            if part_name(names["revision"]) != "none":
+                raise ValueError(f"verifier={verifier!r} needs revision='none' (drafts assume committed tokens are final).")
+        if verifier == "freedave":
+            if part_name(names["confidence"]) == "random" or part_name(names["commit"]) == "saber":
+                raise ValueError("verifier='freedave' re-runs the sampler's step on drafts, so the step must depend only "
+                                 "on the block and its logits: not confidence='random', not commit='saber'.")
+            if cache == "dkv":
+                raise ValueError("verifier='freedave' runs several drafts per forward, which cache='dkv' does not support.")
+        if names["verifier"] == "diffuspec":  # by name: the part is built from these fields
+            if self.verifier_model is None:
+                raise ValueError("verifier='diffuspec' needs `verifier_model`, the autoregressive model that verifies.")
+            low, high = self.diffuspec_draft_lengths
+            if not 1 <= low <= high:
+                raise ValueError(f"`diffuspec_draft_lengths` must be (k_min, k_max) with 1 <= k_min <= k_max, got "
+                                 f"{self.diffuspec_draft_lengths!r}.")
+            if not 0 < self.diffuspec_ema <= 1 or not 0 <= self.diffuspec_weight <= 1 or not 0 < self.diffuspec_mass <= 1:
+                raise ValueError("`diffuspec_ema` must be in (0, 1], `diffuspec_weight` in [0, 1] and `diffuspec_mass` "
+                                 "in (0, 1].")
+            if min(self.diffuspec_candidates, self.diffuspec_beam) < 1 or self.diffuspec_growth < 0:
+                raise ValueError("`diffuspec_candidates` and `diffuspec_beam` must be >= 1, `diffuspec_growth` >= 0.")

@@ -16,7 +16,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from .config import SamplerConfig
 
-SLOTS = ("proposal", "confidence", "commit", "revision", "stopping", "guidance", "cache")
+SLOTS = ("proposal", "confidence", "commit", "revision", "stopping", "guidance", "cache", "verifier")
 REGISTRIES: dict[str, Registry] = {
     slot: Registry(slot, name_attr="name", hint=f"Pick one of these, or add yours with @register_{slot}({{name!r}}).")
     for slot in SLOTS
@@ -47,6 +47,7 @@ register_revision = _registrar("revision")
 register_stopping = _registrar("stopping")
 register_guidance = _registrar("guidance")
 register_cache = _registrar("cache")
+register_verifier = _registrar("verifier")
 
 
 def list_parts(slot: str) -> list[str]:

@@ -2,12 +2,14 @@
 
     for each block:                        commit/revision parts are told the block started
         repeat until the block is full (or for the schedule's fixed number of steps):
-            logits     = cache part (runs the model) -> guidance part combines copies
-            x0         = proposal part(block logits)           (logits first rectified by the revision part)
-            confidence = confidence part(block logits, x0), -inf off the block's masked positions
-            commit     = commit part(confidence) -> canvas[commit] = x0[commit]
-                         (a stopping part may commit the whole block at once: Prophet, SchED)
-            revision part may mask committed tokens again, replace them or commit more
+            verifier part runs the forward; "none" is one step:
+                logits     = cache part (runs the model) -> guidance part combines copies
+                x0         = proposal part(block logits)       (logits first rectified by the revision part)
+                confidence = confidence part(block logits, x0), -inf off the block's masked positions
+                commit     = commit part(confidence) -> canvas[commit] = x0[commit]
+                             (a stopping part may commit the whole block at once: Prophet, SchED)
+                revision part may mask committed tokens again, replace them or commit more
+            (a drafting verifier checks several drafted steps or tokens in the forward and keeps what passes)
             stopping part may retire rows (they leave the batch; later forwards get smaller)
         a full block may get more forwards that only edit (the revision part's post steps)
 """
@@ -25,7 +27,6 @@ from .config import SamplerConfig
 from .output import SamplerOutput
 from .registry import create_part, part_name
 from .state import DecodeState, key_padding_mask
-from .step import decode_step
 from .stopping import first_eos
 from .trajectory import TrajectoryRecorder
 
@@ -107,7 +108,7 @@ class Sampler:
         )
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        bar = _progress(progress_bar, parts["commit"], cfg)
+        bar = _progress(progress_bar, parts, cfg)
         recorder = TrajectoryRecorder(batch, cfg.gen_length) if record_trajectory else None
         parts["cache"].start(state)
         global_step = 0
@@ -117,9 +118,9 @@ class Sampler:
             state.block = block
             start, end = state.block_start, state.block_end
             masked = (state.x[:, start:end] == mask_id).sum(1)
-            parts["commit"].begin_block(state, masked)
-            parts["revision"].begin_block(state, masked)
-            fixed = parts["commit"].steps_per_block
+            for slot in ("commit", "revision", "verifier"):
+                parts[slot].begin_block(state, masked)
+            fixed = parts["verifier"].steps_per_block(parts["commit"])
             step = 0
             while len(state.rows) and _block_continues(state, parts, step, fixed):
                 state.block_step = step
@@ -159,11 +160,8 @@ class Sampler:
         )
 
     def _step(self, state: DecodeState, parts: dict) -> None:
-        start, end = state.block_start, state.block_end
-        raw, lo = parts["cache"].logits(state)
-        logits = state.guidance.combine(raw)[:, start - lo : end - lo]
-        result = decode_step(logits, state.x[:, start:end], parts, state, self.config)
-        state.x[:, start:end] = result.block
+        result = parts["verifier"].step(state, parts, self.config)
+        state.x[:, state.block_start : state.block_end] = result.block
         state.info = {
             "block": state.block, "block_step": state.block_step, "rows": state.rows, "x0": result.x0,
             "confidence": result.confidence, "transfer": result.transfer, "remasked": result.remasked,
@@ -184,7 +182,8 @@ def _block_continues(state: DecodeState, parts: dict, step: int, fixed: int | No
         )
     if parts["revision"].wants_step(step, fixed):
         return True
-    ends = parts["revision"].ends_full_blocks or getattr(parts["stopping"], "ends_full_blocks", False)
+    ends = (parts["revision"].ends_full_blocks or parts["verifier"].ends_full_blocks
+            or getattr(parts["stopping"], "ends_full_blocks", False))
     return fixed is not None and step < fixed and not ends
 
 
@@ -219,8 +218,8 @@ def progress_bar_for(progress_bar, total: int | None, desc: str = "decoding"):
     return progress_bar(total=total)
 
 
-def _progress(progress_bar, commit, cfg: SamplerConfig):
-    fixed = commit.steps_per_block
+def _progress(progress_bar, parts: dict, cfg: SamplerConfig):
+    fixed = parts["verifier"].steps_per_block(parts["commit"])
     return progress_bar_for(progress_bar, None if fixed is None else fixed * cfg.num_blocks)
 
 

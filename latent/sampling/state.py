@@ -7,7 +7,7 @@ Prefix embeddings (from adapters) sit before the canvas; they are model slots, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,9 @@ class DecodeState:
     nfe: int = 0
     forward_tokens: int = 0
     info: dict = field(default_factory=dict)  # per-step values handed to the step callback
+    # The commit rule's step per row [b] when rows stand at different steps of the block (a drafting
+    # verifier); None: every row is at block_step.
+    rule_step: torch.Tensor | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -109,6 +112,16 @@ class DecodeState:
         if self.noise_shape == "canvas":
             u = u[:, self.block_start : self.block_end]
         return u.to(self.x.device)
+
+    def view(self, index: torch.Tensor, x: torch.Tensor | None = None, rule_step=None) -> DecodeState:
+        """The state of rows `index` of the active rows (repeats allowed, e.g. one copy per draft), with
+        canvas `x` (default: theirs) and the commit rule at `rule_step`. Forwards run through a view count in
+        the view's nfe / forward_tokens, which start from this state's."""
+        return replace(
+            self, x=self.x[index] if x is None else x, rows=self.rows[index],
+            attn=None if self.attn is None else self.attn[index],
+            prefix_embeds=None if self.prefix_embeds is None else self.prefix_embeds[index], rule_step=rule_step,
+        )
 
     # ---- rows leaving ---------------------------------------------------------------------------
     def keep_rows(self, keep: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,21 @@ def decode_step(logits: torch.Tensor, block_tokens: torch.LongTensor, parts: dic
     block = torch.where(transfer, x0, block_tokens)
     if revision is not None:
         block = revision(block, block_tokens, x0, scores, logits, transfer, state)
-    # What happened, from the tokens before and after: a revision part may change committed tokens.
-    was_masked, is_masked = candidates, block == mask_id
+    return step_outcome(block_tokens, block, x0, confidence, mask_id)
+
+
+def step_outcome(before, after, x0, confidence, mask_id: int) -> StepResult:
+    """What a forward did to a block, from its tokens before and after (a revision part may change committed
+    tokens; a verifier may advance several steps in one forward)."""
+    was_masked, is_masked = before == mask_id, after == mask_id
     committed = was_masked & ~is_masked
     remasked = ~was_masked & is_masked
-    edited = ~was_masked & ~is_masked & (block != block_tokens)
-    return StepResult(block, x0, confidence, committed, remasked, edited)
+    edited = ~was_masked & ~is_masked & (after != before)
+    return StepResult(after, x0, confidence, committed, remasked, edited)
+
+
+def block_logits(state, parts: dict[str, Any]) -> torch.Tensor:
+    """The current block's logits [b, L, V] of one forward: the cache part runs the model, the guidance
+    part combines the copies of each row."""
+    raw, lo = parts["cache"].logits(state)
+    return state.guidance.combine(raw)[:, state.block_start - lo : state.block_end - lo]

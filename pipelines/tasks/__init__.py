@@ -6,7 +6,7 @@ so one task's dependencies never slow down or break another's); a recipe selects
 | task | file | trains |
 |---|---|---|
 | text | text.py | masked-diffusion pre-training, SFT, block diffusion, the autoregressive baseline |
-| copy | copy.py | the decoding benchmark's verifiable copy task, for every layout (AR peer included) |
+| copy | copy.py | the decoding benchmark's verifiable copy task, for every layout (AR peer included); its key-value and passkey retrieval variants (long context) |
 | caption | caption.py | a vision adapter (and optionally trunk and backbone) on image-caption pairs |
 | spoken_qa | spoken_qa.py | speech adapters on a masked-diffusion backbone, DIFFA-style stages |
 | driving | driving.py | the sensor adapter and planner on highway-env demonstrations (diffusion or AR) |
