@@ -65,7 +65,7 @@ def main(argv=None):
         for name, fn in backends.items():
             out = fn(q, k, v, mask).float()
             err = ((out - ref).abs() * valid).max().item()
-            sec = _timed(lambda fn=fn: fn(q, k, v, mask), args.repeats, args.device)
+            sec = _timed(lambda fn=fn, mask=mask: fn(q, k, v, mask), args.repeats, args.device)
             peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
             rows.append(dict(layout=layout, backend=name, ms=sec * 1e3, max_abs_err_vs_eager=err, peak_mib=peak))
             print(f"{layout:14s} {name:9s} {sec * 1e3:9.3f} ms   max|err| vs eager {err:.2e}")

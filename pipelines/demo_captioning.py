@@ -37,8 +37,7 @@ def main(argv=None) -> dict:
     import pipelines.tasks  # noqa: F401 - registers the built-in tasks
     from latent.training.config import load_config
     from latent.training.trainer import train
-    from modalities.data.metrics import caption_scores
-    from modalities.data.metrics import attribute_accuracy
+    from modalities.data.metrics import attribute_accuracy, caption_scores
     from modalities.data.scenes import make_split, write_split
     from pipelines.batch import run_captioning
     from pipelines.captioning import CaptioningPipeline

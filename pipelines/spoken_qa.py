@@ -19,8 +19,9 @@ layout, audio and prompt attend only among themselves, so their K/V are computed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

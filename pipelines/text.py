@@ -13,8 +13,9 @@ out = pipe(messages=[{"role": "user", "content": "Hi"}])  # a chat model: its to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

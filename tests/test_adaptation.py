@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import corpus  # noqa: F401, F811 - the small English corpus and its 320-token BPE (a fixture)
 
 import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli
@@ -14,7 +15,6 @@ from latent.data.corpus import missing_sources
 from latent.losses import annealed_attention_mask, block_diffusion_loss
 from latent.training.config import load_config
 from latent.training.trainer import train
-from test_training import corpus  # noqa: F401 - the small English corpus and its 320-token BPE
 
 REPO = Path(__file__).resolve().parents[1]
 needs_corpus = pytest.mark.skipif(bool(missing_sources()), reason=f"missing {missing_sources()}")

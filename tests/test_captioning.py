@@ -92,7 +92,7 @@ def test_text_and_captioning_resolve_blocks_and_rules_alike(pipe, images):
     for p, inputs in ((text, {"prompt": "two"}), (pipe, {"images": images[:1], "prompt": "two"})):
         blocks = []
         out = p(**inputs, gen_length=12, steps=4, cache="none", eos_early_stop=False,
-                callback_on_step_end=lambda pp, step, block, kw: blocks.append(block))
+                callback_on_step_end=lambda pp, step, block, kw, blocks=blocks: blocks.append(block))
         assert blocks == [0, 0, 1, 1] and out.nfe == 4, type(p).__name__
 
 

@@ -102,7 +102,7 @@ def _table(rng: random.Random) -> tuple[str, str, str]:
     names = rng.sample(NAMES, 3)
     colours = rng.sample(COLOURS, 3)
     numbers = rng.sample(range(1, 10), 3)
-    instruction = "table: " + " ".join(f"{n} {c} {NUMBERS[k]}." for n, c, k in zip(names, colours, numbers))
+    instruction = "table: " + " ".join(f"{n} {c} {NUMBERS[k]}." for n, c, k in zip(names, colours, numbers, strict=True))
     i = rng.randrange(3)
     if rng.random() < 0.5:
         return f"what colour is {names[i]}", colours[i], instruction

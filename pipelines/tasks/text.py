@@ -24,8 +24,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from latent.losses import (annealed_attention_mask, block_diffusion_loss, causal_lm_loss, masked_diffusion_loss,
-                           sft_loss)
+from latent.losses import (
+    annealed_attention_mask,
+    block_diffusion_loss,
+    causal_lm_loss,
+    masked_diffusion_loss,
+    sft_loss,
+)
 from latent.schedules import sample_times
 from latent.training.config import ConfigError
 from latent.training.evaluate import validation_bound
