@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' loader finds the base class here by name
 from diffusers.utils import BaseOutput
 
+from . import quantization as quantized
 from .attention import BACKENDS, attention
 from .cache import KVCache
 from .config_checks import BACKBONE_RULES
@@ -398,6 +400,7 @@ class DiffusionTransformer(SafeModelMixin, ConfigMixin):
         use_cache: bool = False,
         prefix_length: int | torch.Tensor | None = None,
         cache_position: int | None = None,
+        logits_positions: torch.Tensor | None = None,
         return_dict: bool = True,
         **unknown,
     ) -> BackboneOutput:
@@ -456,6 +459,8 @@ class DiffusionTransformer(SafeModelMixin, ConfigMixin):
             h_tok = h[:, n_prefix : n_prefix + n_tokens]
             if cfg.logit_shift:
                 h_tok = self._shifted(h_tok, h, n_prefix, past_key_values, start)
+            if logits_positions is not None:  # [B, n] token positions of this call: only their logits
+                h_tok = h_tok.gather(1, logits_positions[..., None].expand(-1, -1, h_tok.shape[-1]))
             logits = (F.linear(h_tok, self.embed.weight) if self.lm_head is None else self.lm_head(h_tok)).float()
         latent_pred = self.latent_out(h[:, n_prefix + n_tokens :]) if latents is not None else None
         cache = None
@@ -494,8 +499,12 @@ class DiffusionTransformer(SafeModelMixin, ConfigMixin):
 
     # ---- safe loading ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder of safetensors weights; pickled checkpoints are refused."""
+    def from_pretrained(cls, pretrained_model_name_or_path, quantization: str | dict | None = None, **kwargs):
+        """Load from a local folder of safetensors weights; pickled checkpoints are refused.
+
+        A folder written from a quantized backbone (with quantization.json) loads quantized as it was saved.
+        `quantization` ("int8", "int4", or a dict of `latent.quantization.quantize_backbone` arguments)
+        quantizes a full-precision folder's weights after loading."""
         path = os.fspath(pretrained_model_name_or_path)
         sub = kwargs.get("subfolder") or ""
         folder = os.path.join(path, sub)
@@ -506,11 +515,24 @@ class DiffusionTransformer(SafeModelMixin, ConfigMixin):
             pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
             hint = f" It holds pickled weights {pickled}, which are never loaded (they can run code)." if pickled else ""
             raise ValueError(f"No safetensors weights in {folder!r}.{hint} Convert them to safetensors first.")
+        if quantized.is_quantized_folder(folder):
+            if quantization is not None:
+                raise ValueError(f"{folder!r} is already quantized; load it without `quantization`, or quantize "
+                                 "the full-precision folder it was made from.")
+            return quantized.load_quantized(cls, folder, kwargs.get("torch_dtype"), kwargs.get("device_map"))
         kwargs["use_safetensors"] = True
         kwargs.setdefault("local_files_only", True)
         try:
-            return super().from_pretrained(path, **kwargs)
+            model = super().from_pretrained(path, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
             if "safetensors" in str(err).lower() or "header" in str(err).lower():
                 raise ValueError(f"The safetensors weights in {folder!r} are corrupt or truncated: {err}") from err
             raise
+        return model if quantization is None else quantized.quantize_with(model, quantization)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' `save_pretrained`; a quantized backbone writes its integers and scales as plain
+        safetensors instead (`latent.quantization.save_quantized`)."""
+        if quantized.quantization_of(self) is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        quantized.save_quantized(self, save_directory)

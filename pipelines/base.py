@@ -193,7 +193,10 @@ class LocalPipelineMixin:
     `DiffusionPipeline` among the bases."""
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, quantization: str | dict | None = None, **kwargs):
+        """`quantization` ("int8", "int4", or a dict of `latent.quantization.quantize_backbone` arguments)
+        quantizes the backbone (`model`) after loading; a folder written by `mmdlm quantize` loads quantized
+        without it."""
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             raise ValueError(
@@ -211,7 +214,14 @@ class LocalPipelineMixin:
                 f"{cls.__name__}.save_pretrained()."
             )
         kwargs.setdefault("local_files_only", True)
-        return super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        if quantization is not None:
+            from latent.quantization import quantize_with
+
+            if getattr(pipe, "model", None) is None:
+                raise ValueError(f"{cls.__name__} has no backbone `model` to quantize; load it without `quantization`.")
+            quantize_with(pipe.model, quantization)
+        return pipe
 
 
 # ---- masked diffusion -----------------------------------------------------------------------------
