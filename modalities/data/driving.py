@@ -38,6 +38,11 @@ disjoint seeds (train from ``seed``, valid from ``valid_seed``), with a ``summar
 each split. A split whose file exists with the same settings is left as it is; one recorded with other
 settings is refused rather than overwritten.
 
+**DAgger** (`record` with a ``policy``): the policy drives, the demonstrator acting instead with
+probability ``beta`` per decision; every visited state is labelled with the demonstrator's plan from it,
+read off the episode where the demonstrator's actions were executed and otherwise from a deep copy of the
+simulator in which the demonstrator drives on (`demonstrator_branch`, `demonstrator_windows`).
+
 **Plan tokens** (`PlanTokenizer`): per future decision k the triple (action, dx_k, dy_k), where
 ``dx_k = qx_k - qx_{k-1}`` with ``qx_k = round(x_k / x_res)`` (cumulative quantisation: the decoded waypoint is
 within half a bin of the true one at every horizon, no error accumulates), clipped to the token range.
@@ -67,6 +72,9 @@ __all__ = [
     "observe",
     "occupancy_grid",
     "record",
+    "run_episode",
+    "demonstrator_branch",
+    "demonstrator_windows",
     "build_demonstrations",
     "recorded_settings",
     "digest",
@@ -198,8 +206,10 @@ def _names_to_ids(names):
 
 
 # ------------------------------------------------------------------------------------------ simulator
-def env_config(density: float = 1.0, duration: int | None = None, image: bool = False) -> dict:
-    """highway-fast-v0 configured for our observation: Kinematics relative to the ego, unnormalised."""
+def env_config(density: float = 1.0, duration: int | None = None, image: bool = False,
+               target_speeds=TARGET_SPEEDS, **overrides) -> dict:
+    """The env configured for our observation: Kinematics relative to the ego, unnormalised. ``overrides``
+    are other highway-env config keys (``vehicles_count``, ``lanes_count``...), applied last."""
     cfg: dict[str, Any] = {
         "observation": {
             "type": "Kinematics", "vehicles_count": MAX_OBSERVED, "features": ["presence", *VEHICLE_FEATURES],
@@ -207,18 +217,22 @@ def env_config(density: float = 1.0, duration: int | None = None, image: bool = 
         },
         # Finer target speeds than the default 20/25/30 m/s: with those the ego cannot follow slower
         # traffic and rear-ends it whatever the policy (about 1 episode in 2 at density 1.5).
-        "action": {"type": "DiscreteMetaAction", "target_speeds": list(TARGET_SPEEDS)},
+        "action": {"type": "DiscreteMetaAction", "target_speeds": [float(v) for v in target_speeds]},
         "vehicles_density": float(density),
     }
     if duration is not None:
         cfg["duration"] = int(duration)
     if image:
         cfg.update(screen_width=256, screen_height=64, scaling=3.0, offscreen_rendering=True)
+    cfg.update(overrides)
     return cfg
 
 
-def make_env(density: float = 1.0, duration: int | None = None, image: bool = False):
-    """A headless highway-fast-v0 (render_mode rgb_array only when images are asked for)."""
+def make_env(density: float = 1.0, duration: int | None = None, image: bool = False, env_id: str = ENV_ID,
+             **config):
+    """A headless highway-env environment (highway-fast-v0 unless ``env_id`` names another one, e.g.
+    merge-v0) with :func:`env_config`'s observation and actions; ``config`` goes to `env_config`
+    (``target_speeds``, ``vehicles_count``, ``lanes_count``...). render_mode rgb_array only for images."""
     import gymnasium as gym
     import highway_env  # noqa: F401 - registers the envs
 
@@ -226,7 +240,8 @@ def make_env(density: float = 1.0, duration: int | None = None, image: bool = Fa
         # SDL's "offscreen" driver renders without a display; with "dummy" highway-env skips drawing (black frames).
         os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    return gym.make(ENV_ID, config=env_config(density, duration, image), render_mode="rgb_array" if image else None)
+    return gym.make(env_id, config=env_config(density, duration, image, **config),
+                    render_mode="rgb_array" if image else None)
 
 
 def ego_state(env) -> dict[str, float]:
@@ -258,17 +273,41 @@ def occupancy_grid(vehicles: np.ndarray, ego: dict, x_range=(-20.0, 60.0), y_ran
     return grid
 
 
+def lane_heading(env) -> float:
+    """Direction [rad] of the ego's lane at the ego's position (0 on every straight highway-fast road)."""
+    u = env.unwrapped
+    lane = u.road.network.get_lane(u.vehicle.lane_index)
+    return float(lane.heading_at(lane.local_coordinates(u.vehicle.position)[0]))
+
+
+def rotate_to_lane_frame(vehicles: np.ndarray, ego: dict, heading: float) -> tuple[np.ndarray, dict]:
+    """Vehicle rows (x, y, vx, vy, cos_h, sin_h) and ego state rotated by ``-heading``: world-frame
+    coordinates become coordinates along / across the ego's lane, the frame the straight-road data is in."""
+    c, s = np.cos(heading), np.sin(heading)
+    v = np.asarray(vehicles, dtype=np.float64).reshape(-1, len(VEHICLE_FEATURES)).copy()
+    for i, j in ((0, 1), (2, 3), (4, 5)):  # positions, velocities, heading vectors: the same rotation
+        a, b = v[:, i].copy(), v[:, j].copy()
+        v[:, i], v[:, j] = c * a + s * b, -s * a + c * b
+    ego = {**ego, "heading": float(np.arctan2(np.sin(ego["heading"] - heading), np.cos(ego["heading"] - heading)))}
+    return v.astype(np.float32), ego
+
+
 def observe(env, obs: np.ndarray | None = None, occupancy: bool = False, image: bool = False,
-            image_size: tuple[int, int] | None = (32, 128)) -> dict:
-    """The raw observation the adapter takes, from the env (and its last Kinematics observation `obs`)."""
+            image_size: tuple[int, int] | None = (32, 128), lane_frame: bool = False) -> dict:
+    """The raw observation the adapter takes, from the env (and its last Kinematics observation `obs`).
+    ``lane_frame``: rotate it into the ego lane's frame (:func:`rotate_to_lane_frame`) on curved roads; a
+    straight lane (heading exactly 0) leaves it unchanged, bit for bit."""
     if obs is None:
         obs = env.unwrapped.observation_type.observe()
     obs = np.asarray(obs, dtype=np.float32)
     others = obs[1:]
     vehicles = others[others[:, 0] > 0.5, 1:].copy()
     out: dict[str, Any] = {"ego": ego_state(env), "vehicles": vehicles}
+    heading = lane_heading(env) if lane_frame else 0.0
+    if heading != 0.0:
+        out["vehicles"], out["ego"] = rotate_to_lane_frame(vehicles, out["ego"], heading)
     if occupancy:
-        out["occupancy"] = occupancy_grid(vehicles, out["ego"])
+        out["occupancy"] = occupancy_grid(out["vehicles"], out["ego"])
     if image:
         frame = env.render()
         if image_size is not None:
@@ -388,10 +427,31 @@ class DrivingDataset:
         kw = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
         return DrivingDataset(**kw)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+
+    @classmethod
+    def concat(cls, parts: list[DrivingDataset], meta: dict | None = None) -> DrivingDataset:
+        """The rows of every part in order (vehicle rows padded to the widest part); the optional sensors
+        are kept when every part has them."""
+        if not parts:
+            raise ValueError("concat needs at least one dataset.")
+        n = max(p.vehicles.shape[1] for p in parts)
+        kw: dict[str, Any] = {}
+        for k, v in parts[0].__dict__.items():
+            if k == "meta" or v is None or any(getattr(p, k) is None for p in parts):
+                continue
+            if k == "vehicles":
+                kw[k] = np.concatenate([np.pad(p.vehicles, ((0, 0), (0, n - p.vehicles.shape[1]), (0, 0)))
+                                        for p in parts])
+            else:
+                kw[k] = np.concatenate([getattr(p, k) for p in parts])
+        return cls(**kw, meta=dict(meta if meta is not None else parts[0].meta))
+
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        arrays = self.arrays()
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, meta=np.array(json.dumps(self.meta)), **arrays)
         os.replace(tmp, path)
@@ -409,29 +469,49 @@ class DrivingDataset:
         return cls(**kw, meta=meta)
 
 
-def run_episode(env, seed: int, policy, occupancy=False, image=False, max_steps: int | None = None):
-    """One episode under `policy(env, observation) -> action index`; returns the per-decision records."""
+@dataclass
+class Episode:
+    """What `run_episode` returns: per decision t the observation, the executed action, the reward and the
+    speed after it; ``poses`` [n + 1, 3] (x, y, heading) before each decision and after the last one."""
+
+    records: list[dict]
+    actions: list[int]
+    poses: np.ndarray
+    crashed: bool
+    truncated: bool
+    rewards: list[float] = field(default_factory=list)
+    speeds: list[float] = field(default_factory=list)
+
+
+def _pose(env) -> tuple[float, float, float]:
+    v = env.unwrapped.vehicle
+    return float(v.position[0]), float(v.position[1]), float(v.heading)
+
+
+def run_episode(env, seed: int, policy, occupancy=False, image=False, max_steps: int | None = None,
+                lane_frame: bool = False) -> Episode:
+    """One episode under `policy(env, observation) -> action index` (at most ``max_steps`` decisions)."""
     obs, _ = env.reset(seed=seed)
     u = env.unwrapped
-    records, poses, actions = [], [], []
-    crashed, steps = False, 0
+    ep = Episode([], [], np.zeros((0, 3)), False, False)
+    poses = []
     while True:
-        raw = observe(env, obs, occupancy, image)
-        v = u.vehicle
-        poses.append((float(v.position[0]), float(v.position[1]), float(v.heading)))
-        if max_steps is not None and steps >= max_steps:
+        raw = observe(env, obs, occupancy, image, lane_frame=lane_frame)
+        poses.append(_pose(env))
+        if max_steps is not None and len(ep.actions) >= max_steps:
             break
         a = int(policy(env, raw))
-        records.append(raw)
-        actions.append(a)
-        obs, _, terminated, truncated, _ = env.step(a)
-        steps += 1
+        ep.records.append(raw)
+        ep.actions.append(a)
+        obs, reward, terminated, truncated, _ = env.step(a)
+        ep.rewards.append(float(reward))
+        ep.speeds.append(float(u.vehicle.speed))
         if terminated or truncated:
-            crashed = bool(u.vehicle.crashed)
-            v = u.vehicle
-            poses.append((float(v.position[0]), float(v.position[1]), float(v.heading)))
+            ep.crashed, ep.truncated = bool(u.vehicle.crashed), bool(truncated) and not u.vehicle.crashed
+            poses.append(_pose(env))
             break
-    return records, actions, np.asarray(poses, dtype=np.float64), crashed
+    ep.poses = np.asarray(poses, dtype=np.float64)
+    return ep
 
 
 def future_waypoints(poses: np.ndarray, t: int, horizon: int) -> np.ndarray:
@@ -442,37 +522,122 @@ def future_waypoints(poses: np.ndarray, t: int, horizon: int) -> np.ndarray:
     return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], -1)
 
 
+@dataclass
+class Branch:
+    """The demonstrator driving on from a copy of the simulator: its actions, the poses before the first
+    and after each decision, and how many decisions are usable (a decision that crashes is not)."""
+
+    actions: list[int]
+    poses: np.ndarray  # [len(actions) + 1, 3]
+    usable: int
+
+
+def demonstrator_branch(env, driver, horizon: int) -> Branch:
+    """`driver` drives ``horizon`` decisions from the current state of a deep copy of ``env``; the episode's
+    own simulator is left untouched (the copy carries its random state, so it replays the same traffic)."""
+    import copy
+
+    sim = copy.deepcopy(env.unwrapped)
+    actions, poses, usable = [], [_pose(sim)], 0
+    for k in range(horizon):
+        a = int(driver(sim))
+        _, _, terminated, truncated, _ = sim.step(a)
+        if sim.vehicle.crashed:
+            break
+        actions.append(a)
+        poses.append(_pose(sim))
+        usable = k + 1
+        if terminated or truncated:
+            break
+    return Branch(actions, np.asarray(poses, dtype=np.float64), usable)
+
+
+def demonstrator_windows(ep: Episode, demo: list[int], branches: dict[int, Branch], horizon: int):
+    """The demonstrator's plan from every state of an episode: ``[(t, actions [K], waypoints [K, 2])]``.
+
+    ``demo[t]`` is the demonstrator's action in state t, ``branches[p]`` its branch from every state p where
+    the executed action differed. From state t the demonstrator's own trajectory follows the episode up to
+    the first such p in the window, then branch p. Without a branch in it, a window that reaches past the
+    episode's last decision or holds its crash is dropped (what the demonstration recording always did); a
+    branch carries the window on, and drops it only if the demonstrator itself crashes there first."""
+    n, out = len(ep.actions), []
+    for t in range(n):
+        p = next((j for j in range(t, min(n, t + horizon)) if ep.actions[j] != demo[j]), None)
+        if p is None:
+            if t + horizon > n - (1 if ep.crashed else 0):
+                continue
+            acts, way = demo[t : t + horizon], future_waypoints(ep.poses, t, horizon)
+        else:
+            b, need = branches[p], horizon - (p - t)
+            if b.usable < need:
+                continue
+            acts = demo[t:p] + b.actions[:need]
+            way = future_waypoints(np.concatenate([ep.poses[t:p], b.poses[: need + 1]]), 0, horizon)
+        out.append((t, list(acts), way))
+    return out
+
+
+class _MixedPolicy:
+    """DAgger's mixture for one episode: the demonstrator acts with probability ``beta``, ``policy``
+    otherwise; it remembers the demonstrator's action in every state, and branches the demonstrator off
+    wherever the executed action differs from it."""
+
+    def __init__(self, driver, policy, beta: float, rng: np.random.Generator, horizon: int):
+        self.driver, self.policy, self.beta, self.rng, self.horizon = driver, policy, beta, rng, horizon
+        self.demo: list[int] = []
+        self.branches: dict[int, Branch] = {}
+        self.from_policy = 0
+
+    def __call__(self, env, raw) -> int:
+        d = int(self.driver(env))
+        a = d
+        if self.policy is not None and self.rng.random() >= self.beta:
+            a = int(self.policy(env, raw))
+            self.from_policy += 1
+        if a != d:
+            self.branches[len(self.demo)] = demonstrator_branch(env, self.driver, self.horizon)
+        self.demo.append(d)
+        return a
+
+
 def record(densities=(1.0, 1.5, 2.0), episodes: int = 10, seed: int = 0, horizon: int = 3,
            occupancy: bool = False, image: bool = False, duration: int | None = None,
-           max_steps: int | None = None, progress: bool = True) -> DrivingDataset:
+           max_steps: int | None = None, progress: bool = True, policy=None, beta: float = 1.0,
+           ) -> DrivingDataset:
     """Demonstrations of `RuleBasedDriver` at each density; episode e of density d uses seed
-    ``seed + 1000 * index(d) + e``, so the set is a pure function of the arguments."""
+    ``seed + 1000 * index(d) + e``, so the set is a pure function of the arguments (and of ``policy``).
+
+    With a ``policy(env, observation) -> action`` (DAgger): in each decision the demonstrator acts with
+    probability ``beta`` (drawn from a generator seeded by the episode's seed), ``policy`` otherwise; every
+    visited state is labelled with the demonstrator's plan from it (`demonstrator_windows`). With
+    ``beta=1`` (or no policy) that is the demonstrator's own rollout and its windows."""
     from tqdm.auto import tqdm
 
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (the probability that the demonstrator acts), got {beta}.")
     driver = RuleBasedDriver()
     cols: dict[str, list] = {k: [] for k in ("ego", "vehicles", "count", "actions", "waypoints", "density",
                                               "episode", "step", "occupancy", "image")}
-    crashes, total = 0, 0
+    crashes, total, decisions, from_policy = 0, 0, 0, 0
     bar = tqdm(total=len(densities) * episodes, desc="recording", disable=not progress)
     for di, density in enumerate(densities):
         env = make_env(density, duration, image)
         try:
             for e in range(episodes):
                 ep_seed = seed + 1000 * di + e
-                records, actions, poses, crashed = run_episode(
-                    env, ep_seed, driver, occupancy, image, max_steps
-                )
-                crashes += crashed
+                mixed = _MixedPolicy(driver, policy, float(beta), np.random.default_rng([ep_seed, 1]), horizon)
+                ep = run_episode(env, ep_seed, mixed, occupancy, image, max_steps)
+                crashes += ep.crashed
                 total += 1
-                n = len(actions)
-                last = n - horizon - (1 if crashed else 0)  # the window must end before the crash
-                for t in range(0, last + 1):
-                    r = records[t]
+                decisions += len(ep.actions)
+                from_policy += mixed.from_policy
+                for t, acts, way in demonstrator_windows(ep, mixed.demo, mixed.branches, horizon):
+                    r = ep.records[t]
                     cols["ego"].append([r["ego"][k] for k in EGO_FIELDS])
                     cols["vehicles"].append(r["vehicles"])
                     cols["count"].append(len(r["vehicles"]))
-                    cols["actions"].append(actions[t : t + horizon])
-                    cols["waypoints"].append(future_waypoints(poses, t, horizon))
+                    cols["actions"].append(acts)
+                    cols["waypoints"].append(way)
                     cols["density"].append(density)
                     cols["episode"].append(di * episodes + e)
                     cols["step"].append(t)
@@ -491,8 +656,12 @@ def record(densities=(1.0, 1.5, 2.0), episodes: int = 10, seed: int = 0, horizon
         vehicles[i, : len(v)] = v
     meta = {"env": ENV_ID, "densities": list(densities), "episodes": episodes, "seed": seed, "horizon": horizon,
             "duration": duration, "max_steps": max_steps, "occupancy": bool(occupancy), "image": bool(image),
-            "demonstrator": "RuleBasedDriver (IDM + MOBIL)",
-            "demonstrator_crashes": crashes, "demonstrator_episodes": total}
+            "demonstrator": "RuleBasedDriver (IDM + MOBIL)"}
+    if policy is None:
+        meta.update(demonstrator_crashes=crashes, demonstrator_episodes=total)
+    else:  # DAgger: who drove, and how often the mixture crashed
+        meta.update(beta=float(beta), episodes_driven=total, crashes=crashes, decisions=decisions,
+                    policy_decisions=from_policy)
     return DrivingDataset(
         ego=np.asarray(cols["ego"], dtype=np.float32).reshape(s, len(EGO_FIELDS)), vehicles=vehicles,
         vehicle_count=np.asarray(cols["count"], dtype=np.int64),

@@ -1,5 +1,6 @@
 """The project's metrics in one place: captions (BLEU-4 and CIDEr-D from `pycocoevalcap`, attribute accuracy
-on rendered scenes), speech (corpus WER, exact-match answer accuracy).
+on rendered scenes), speech (corpus WER, exact-match answer accuracy), confidence intervals of rates (Wilson)
+and means (percentile bootstrap) for closed-loop driving.
 
 COCO's own tokenizer (PTBTokenizer) needs Java, so captions are tokenised here the same simple way for
 predictions and references: lowercase, punctuation dropped, split on whitespace.
@@ -7,11 +8,13 @@ predictions and references: lowercase, punctuation dropped, split on whitespace.
 
 from __future__ import annotations
 
+import math
 import re
 
 from modalities.data.scenes import parse_caption
 
-__all__ = ["tokenize", "caption_scores", "attribute_accuracy", "normalize_text", "word_error_rate", "answer_accuracy"]
+__all__ = ["tokenize", "caption_scores", "attribute_accuracy", "normalize_text", "word_error_rate", "answer_accuracy",
+           "wilson_interval", "bootstrap_mean_interval"]
 
 
 def tokenize(text: str) -> str:
@@ -90,3 +93,32 @@ def answer_accuracy(references: list[str], predictions: list[str]) -> float:
     if len(references) != len(predictions) or not references:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
     return sum(normalize_text(r) == normalize_text(p) for r, p in zip(references, predictions, strict=True)) / len(references)
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (95 % by default): unlike the normal approximation it stays
+    inside [0, 1] and is not empty at 0 or n successes."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes}, n={n}.")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_interval(values, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: means of ``samples`` resamples with replacement (from a
+    generator seeded by ``seed``, so the same values give the same interval)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"values must be a non-empty 1-d sequence, got shape {x.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    means = x[np.random.default_rng(seed).integers(0, len(x), (samples, len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

@@ -10,6 +10,16 @@ Data: demonstrations of the rule-based driver in highway-env, recorded into ``da
 kept while the settings match), or npz files of your own (``data.train`` and ``data.valid``). A step's rows
 are drawn with replacement from the training set by the step's generator.
 
+DAgger (``data.dagger``, off with ``rounds: 0``): after every ``every`` steps (default ``trainer.max_steps //
+(rounds + 1)``), up to ``rounds`` times, the planner being trained drives ``episodes_per_round`` episodes per
+density in the simulator, the demonstrator acting instead with probability ``beta ** i`` in round i; the
+demonstrator labels every visited state with its plan from there
+(:func:`modalities.data.driving.record` with a policy), and the labelled states join the training set for
+the remaining steps. Round i records on seeds ``dagger.seed + 10000 i + 1000 j + e`` (density j, episode e).
+The collected states are part of the task's checkpoint state, so a resumed run trains on the very rows the
+interrupted one had collected (a round that was due after the last checkpoint is collected again from the
+same weights, hence the same rows). Every process collects the same rows (the weights and seeds agree).
+
 Objectives (``objective.name``):
 
 - ``plan``: the 3K plan tokens of :class:`PlanTokenizer` after the sensor prefix. Diffusion layouts
@@ -36,7 +46,7 @@ from omegaconf import OmegaConf
 
 from latent.training.config import ConfigError
 from latent.training.task import StepLoss, Task, register_task, step_generator
-from modalities.data.driving import ACTIONS, DrivingDataset, PlanTokenizer, build_demonstrations
+from modalities.data.driving import ACTIONS, DrivingDataset, PlanTokenizer, build_demonstrations, record
 from modalities.driving import DrivingAdapter
 from pipelines.tasks.common import (
     Decoding,
@@ -54,6 +64,15 @@ _EVAL_BATCH = 256
 
 
 @dataclass
+class DaggerConfig:
+    rounds: int = 0  # 0: behaviour cloning only
+    episodes_per_round: int = 5  # per density of data.densities
+    beta: float = 0.5  # round i (1..rounds): the demonstrator acts with probability beta ** i, the planner otherwise
+    every: int | None = None  # training steps between rounds (null: trainer.max_steps // (rounds + 1))
+    seed: int = 20_000  # round i, density j, episode e: seed + 10000 i + 1000 j + e
+
+
+@dataclass
 class DrivingData:
     dir: str = "data/driving"  # demonstrations recorded here on first use (train.npz, valid.npz)
     train: str | None = None  # an npz of your own instead of <dir>/train.npz (give valid too; nothing is recorded)
@@ -66,6 +85,7 @@ class DrivingData:
     duration: int | None = None  # episode length [s] (null: the env's 30)
     max_steps: int | None = None  # decisions per episode (quick recordings)
     occupancy: bool = False  # also record ego-centred occupancy grids (adapter.occupancy_channels: 2)
+    dagger: DaggerConfig = field(default_factory=DaggerConfig)  # on-policy rounds labelled by the demonstrator
 
 
 @dataclass
@@ -231,6 +251,12 @@ class CCDDPlanner:
         return res.sequences.cpu() - tok.action_offset, way
 
 
+def dagger_every(cfg) -> int:
+    """Training steps between DAgger rounds (``data.dagger.every``, default max_steps // (rounds + 1))."""
+    dg = cfg.data.dagger
+    return int(dg.every) if dg.every is not None else int(cfg.trainer.max_steps) // (int(dg.rounds) + 1)
+
+
 # ------------------------------------------------------------------------------------------ the task
 @register_task("driving")
 class DrivingTask(Task):
@@ -272,6 +298,18 @@ class DrivingTask(Task):
                 raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
         if not d.densities:
             raise ConfigError("data.densities is empty; list the traffic densities to record, e.g. [1.0, 1.5, 2.0]")
+        dg = d.dagger
+        if dg.rounds < 0:
+            raise ConfigError(f"data.dagger.rounds must be >= 0 (0: no DAgger), got {dg.rounds}")
+        if dg.rounds:
+            if dg.episodes_per_round < 1:
+                raise ConfigError(f"data.dagger.episodes_per_round must be >= 1, got {dg.episodes_per_round}")
+            if not 0.0 <= dg.beta <= 1.0:
+                raise ConfigError(f"data.dagger.beta must be in [0, 1] (the demonstrator's share), got {dg.beta}")
+            every = dagger_every(cfg)
+            if every < 1 or dg.rounds * every >= cfg.trainer.max_steps:
+                raise ConfigError(f"data.dagger: {dg.rounds} rounds every {every} steps do not fit before "
+                                  f"trainer.max_steps={cfg.trainer.max_steps}; lower data.dagger.every or rounds")
 
     # ---- build ----------------------------------------------------------------------------------
     def _data_files(self) -> tuple[str, str]:
@@ -306,8 +344,72 @@ class DrivingTask(Task):
             steps = waypoint_steps(train.waypoints)
             self.planner = CCDDPlanner(adapter, model, self.tok, steps.mean((0, 1)),
                                        steps.std((0, 1)).clamp_min(1e-3), cfg.objective.prediction)
+        self.base_train, self.dagger_parts, self.dagger_log = train, [], []
+        self._planner_modules = (adapter, model)  # the very modules the trainer trains (DAgger drives them)
         self.train_rows, self.valid_rows = self._rows(train), self._rows(valid)
         return {"adapter": adapter, "model": model}
+
+    # ---- DAgger ---------------------------------------------------------------------------------
+    def _policy(self):
+        """The planner being trained as a closed-loop policy: observation -> first action of its plan."""
+        adapter, model = self._planner_modules
+        if self.ccdd:
+            def act(env, raw):
+                a, _ = self.planner(adapter.preprocess([raw]), steps=self.tok.horizon)
+                return int(a[0, 0])
+            return act
+        pipe = planning_pipeline(adapter, model, self.tok, self.cfg.decoding)
+        pipe.set_progress_bar_config(disable=True)
+        return lambda env, raw: pipe.plan_action(raw)
+
+    def _collect_due(self, step: int) -> None:
+        """Collect every DAgger round due before step ``step`` (0-based) that has not been collected."""
+        dg = self.cfg.data.dagger
+        every = dagger_every(self.cfg) if dg.rounds else 0
+        while len(self.dagger_parts) < dg.rounds and (len(self.dagger_parts) + 1) * every <= step:
+            i = len(self.dagger_parts) + 1
+            adapter, model = self._planner_modules
+            was = (adapter.training, model.training)
+            adapter.eval()
+            model.eval()
+            try:
+                with torch.no_grad():
+                    d = self.cfg.data
+                    part = record(list(d.densities), dg.episodes_per_round, dg.seed + 10_000 * i, self.tok.horizon,
+                                  occupancy=d.occupancy, duration=d.duration, max_steps=d.max_steps,
+                                  progress=bool(self.cfg.trainer.progress), policy=self._policy(), beta=dg.beta ** i)
+            finally:
+                adapter.train(was[0])
+                model.train(was[1])
+            self.dagger_parts.append(part)
+            m = part.meta
+            self.dagger_log.append({"round": i, "step": step, "beta": m["beta"], "states": len(part),
+                                    "episodes": m["episodes_driven"], "crashes": m["crashes"],
+                                    "decisions": m["decisions"], "planner_decisions": m["policy_decisions"]})
+            self.ctx.log(f"[dagger] {json.dumps(self.dagger_log[-1])}")
+            self._aggregate()
+
+    def _aggregate(self) -> None:
+        self.train_rows = self._rows(self.training_set())
+
+    def training_set(self) -> DrivingDataset:
+        """The demonstrations and every DAgger round collected so far, in order."""
+        return DrivingDataset.concat([self.base_train, *self.dagger_parts]) if self.dagger_parts else self.base_train
+
+    def state_dict(self):
+        parts = {f"round{i + 1}": {k: torch.from_numpy(v) for k, v in p.arrays().items()}
+                 for i, p in enumerate(self.dagger_parts)}
+        return {"dagger_rounds": len(self.dagger_parts), "dagger_parts": parts,
+                "dagger_meta": [json.dumps(p.meta) for p in self.dagger_parts], "dagger_log": list(self.dagger_log)}
+
+    def load_state_dict(self, state):
+        n = int(state.get("dagger_rounds", 0))
+        parts, metas = state.get("dagger_parts", {}), state.get("dagger_meta", [])
+        self.dagger_parts = [DrivingDataset(**{k: v.numpy() for k, v in parts[f"round{i + 1}"].items()},
+                                            meta=json.loads(metas[i])) for i in range(n)]
+        self.dagger_log = list(state.get("dagger_log", []))
+        if n:
+            self._aggregate()
 
     def _rows(self, data: DrivingDataset) -> dict:
         """Every row of a dataset as the tensors a batch takes rows of."""
@@ -330,6 +432,7 @@ class DrivingTask(Task):
 
     # ---- steps ----------------------------------------------------------------------------------
     def batch(self, step, stage):
+        self._collect_due(step)
         g = step_generator(self.ctx.seed, step)
         n = self.train_rows["inputs"].batch_size
         rows = torch.randint(n, (stage.batch_size or self.cfg.trainer.batch_size,), generator=g)
@@ -379,5 +482,6 @@ class DrivingTask(Task):
             self.planner.save_pretrained(folder)  # it holds the trained adapter and backbone
         else:
             planning_pipeline(modules.adapter, modules.model, self.tok, self.cfg.decoding).save_pretrained(str(folder))
-        training = {"objective": self.cfg.objective.name, "config": OmegaConf.to_container(self.cfg)}
+        training = {"objective": self.cfg.objective.name, "config": OmegaConf.to_container(self.cfg),
+                    "training_rows": len(self.training_set()), "dagger_rounds": self.dagger_log}
         (folder / "training.json").write_text(json.dumps(training, indent=2))

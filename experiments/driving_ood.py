@@ -1,0 +1,132 @@
+"""Closed-loop driving on conditions the demonstrations do not contain: the demonstrator, the behaviour-cloned
+diffusion planner, the DAgger planner and the autoregressive (causal) baseline, with 95 % confidence intervals.
+
+    python experiments/driving_ood.py --bc runs/driving_bc/pipeline --dagger runs/driving_dagger/pipeline \\
+        --ar runs/driving_ar/pipeline --out experiments/results/driving_ood.json
+
+Conditions (modalities/data/driving_closed_loop.py): ``highway`` (in distribution), ``highway-dense``,
+``highway-2lanes``, ``highway-4lanes``, ``merge``, ``roundabout``; what is not evaluated and why is written
+into the output (``excluded``). Every policy drives the same seeds (10000 + e) in every condition. Per
+(policy, condition): collision rate with the Wilson 95 % interval, mean speed and return with bootstrap 95 %
+intervals, and whether the collision rate is within 1.5x the demonstrator's (the target; where the
+demonstrator never crashed, only 0 collisions meets it). A planner executes the first action of each plan and
+replans every decision. Writes the JSON and a markdown table beside it (.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def _policy(path):
+    from modalities.data.driving import RuleBasedDriver
+
+    if path is None:
+        return RuleBasedDriver()
+    from pipelines.planning import PlanningPipeline
+
+    pipe = PlanningPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda env, raw: pipe.plan_action(raw)
+
+
+def _job(args):
+    """One (policy, condition) cell, in a worker process."""
+    name, path, condition, episodes, seed, max_decisions = args
+    import torch
+
+    torch.set_num_threads(1)
+    from modalities.data.driving_closed_loop import CONDITIONS, drive, summarize
+
+    t = time.perf_counter()
+    rows = drive(_policy(path), CONDITIONS[condition], episodes, seed, max_decisions)
+    return {"policy": name, "condition": condition, **summarize(rows), "seconds": round(time.perf_counter() - t, 1),
+            "per_episode": rows}
+
+
+def _fmt_ci(r, key, digits=2):
+    lo, hi = r[f"{key}_ci95"]
+    return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def main(argv=None):
+    from modalities.data.driving_closed_loop import CONDITIONS, EXCLUDED
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bc", default="runs/driving_bc/pipeline", help="behaviour-cloned diffusion planner")
+    ap.add_argument("--dagger", default="runs/driving_dagger/pipeline", help="DAgger diffusion planner")
+    ap.add_argument("--ar", default="runs/driving_ar/pipeline", help="autoregressive (causal) baseline")
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    ap.add_argument("--episodes", type=int, default=30, help="episodes per (policy, condition)")
+    ap.add_argument("--seed", type=int, default=10_000)
+    ap.add_argument("--max-decisions", type=int, default=60, help="cap per episode (merge-v0 has no time limit)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--target", type=float, default=1.5, help="collision rate within this factor of the demonstrator's")
+    ap.add_argument("--policies", nargs="*", default=["demonstrator", "bc", "dagger", "ar"],
+                    choices=["demonstrator", "bc", "dagger", "ar"])
+    ap.add_argument("--reuse", nargs="*", default=[], help="earlier outputs whose cells of the policies not run now "
+                    "are kept (policies evaluated at different times, on the same seeds)")
+    ap.add_argument("--out", default="experiments/results/driving_ood.json")
+    args = ap.parse_args(argv)
+
+    demo_name = "demonstrator (IDM+MOBIL)"  # the reference of the target
+    policies = [(demo_name, None)] if "demonstrator" in args.policies else []
+    for key, name, path in (("bc", "diffusion BC", args.bc), ("dagger", "diffusion DAgger", args.dagger),
+                            ("ar", "autoregressive BC", args.ar)):
+        if key not in args.policies:
+            continue
+        if path and Path(path, "model_index.json").is_file():
+            policies.append((name, str(path)))
+        else:
+            print(f"skipping {name}: no pipeline at {path}")
+    jobs = [(name, path, c, args.episodes, args.seed, args.max_decisions) for c in args.conditions
+            for name, path in policies]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        cells = list(pool.map(_job, jobs))
+    for earlier in args.reuse:
+        prev = json.loads(Path(earlier).read_text())
+        done = {(c["policy"], c["condition"]) for c in cells}
+        cells += [c for c in prev["cells"] if (c["policy"], c["condition"]) not in done
+                  and c["condition"] in args.conditions]
+        policies += [(n, p) for n, p in prev["policies"].items() if n not in dict(policies)]
+    policies.sort(key=lambda np_: np_[0] != demo_name)
+    cells.sort(key=lambda c: (args.conditions.index(c["condition"]), [n for n, _ in policies].index(c["policy"])))
+    demo = {c["condition"]: c["collision_rate"] for c in cells if c["policy"] == demo_name}
+    for c in cells:
+        ref = demo.get(c["condition"])  # None: the demonstrator was not evaluated there
+        c["within_target"] = None if ref is None else c["collision_rate"] <= args.target * ref
+    lines = ["| condition | policy | episodes | collision rate [95% CI] | mean speed m/s [95% CI] | return [95% CI] | "
+             f"within {args.target:g}x demonstrator |", "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {c['condition']} | {c['policy']} | {c['episodes']} | {_fmt_ci(c, 'collision_rate')} | "
+                     f"{_fmt_ci(c, 'mean_speed', 1)} | {_fmt_ci(c, 'return', 1)} | { {True: 'yes', False: 'no', None: '-'}[c['within_target']] } |")
+    table = "\n".join(lines)
+    print(table)
+    results = {"command": "python experiments/driving_ood.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "policies": dict(policies), "seconds": round(time.perf_counter() - t, 1),
+               "conditions": {c: {"env": CONDITIONS[c].env_id, "density": CONDITIONS[c].density,
+                                  "config": CONDITIONS[c].config, "lane_frame": CONDITIONS[c].lane_frame,
+                                  "in_distribution": CONDITIONS[c].in_distribution, "note": CONDITIONS[c].note}
+                              for c in args.conditions},
+               "excluded": EXCLUDED, "target": args.target,
+               "target_met_everywhere": {name: all(c["within_target"] is True for c in cells if c["policy"] == name)
+                                         for name, _ in policies if name != demo_name},
+               "cells": cells, "table": table}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    md = [f"# Driving closed loop in and out of distribution\n\n`{results['command']}`\n", table, "",
+          "Conditions: " + "; ".join(f"**{k}**: {v['note']}" for k, v in results["conditions"].items()), "",
+          "Not evaluated: " + "; ".join(f"**{k}**: {v}" for k, v in EXCLUDED.items())]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
