@@ -287,3 +287,26 @@ class CheckpointWriter:
             trash = self.root / f".old-{d.name}"
             os.rename(d, trash)  # atomic: a half-deleted folder is never taken for a checkpoint
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_pipeline_components(modules, path, names: dict[str, str], what: str) -> None:
+    """Load modules from a pipeline folder written by a task's export: ``names`` maps a module name to the
+    pipeline component folder (e.g. {"model": "model", "adapter": "vision_adapter"}); the components must
+    exist and have the modules' shapes."""
+    from safetensors.torch import load_file
+
+    loaded = []
+    for module_name, sub in names.items():
+        folder = Path(path) / sub
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            continue
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        module = getattr(modules, module_name)
+        check_compatible({k: tuple(v.shape) for k, v in sd.items()}, module, f"{what} ({folder})", strict=False)
+        module.load_state_dict(sd, strict=False)
+        loaded.append(module_name)
+    if not loaded:
+        raise FileNotFoundError(f"{what}={str(path)!r}: none of {sorted(set(names.values()))} holds weights there")

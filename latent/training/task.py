@@ -128,6 +128,11 @@ class Task:
     # Trainable parameters a step may leave unused (e.g. a stage mixing tasks that skip a module): DDP
     # then has to look for them (find_unused_parameters), which costs a little time per step.
     may_skip_parameters: ClassVar[bool] = False
+    # init_from: module name -> the component folder of this task's exported pipeline that holds it
+    # (e.g. {"model": "model", "adapter": "vision_adapter"}), and whether a checkpoint may hold a subset
+    # of the modules (a run of an earlier stage without a head this one adds).
+    pipeline_components: ClassVar[dict[str, str]] = {}
+    init_partial: ClassVar[bool] = False
 
     def __init__(self, ctx: TaskContext):
         self.ctx = ctx
@@ -184,11 +189,22 @@ class Task:
         return {}
 
     def init_from(self, modules, path: str, stage) -> None:
-        """Load weights from another run's output before ``stage``. Default: a run folder of this trainer
-        (its newest checkpoint) or a checkpoint folder; weights whose names match are loaded."""
-        from latent.training.checkpoint import load_module_weights, resolve_checkpoint
+        """Load weights from another run's output before ``stage``: a pipeline folder this task exported
+        (component by component, see ``pipeline_components``), else a run folder of this trainer (its newest
+        checkpoint) or a checkpoint folder, whose weights are loaded by name (all of them unless
+        ``init_partial``)."""
+        from latent.training.checkpoint import (
+            load_module_weights,
+            load_pipeline_components,
+            resolve_checkpoint,
+        )
 
-        load_module_weights(resolve_checkpoint(path), modules, what=f"stages[{stage.name}].init_from")
+        what = f"stages[{stage.name}].init_from"
+        components = self.pipeline_components
+        if components and any((Path(path) / sub).is_dir() for sub in components.values()):
+            load_pipeline_components(modules, path, components, what)
+        else:
+            load_module_weights(resolve_checkpoint(path), modules, what=what, strict=not self.init_partial)
 
     def state_dict(self) -> dict:
         """Data position etc. saved in checkpoints (tensors, numbers, strings, lists, dicts)."""

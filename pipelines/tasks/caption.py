@@ -26,7 +26,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -38,7 +37,6 @@ from pipelines.tasks.common import (
     adapter_keys,
     backbone_from_config,
     find_tokenizer_dir,
-    init_modules_from,
     sft_noise,
 )
 
@@ -180,6 +178,7 @@ class CaptionTask(Task):
     sections = {"data": CaptionData, "tokenizer": CaptionTokenizer, "caption": CaptionSpec, "decoding": Decoding}
     free_sections = ("model", "adapter")
     aliases = _part_aliases("trunk_model")  # VisionAdapter's trunk; build() reads the adapter's own
+    pipeline_components = {"model": "model", "adapter": "vision_adapter"}
     defaults = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "max_position_embeddings": 64,
                   "attention_layout": "prefix"},
@@ -290,14 +289,6 @@ class CaptionTask(Task):
         out = caption_loss(modules.adapter, modules.model, b["pixels"], b["captions"], b["prompt"], self.mask_id,
                            t=b["t"], noise=b["noise"])
         return StepLoss(out.loss)
-
-    def init_from(self, modules, path, stage):
-        """A captioning pipeline folder (its adapter and backbone), or a run / checkpoint of this trainer."""
-        if (Path(path) / "model_index.json").is_file():
-            init_modules_from(modules, path, {"model": "model", "adapter": "vision_adapter"},
-                              f"stages[{stage.name}].init_from")
-        else:
-            super().init_from(modules, path, stage)
 
     def export(self, modules, folder, stage):
         from pipelines.captioning import CaptioningPipeline

@@ -13,7 +13,7 @@ from latent.training.config import ConfigError
 from latent.training.models import model_section_keys as model_keys
 
 __all__ = ["Decoding", "find_backbone_dir", "load_backbone", "backbone_from_config", "model_keys", "adapter_keys",
-           "find_tokenizer_dir", "sft_noise", "init_modules_from"]
+           "find_tokenizer_dir", "sft_noise"]
 
 _BACKBONE_SUBDIRS = ("", "model", "backbone", "pipeline/model", "final/backbone")
 
@@ -105,28 +105,3 @@ def sft_noise(generator: torch.Generator, batch: int, length: int) -> tuple[torc
     from latent.schedules import sample_times
 
     return sample_times(batch, generator, True), torch.rand(batch, length, generator=generator)
-
-
-def init_modules_from(modules, path, names: dict[str, str], what: str) -> None:
-    """Load modules from a pipeline folder written by a task's export: ``names`` maps a module name to the
-    pipeline component folder (e.g. {"model": "model", "adapter": "vision_adapter"}); the components must
-    exist and have the modules' shapes."""
-    from safetensors.torch import load_file
-
-    from latent.training.checkpoint import check_compatible
-
-    loaded = []
-    for module_name, sub in names.items():
-        folder = Path(path) / sub
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            continue
-        sd = {}
-        for f in files:
-            sd.update(load_file(str(f)))
-        module = getattr(modules, module_name)
-        check_compatible({k: tuple(v.shape) for k, v in sd.items()}, module, f"{what} ({folder})", strict=False)
-        module.load_state_dict(sd, strict=False)
-        loaded.append(module_name)
-    if not loaded:
-        raise FileNotFoundError(f"{what}={str(path)!r}: none of {sorted(set(names.values()))} holds weights there")

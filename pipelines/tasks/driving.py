@@ -52,7 +52,6 @@ from pipelines.tasks.common import (
     Decoding,
     adapter_keys,
     backbone_from_config,
-    init_modules_from,
     sft_noise,
 )
 
@@ -263,6 +262,7 @@ class DrivingTask(Task):
     sections = {"data": DrivingData, "plan": PlanTokenizer, "decoding": Decoding, "objective": DrivingObjective}
     free_sections = ("model", "adapter")
     aliases = {"adapter": ["adapter.*"], "backbone": ["model.*"]}
+    pipeline_components = {"adapter": "driving_adapter", "model": "model"}  # the pipeline or the CCDD planner
     metric_fields = ("ce", "mse")  # ccdd: the two terms of the loss
     eval_fields = ("val_loss",)
 
@@ -469,14 +469,6 @@ class DrivingTask(Task):
         return {"val_loss": float(total[0] / total[1].clamp_min(1))}
 
     # ---- weights from elsewhere, export ---------------------------------------------------------
-    def init_from(self, modules, path, stage):
-        """A folder this task exported (pipeline or CCDD planner), else a run or checkpoint folder."""
-        if (Path(path) / "driving_adapter").is_dir():
-            init_modules_from(modules, path, {"adapter": "driving_adapter", "model": "model"},
-                              f"stages[{stage.name}].init_from")
-        else:
-            super().init_from(modules, path, stage)
-
     def export(self, modules, folder, stage):
         if self.ccdd:
             self.planner.save_pretrained(folder)  # it holds the trained adapter and backbone

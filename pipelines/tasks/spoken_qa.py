@@ -49,7 +49,6 @@ from pipelines.tasks.common import (
     adapter_keys,
     backbone_from_config,
     find_tokenizer_dir,
-    init_modules_from,
     sft_noise,
 )
 
@@ -331,6 +330,8 @@ class SpokenQATask(Task):
     }
     metric_fields = ("ctc_loss", "align_loss")
     may_skip_parameters = True  # a text step leaves the adapter unused, a ctc step the backbone
+    pipeline_components = {"model": "model", "adapter": "audio_adapter"}
+    init_partial = True  # a run without the CTC head leaves this one as it is
 
     @classmethod
     def section_keys(cls, section, user):
@@ -516,18 +517,6 @@ class SpokenQATask(Task):
             metrics["align_loss"] = float(align.detach())
         return StepLoss(loss, metrics)
 
-    def init_from(self, modules, path, stage):
-        """A spoken-QA pipeline folder (its adapter and backbone), or a run / checkpoint of this trainer (the
-        weights it holds: a run without a CTC head leaves this one as it is)."""
-        what = f"stages[{stage.name}].init_from"
-        if (Path(path) / "model_index.json").is_file():
-            init_modules_from(modules, path, {"model": "model", "adapter": "audio_adapter"}, what)
-        else:
-            from latent.training.checkpoint import load_module_weights, resolve_checkpoint
-
-            load_module_weights(resolve_checkpoint(path), modules, what=what, strict=False)
-
-    # ---- export ---------------------------------------------------------------------------------
     def export(self, modules, folder, stage):
         """A SpokenQAPipeline with the stage's prefix parts; the CTC head is training-only and stays out."""
         from pipelines.spoken_qa import SpokenQAPipeline
