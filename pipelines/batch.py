@@ -31,6 +31,12 @@ One JSON line per image: `{"path", "caption", "index", "seconds", "load_seconds"
   `--no-merge` (or when the merging process died), `--merge-only --shard 0/n --out <out>` merges once all
   n are done (exit status 1 while some are not). Under `torchrun` the shard comes from RANK / WORLD_SIZE and the device from LOCAL_RANK.
 
+- Engines: `run_captioning(engine=...)` chooses what captions the pending images: this process by default
+  (`local_engine`), or `--workers` Ray actors (`pipelines.batch_ray`, `mmdlm caption --engine ray`).
+  Everything around it (lock, manifest, resume, shards, error records, the writing) is the same, and the
+  engine yields each batch's records in input order, so both write the same lines in the same order.
+  The command line itself is `pipelines.batch_cli`.
+
 A captioner is any object with `preprocessor` (picklable: one image or path -> float [3, H, W]) and
 `caption(pixel_values [B, 3, H, W]) -> list[str]`; `CaptioningPipeline` is one. `--model` takes a
 pipeline folder, or `package.module:factory` for a captioner of your own.
@@ -38,14 +44,12 @@ pipeline folder, or `package.module:factory` for a captioner of your own.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import functools
 import glob
 import hashlib
 import json
-import math
 import os
 import queue
 import socket
@@ -53,8 +57,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +66,14 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "list_images", "shard_of", "parse_shard", "dist_shard", "run_captioning", "merge_shards", "shard_path",
-    "configure", "run", "BatchJobError", "OutputLocked", "OutputLock", "read_done", "read_records", "repair_output",
-    "describe_captioner", "folder_hash", "manifest_path",
+    "BatchJobError", "OutputLocked", "OutputLock", "read_done", "read_records", "repair_output",
+    "describe_captioner", "folder_hash", "manifest_path", "load_batch", "caption_batch", "batches_of",
+    "local_engine", "load_captioner", "open_captioner", "check_writable", "output_file", "Engine",
 ]
+
+# An engine captions the pending (index, path) pairs in batches of `batch_size` with these decoding
+# settings, and yields each batch's records (`caption_batch`) in input order.
+Engine = Callable[[list[tuple[int, str]], int, dict], Iterator[list[dict]]]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -153,7 +161,7 @@ def shard_path(out: str, shard: tuple[int, int]) -> str:
 
 
 # ---- the output file ------------------------------------------------------------------------------
-def _check_writable(path: str) -> None:
+def check_writable(path: str) -> None:
     if os.path.isdir(path):
         raise BatchJobError(f"--out {path!r} is a folder; give a file path such as captions.jsonl.")
     parent = os.path.dirname(os.path.abspath(path))
@@ -503,6 +511,18 @@ class _Writer(threading.Thread):
 
 
 # ---- loading --------------------------------------------------------------------------------------
+def load_item(preprocessor: Callable, index: int, path: str) -> dict:
+    """One image through the preprocessor; any failure becomes an error naming it (the job goes on)."""
+    t = time.perf_counter()
+    try:
+        fn = getattr(preprocessor, "one", preprocessor)
+        x = fn(path)
+        return {"index": index, "path": path, "pixels": x, "error": None, "load": time.perf_counter() - t}
+    except Exception as err:  # noqa: BLE001 - every failure becomes an error line naming the image
+        msg = str(err) if str(err) else type(err).__name__
+        return {"index": index, "path": path, "pixels": None, "error": msg, "load": time.perf_counter() - t}
+
+
 class _Images(Dataset):
     def __init__(self, items: list[tuple[int, str]], preprocessor: Callable):
         self.items, self.pre = items, preprocessor
@@ -511,15 +531,7 @@ class _Images(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        index, path = self.items[i]
-        t = time.perf_counter()
-        try:
-            fn = getattr(self.pre, "one", self.pre)
-            x = fn(path)
-            return {"index": index, "path": path, "pixels": x, "error": None, "load": time.perf_counter() - t}
-        except Exception as err:  # noqa: BLE001 - every failure becomes an error line naming the image
-            msg = str(err) if str(err) else type(err).__name__
-            return {"index": index, "path": path, "pixels": None, "error": msg, "load": time.perf_counter() - t}
+        return load_item(self.pre, *self.items[i])
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -529,6 +541,30 @@ def _collate(batch: list[dict]) -> dict:
         "ok": [{k: b[k] for k in ("index", "path", "load")} for b in ok],
         "errors": [{"path": b["path"], "index": b["index"], "error": b["error"]} for b in batch if b["error"]],
     }
+
+
+def load_batch(preprocessor: Callable, items: list[tuple[int, str]]) -> dict:
+    """The images `items` ((index, path) pairs) loaded in this process, as the DataLoader's batches."""
+    return _collate([load_item(preprocessor, i, p) for i, p in items])
+
+
+def caption_batch(captioner, batch: dict, caption_kwargs: dict) -> list[dict]:
+    """The records of one loaded batch (its error records included), in input order."""
+    recs = list(batch["errors"])
+    if batch["pixels"] is not None:
+        t = time.perf_counter()
+        caps = captioner.caption(batch["pixels"], **caption_kwargs)
+        dt = (time.perf_counter() - t) / len(batch["ok"])
+        if len(caps) != len(batch["ok"]):
+            raise RuntimeError(f"the captioner returned {len(caps)} captions for {len(batch['ok'])} images.")
+        for meta, cap in zip(batch["ok"], caps, strict=True):
+            rec = {"path": meta["path"], "caption": cap if isinstance(cap, str) else cap["caption"],
+                   "index": meta["index"], "seconds": round(dt, 6), "load_seconds": round(meta["load"], 6)}
+            if not isinstance(cap, str):
+                rec.update({k: v for k, v in cap.items() if k != "caption"})
+            recs.append(rec)
+    recs.sort(key=lambda r: r["index"])
+    return recs
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -572,12 +608,15 @@ def run_captioning(
     redo: bool = False,
     producer: dict | None = None,
     lock: OutputLock | None = None,
+    engine: Engine | None = None,
 ) -> Summary:
     """Caption `images` (see `list_images`) into the JSONL file `out`; resumable and shardable.
 
     `producer` says what makes the records (default `describe_captioner(captioner, caption_kwargs)`); a file
     made by another is refused unless `overwrite` or `redo`. `lock`: the output's lock when the caller
-    already holds it (the command line takes it before loading the model)."""
+    already holds it (the command line takes it before loading the model). `engine`: what captions the
+    images not yet in the output (default `local_engine(captioner, num_workers)`; `pipelines.batch_ray`
+    gives one of Ray actors); this process alone writes the output, in the order the engine yields."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if batch_size < 1:
         raise BatchJobError(f"--batch-size must be >= 1, got {batch_size}.")
@@ -587,13 +626,15 @@ def run_captioning(
         raise BatchJobError("--overwrite and --redo exclude each other: start anew now, or replace when done.")
     out = os.fspath(out)
     shard = parse_shard(shard) if shard is not None else dist_shard()
-    _check_writable(out)
+    check_writable(out)
     paths = list_images(images)
     items = list(enumerate(paths))
     target = output_file(out, shard)
     if shard is not None:
         items = [(i, p) for i, p in items if shard_of(p, shard[1]) == shard[0]]
-        _check_writable(target)
+        check_writable(target)
+    if captioner is None and (engine is None or producer is None):
+        raise BatchJobError("run_captioning needs a captioner, unless an engine and a producer are given.")
     producer = producer or describe_captioner(captioner, caption_kwargs)
     own_lock = lock is None
     lock = lock or OutputLock(target).acquire()
@@ -617,8 +658,8 @@ def run_captioning(
         t0 = time.perf_counter()
         new = 0
         if pending:
-            new = _caption_all(captioner, pending, work, batch_size, num_workers, progress, caption_kwargs or {},
-                               lock.worker_init())
+            engine = engine or local_engine(captioner, num_workers, lock.worker_init())
+            new = _append_all(engine(pending, batch_size, caption_kwargs or {}), work, len(pending), progress)
         elapsed = time.perf_counter() - t0
         final = read_records(work, repair=False)
         if final.duplicates and retry_errors:  # the errors this run redid: keep one record per image
@@ -646,40 +687,41 @@ def run_captioning(
     return summary
 
 
-def _caption_all(captioner, pending, target, batch_size, num_workers, progress, caption_kwargs,
-                 worker_init=None) -> int:
-    loader = DataLoader(
-        _Images(pending, captioner.preprocessor), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate, shuffle=False, prefetch_factor=4 if num_workers else None,
-        persistent_workers=False, worker_init_fn=worker_init if num_workers else None,
-    )
+def batches_of(pending: list[tuple[int, str]], batch_size: int) -> list[list[tuple[int, str]]]:
+    """The batches a job captions: `pending` cut in order into runs of `batch_size` (the last one shorter)."""
+    return [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
+
+
+def local_engine(captioner, num_workers: int = 2, worker_init=None) -> Engine:
+    """Caption in this process; a DataLoader's `num_workers` processes load the next batches meanwhile."""
+
+    def engine(pending, batch_size, caption_kwargs):
+        loader = DataLoader(
+            _Images(pending, captioner.preprocessor), batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_collate, shuffle=False, prefetch_factor=4 if num_workers else None,
+            persistent_workers=False, worker_init_fn=worker_init if num_workers else None,
+        )
+        for batch in loader:
+            yield caption_batch(captioner, batch, caption_kwargs)
+
+    return engine
+
+
+def _append_all(batches: Iterable[list[dict]], target: str, total: int, progress: bool) -> int:
+    """Append each batch's records to `target` as it comes (flushed per batch), with a progress bar."""
     writer = _Writer(target)
     writer.start()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pending), unit="img", desc="captioning", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(total=total, unit="img", desc="captioning", dynamic_ncols=True, smoothing=0.1)
     n, n_err = 0, 0
     try:
-        for batch in loader:
-            recs = list(batch["errors"])
-            if batch["pixels"] is not None:
-                t = time.perf_counter()
-                caps = captioner.caption(batch["pixels"], **caption_kwargs)
-                dt = (time.perf_counter() - t) / len(batch["ok"])
-                if len(caps) != len(batch["ok"]):
-                    raise RuntimeError(f"the captioner returned {len(caps)} captions for {len(batch['ok'])} images.")
-                for meta, cap in zip(batch["ok"], caps, strict=True):
-                    rec = {"path": meta["path"], "caption": cap if isinstance(cap, str) else cap["caption"],
-                           "index": meta["index"], "seconds": round(dt, 6), "load_seconds": round(meta["load"], 6)}
-                    if not isinstance(cap, str):
-                        rec.update({k: v for k, v in cap.items() if k != "caption"})
-                    recs.append(rec)
-            recs.sort(key=lambda r: r["index"])
+        for recs in batches:
             writer.put(recs)
             n += len(recs)
-            n_err += len(batch["errors"])
+            n_err += sum("error" in r for r in recs)
             if bar is not None:
                 bar.update(len(recs))
                 if n_err:
@@ -754,7 +796,7 @@ def repair_output(out: str, log: Callable[[str], Any] | None = None) -> int:
         return extra + recs.bad
 
 
-# ---- command line ---------------------------------------------------------------------------------
+# ---- loading a captioner -----------------------------------------------------------------------------------
 def load_captioner(model: str, device: str | None, dtype: str | None = None):
     """A CaptioningPipeline folder, or `module:factory` returning any captioner."""
     if not os.path.isdir(model) and ":" in model:
@@ -779,59 +821,6 @@ def load_captioner(model: str, device: str | None, dtype: str | None = None):
     return pipe
 
 
-SHARDING_HELP = (
-    "Sharding: with --shard i/n (or under torchrun) a process captions only its share of the images into "
-    "OUT.shards/shard-0000i-of-0000n.jsonl and leaves OUT untouched; when a shard finishes it marks its file "
-    "done, and the shard that finishes last merges every shard file into OUT (lines already in OUT are kept, "
-    "no image twice, input order). Until then the other shards print that they wait. A stopped shard resumes "
-    "when rerun with the same arguments. With --no-merge, merge by hand with --merge-only --shard 0/n "
-    "--out OUT once all n shards are done. "
-    "Safety: one job at a time writes OUT (a second is refused, naming the first); OUT.manifest.json says "
-    "which model and settings made the records, and a resume with others is refused unless --redo or "
-    "--overwrite is given; --repair --out OUT keeps one record per image."
-)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    p.epilog = SHARDING_HELP
-    p.add_argument("--model", help="CaptioningPipeline folder, or package.module:factory (needed unless --merge-only)")
-    p.add_argument("--images", help="folder (recursive), glob pattern, or .txt list of paths (needed unless --merge-only)")
-    p.add_argument("--out", required=True, help="JSONL output; appended to, so a re-run resumes")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes loading images")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    p.add_argument("--shard", default=None,
-                   help="i/n: caption only shard i of n into OUT.shards/ (default: RANK/WORLD_SIZE); see below")
-    p.add_argument("--no-merge", action="store_true", help="leave OUT untouched even when this shard finishes last")
-    p.add_argument("--merge-only", action="store_true",
-                   help="merge the finished shard files of --shard ?/n into OUT and exit (1 if some are unfinished)")
-    p.add_argument("--retry-errors", action="store_true", help="caption again images recorded as errors")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--overwrite", action="store_true",
-                       help="start OUT anew with these settings: its earlier records are dropped now")
-    again.add_argument("--redo", action="store_true",
-                       help="caption every image again into OUT.redo, which replaces OUT once complete")
-    p.add_argument("--repair", action="store_true",
-                   help="rewrite OUT with one record per image (atomically); alone, needs only --out")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--gen-length", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threshold", type=_finite_float, default=None, help="threshold decoding (default: the pipeline's)")
-    p.add_argument("--temperature", type=_finite_float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding process (default: torch's)")
-    p.add_argument("--no-progress", action="store_true")
-
-
 def _device(arg: str | None) -> str:
     if arg is not None and arg != "cuda":
         return arg
@@ -842,54 +831,8 @@ def _device(arg: str | None) -> str:
     return "cpu"
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.merge_only:
-        shard = parse_shard(args.shard) if args.shard else dist_shard()
-        if shard is None:
-            raise BatchJobError("--merge-only needs --shard i/n (any i) to know n.")
-        return 0 if merge_shards(args.out, shard[1], replace=args.overwrite or args.redo) else 1
-    if args.repair:
-        repair_output(args.out)
-        if args.model is None and args.images is None:
-            return 0
-    if args.model is None or args.images is None:
-        raise BatchJobError("--model and --images are needed (only --merge-only and --repair run without them).")
-    # Check everything cheap, and take the output, before loading the model.
-    _check_writable(args.out)
-    list_images(args.images)
-    shard = parse_shard(args.shard) if args.shard else dist_shard()
-    target = output_file(args.out, shard)
-    _check_writable(target)
-    with OutputLock(target) as lock, ThreadPoolExecutor(1) as pool:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = _device(args.device)
-        # The model folder is hashed while it loads (hashlib runs outside the GIL): a large model costs no extra wait.
-        model_hash = pool.submit(folder_hash, args.model) if os.path.isdir(args.model) else None
-        captioner = load_captioner(args.model, device, args.dtype)
-        gen = {k: getattr(args, k) for k in ("prompt", "gen_length", "block_length", "steps", "threshold", "temperature")}
-        gen = {k: v for k, v in gen.items() if v is not None}
-        if args.seed is not None and getattr(captioner, "accepts_seed", False):
-            gen["seed"] = args.seed
-        run_captioning(
-            captioner, args.images, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-            shard=shard, merge=not args.no_merge, retry_errors=args.retry_errors, progress=not args.no_progress,
-            caption_kwargs=gen, overwrite=args.overwrite, redo=args.redo, lock=lock,
-            producer=describe_captioner(captioner, gen, args.dtype, args.model, model_hash and model_hash.result()),
-        )
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mmdlm caption", description=__doc__.split("\n\n")[0])
-    configure(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except BatchJobError as err:
-        print(f"mmdlm caption: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def open_captioner(model: str, device: str | None = None, dtype: str | None = None, threads: int | None = None):
+    """`load_captioner` on the device this process should use (`_device`), with `threads` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_captioner(model, _device(device), dtype)

@@ -13,7 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "caption": ("pipelines.batch", "caption images in batches into a resumable JSONL file"),
+    "caption": ("pipelines.batch_cli", "caption images in batches into a resumable JSONL file"),
     "convert": ("pipelines.convert", "convert a Llama/Qwen/LLaDA/Dream/Fast-dLLM v2/SDAR checkpoint, or export one"),
     "quantize": ("pipelines.quantize", "write a pipeline folder with int8 or int4 backbone weights (torchao)"),
     "trajectory": ("pipelines.trajectory", "draw which token each decoding step committed (PNG heatmap)"),
