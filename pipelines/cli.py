@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("pipelines.batch_cli", "caption images in batches into a resumable JSONL file"),
     "convert": ("pipelines.convert", "convert a Llama/Qwen/LLaDA/Dream/Fast-dLLM v2/SDAR checkpoint, or export one"),
+    "eval": ("pipelines.evaluation.lm_eval_cli", "lm-evaluation-harness with the 'mmdlm' model registered (lm_eval's arguments)"),
+    "humaneval": ("pipelines.evaluation.humaneval", "HumanEval pass@k, left to right or by infilling, resumable JSONL"),
     "quantize": ("pipelines.quantize", "write a pipeline folder with int8 or int4 backbone weights (torchao)"),
     "trajectory": ("pipelines.trajectory", "draw which token each decoding step committed (PNG heatmap)"),
 }
@@ -47,9 +49,12 @@ def main(argv=None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"mmdlm {name}", description=SUBCOMMANDS[name][1])
-    module.configure(sub)
-    args = sub.parse_args(rest)
+    if getattr(module, "TAKES_RAW_ARGS", False):  # it hands them to another tool's parser (mmdlm eval: lm-eval's)
+        args = rest
+    else:
+        sub = argparse.ArgumentParser(prog=f"mmdlm {name}", description=SUBCOMMANDS[name][1])
+        module.configure(sub)
+        args = sub.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except ValueError as err:  # argument-level errors (bad paths, shapes...) without a traceback
