@@ -11,13 +11,25 @@ Every configuration then runs in its own process, so its peak memory (max RSS) i
 
     python benchmarks/decoding.py                      # train, measure, write experiments/results/decoding-cpu.json
     python benchmarks/decoding.py --gen 256 --batch 4  # the defaults
+
+The real-text task (`--task text`) decodes continuations of English-corpus prompts (data/english/valid.jsonl)
+with the models the text recipes trained: the block diffusion model adapted from the AR baseline
+(configs/text_tiny_adapt_bd3.yaml: block_causal, blocks from slot 0, logit shift), the masked-diffusion model
+(text_tiny.yaml, bidirectional, for the dual cache) and the AR peer (text_tiny_ar.yaml) on the same data.
+Quality: the bits/token of the continuation under the AR peer (a judge: lower is more fluent to it) and the
+share of tokens equal to the same model's 1 token/step decoding. Speed at batch 1 and batch 8. Its table
+goes into the same JSON file under "text", next to the copy task's rows:
+
+    python benchmarks/decoding.py --task text --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -69,7 +81,7 @@ def export_llama(causal_model: str, work: Path) -> str:
     return str(out)
 
 
-def _llada2(model, prompts, args, threshold):
+def _llada2(model, prompts, args, threshold, mask_token_id=SYMBOLS):
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
     pipe = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=args.block), tokenizer=None)
@@ -83,7 +95,7 @@ def _llada2(model, prompts, args, threshold):
 
     model.forward = counted
     out = pipe(input_ids=prompts, gen_length=args.gen, block_length=args.block, num_inference_steps=args.block,
-               threshold=threshold, editing_threshold=None, eos_early_stop=False, mask_token_id=SYMBOLS,
+               threshold=threshold, editing_threshold=None, eos_early_stop=False, mask_token_id=mask_token_id,
                output_type="seq", use_chat_template=False)
     model.forward = forward
     return torch.cat([prompts, out.sequences], dim=1), calls["n"]
@@ -118,6 +130,17 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_own_process(target, spec: dict) -> dict:
+    """target(spec, queue) in a fresh (spawned) process, so that its peak memory is its own; its row."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(spec, queue))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
 
 
 def run_config(spec: dict, queue) -> None:
@@ -155,6 +178,186 @@ def run_config(spec: dict, queue) -> None:
     ))
 
 
+# ---- the real-text task -------------------------------------------------------------------------------
+TEXT_MODELS = {"block_causal": "runs/text_tiny_adapt_bd3/pipeline", "bidirectional": "runs/text_tiny_eval/pipeline",
+               "causal": "runs/text_tiny_ar/pipeline"}
+
+
+def text_prompts(tokenizer_dir: str, n: int, length: int) -> torch.Tensor:
+    """The first `length` tokens (after BOS = EOS, as the recipes train) of the first n validation documents
+    that are at least that long."""
+    from latent.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows = []
+    with open(REPO / "data" / "english" / "valid.jsonl") as f:
+        for line in f:
+            ids = [tok.eos_token_id] + tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            if len(ids) >= length:
+                rows.append(ids[:length])
+            if len(rows) == n:
+                break
+    return torch.tensor(rows)
+
+
+def run_text_config(spec: dict, queue) -> None:
+    """One text decoder in a fresh process: every prompt at batch 1 and at batch 8 (after a warm-up call)."""
+    torch.set_num_threads(spec["threads"])
+    a = argparse.Namespace(**spec["args"])
+    model = DiffusionTransformer.from_pretrained(Path(spec["model"]) / "model").eval()
+    prompts = torch.tensor(spec["prompts"])
+    row = dict(name=spec["name"])
+    for batch in (1, 8):
+        seqs, nfe, elapsed = [], 0, 0.0
+        for i in range(-1, len(prompts) // batch):  # -1 warms up and is not counted
+            chunk = prompts[max(i, 0) * batch : (max(i, 0) + 1) * batch]
+            start = time.perf_counter()
+            with torch.no_grad():
+                if spec["engine"] == "ar":
+                    from latent.sampling import autoregressive_generate
+
+                    out = autoregressive_generate(model, chunk, a.text_gen)
+                elif spec["engine"] == "llada2":
+                    out = _llada2_text(model, chunk, a, spec["knobs"]["threshold"])
+                else:
+                    out = generate(model, chunk, gen_length=a.text_gen, block_length=spec["block"], **spec["knobs"])
+            if i >= 0:
+                elapsed += time.perf_counter() - start
+                nfe += out.nfe
+                seqs.append(out.sequences)
+        row[f"batch{batch}"] = dict(tokens_per_s=len(prompts) * a.text_gen / elapsed, seconds=elapsed,
+                                    forwards_per_sequence=nfe * batch / len(prompts))
+        row.setdefault("sequences", torch.cat(seqs).tolist())
+        row[f"batch{batch}_equals_batch1"] = torch.cat(seqs).tolist() == row["sequences"]
+    row["peak_rss_mib"] = peak_rss_mib()
+    queue.put(row)
+
+
+def _llada2_text(model, prompts, a, threshold):
+    seq, calls = _llada2(model, prompts, argparse.Namespace(gen=a.text_gen, block=model.config.block_size), threshold,
+                         mask_token_id=model.config.mask_token_id)
+    return argparse.Namespace(sequences=seq, nfe=calls)
+
+
+def judge_bits(judge, sequences: torch.Tensor, prompt_len: int) -> float:
+    """Bits/token of the continuations under the AR peer."""
+    with torch.no_grad():
+        logits = judge(sequences).logits[:, prompt_len - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), sequences[:, prompt_len:].flatten())
+    return float(nll) / math.log(2)
+
+
+def main_text(args) -> None:
+    """The real-text table: forwards per sequence, tokens/s at batch 1 and 8, peak RSS, quality, ratios."""
+    for folder in TEXT_MODELS.values():
+        if not (Path(folder) / "model" / "config.json").exists():
+            sys.exit(f"{folder} is missing: train it first (python train.py configs/{Path(folder).parent.name}.yaml)")
+    prompts = text_prompts(str(Path(TEXT_MODELS["causal"]) / "tokenizer"), args.text_prompts, args.text_prompt)
+    g, th = args.text_gen, args.threshold
+    bc, bd = "block_causal", "bidirectional"
+    configs = [
+        ("ar_kv_cache", "causal", "ar", {}),
+        # 1 token per forward: the most confident (threshold 1 commits only the top one; with the schedule a
+        # prompt off the block grid adds a block, and its zero-quota steps)
+        ("bd3_1tok_no_cache", bc, "ours", dict(commit="threshold", threshold=1.0, masked_logits_only=False)),
+        ("bd3_1tok_block_cache", bc, "ours",
+         dict(commit="threshold", threshold=1.0, cache="block_exact", masked_logits_only=False)),
+        ("bd3_1tok_block_cache_masked_logits", bc, "ours", dict(commit="threshold", threshold=1.0, cache="block_exact")),
+        ("bd3_threshold_block_cache_all_logits", bc, "ours",
+         dict(commit="threshold", threshold=th, cache="block_exact", masked_logits_only=False)),
+        ("bd3_threshold_block_cache", bc, "ours", dict(commit="threshold", threshold=th, cache="block_exact")),
+        ("bd3_threshold0.7_block_cache", bc, "ours", dict(commit="threshold", threshold=0.7, cache="block_exact")),
+        ("bd3_threshold0.5_block_cache", bc, "ours", dict(commit="threshold", threshold=0.5, cache="block_exact")),
+        ("bd3_sub_blocks8_threshold_block_cache", bc, "ours",
+         dict(commit="threshold", threshold=th, cache="block_exact", sub_block_length=8)),
+        ("bd3_diffusers_llada2_threshold", bc, "llada2", dict(threshold=th)),
+        ("mdm_1tok_no_cache", bd, "ours", dict(commit="threshold", threshold=1.0, masked_logits_only=False)),
+        ("mdm_threshold_no_cache", bd, "ours", dict(commit="threshold", threshold=th)),
+        ("mdm_threshold_dual_refresh1", bd, "ours", dict(commit="threshold", threshold=th, cache="dual")),
+        ("mdm_threshold_dual_refresh2", bd, "ours",
+         dict(commit="threshold", threshold=th, cache="dual", dual_refresh_every=2)),
+        ("mdm_threshold_dual_refresh_once", bd, "ours",
+         dict(commit="threshold", threshold=th, cache="dual", dual_refresh_every=g)),
+    ]
+    block = {bc: 16, bd: 16, "causal": 16}
+    rows = []
+    for name, layout, engine, knobs in configs:
+        spec = dict(name=name, model=TEXT_MODELS[layout], engine=engine, knobs=knobs, args=vars(args),
+                    threads=args.threads, prompts=prompts.tolist(), block=block[layout])
+        row = in_own_process(run_text_config, spec)
+        row["layout"] = layout
+        rows.append(row)
+        print(f"{name:40s} b1 {row['batch1']['tokens_per_s']:8.1f} tok/s  b8 {row['batch8']['tokens_per_s']:8.1f} tok/s  "
+              f"fwd/seq {row['batch1']['forwards_per_sequence']:6.1f}  RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    judge = DiffusionTransformer.from_pretrained(Path(TEXT_MODELS["causal"]) / "model").eval()
+    by = {r["name"]: r for r in rows}
+    reference = {bc: "bd3_1tok_no_cache", bd: "mdm_1tok_no_cache", "causal": "ar_kv_cache"}
+    for r in rows:
+        seq = torch.tensor(r.pop("sequences"))
+        ref = torch.tensor(by[reference[r["layout"]]].get("_seq", seq.tolist()))
+        r["_seq"] = seq.tolist()
+        r["ar_judge_bits_per_token"] = judge_bits(judge, seq, args.text_prompt)
+        r["agreement_with_1tok"] = float((seq[:, args.text_prompt :] == ref[:, args.text_prompt :]).float().mean())
+    ar, one = by["ar_kv_cache"], {k: by[v] for k, v in reference.items()}
+    for r in rows:
+        for b in ("batch1", "batch8"):
+            r[b]["vs_ar"] = r[b]["tokens_per_s"] / ar[b]["tokens_per_s"]
+            r[b]["vs_1tok"] = r[b]["tokens_per_s"] / one[r["layout"]][b]["tokens_per_s"]
+    for r in rows:
+        r.pop("_seq")
+        print(f"{r['name']:40s} judge {r['ar_judge_bits_per_token']:.2f} bits/tok  agree {r['agreement_with_1tok']:.3f}  "
+              f"vs AR b1 {r['batch1']['vs_ar']:.2f}x b8 {r['batch8']['vs_ar']:.2f}x  vs 1tok b1 {r['batch1']['vs_1tok']:.2f}x")
+    out = Path(args.out)
+    table = json.loads(out.read_text()) if out.exists() else {}
+    table["text"] = dict(
+        command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
+        torch=torch.__version__, threads=args.threads, models=TEXT_MODELS, prompt_tokens=args.text_prompt,
+        gen_tokens=args.text_gen, prompts=len(prompts), threshold=th, rows=rows,
+        load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2))
+    print("wrote", out)
+
+
+AB_PAIRS = {  # (baseline knobs, changed knobs) of one speed-up, on the block_causal text model, threshold commits
+    "masked_logits_only": (dict(cache="block_exact", masked_logits_only=False), dict(cache="block_exact")),
+    "block_cache_vs_none": (dict(cache="none", masked_logits_only=False), dict(cache="block_exact", masked_logits_only=False)),
+}
+
+
+def main_text_ab(args) -> None:
+    """Each speed-up against its baseline in one process, alternating the two runs `--rounds` times (so that
+    the shared machine's load hits both alike): the median time ratio and whether the tokens are equal."""
+    import statistics
+
+    model = DiffusionTransformer.from_pretrained(Path(TEXT_MODELS["block_causal"]) / "model").eval()
+    prompts = text_prompts(str(Path(TEXT_MODELS["causal"]) / "tokenizer"), 8, args.text_prompt)
+    run = dict(gen_length=args.text_gen, block_length=model.config.block_size, commit="threshold", threshold=args.threshold)
+    result = {}
+    for name, (base, changed) in AB_PAIRS.items():
+        for batch in (1, 8):
+            times, equal = {0: [], 1: []}, True
+            for _ in range(args.rounds + 1):  # the first round warms up
+                outs = []
+                for which, knobs in enumerate((base, changed)):
+                    start = time.perf_counter()
+                    outs.append(torch.cat([generate(model, prompts[i : i + batch], **run, **knobs).sequences
+                                           for i in range(0, len(prompts), batch)]))
+                    times[which].append(time.perf_counter() - start)
+                equal &= torch.equal(*outs)
+            ratio = statistics.median(a / b for a, b in zip(times[0][1:], times[1][1:], strict=True))
+            result[f"{name}_batch{batch}"] = dict(speedup=ratio, tokens_equal=equal)
+            print(f"{name:24s} batch {batch}: {ratio:.2f}x  tokens equal: {equal}", flush=True)
+    out = Path(args.out)
+    table = json.loads(out.read_text()) if out.exists() else {}
+    table["text_ab"] = dict(command="python " + " ".join(sys.argv), threads=args.threads, rounds=args.rounds,
+                            threshold=args.threshold, pairs={k: [str(a), str(b)] for k, (a, b) in AB_PAIRS.items()},
+                            result=result)
+    out.write_text(json.dumps(table, indent=2))
+    print("wrote", out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gen", type=int, default=256)
@@ -171,7 +374,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_decoding", help="where the trained models are kept")
     ap.add_argument("--out", default="experiments/results/decoding-cpu.json")
+    ap.add_argument("--task", choices=("copy", "text", "text-ab"), default="copy")
+    ap.add_argument("--text-prompts", type=int, default=16, help="text task: prompts (a multiple of 8)")
+    ap.add_argument("--text-prompt", type=int, default=20, help="text task: prompt tokens (20: not whole blocks of 16)")
+    ap.add_argument("--text-gen", type=int, default=48, help="text task: generated tokens (a multiple of 16)")
     args = ap.parse_args(argv)
+    if args.task != "copy":
+        torch.set_num_threads(args.threads)
+        return main_text(args) if args.task == "text" else main_text_ab(args)
     if args.prompt != args.block:
         sys.exit("--prompt must equal --block: the block_causal model is trained with the prompt as block 0")
     torch.set_num_threads(args.threads)
@@ -194,15 +404,10 @@ def main(argv=None):
         ("ar_ours_kv_cache", "causal", "ar", {}),
         ("ar_transformers_generate_kv_cache", "hf_llama", "hf", {}),
     ]
-    ctx = mp.get_context("spawn")
     rows = []
     for name, layout, engine, knobs in configs:
-        queue = ctx.Queue()
         spec = dict(name=name, model=models[layout], engine=engine, knobs=knobs, args=vars(args), threads=args.threads)
-        proc = ctx.Process(target=run_config, args=(spec, queue))
-        proc.start()
-        row = queue.get()
-        proc.join()
+        row = in_own_process(run_config, spec)
         row["layout"] = layout
         rows.append(row)
         print(f"{name:36s} {row['tokens_per_s']:9.1f} tok/s  nfe/batch {row['nfe_per_batch']:7.1f}  "

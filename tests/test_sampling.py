@@ -472,7 +472,7 @@ def test_eos_early_stop_equals_plain_run_with_tail_filled(kw):
     (dict(gen_length=12, block_length=4, steps=8), "steps.*multiple of the number of blocks"),
     (dict(temperature=-1.0), "temperature"),
     (dict(threshold=1.5, commit="threshold"), "threshold"),
-    (dict(commit="greedy"), "Known commit names: factor, saber, schedule, threshold"),
+    (dict(commit="greedy"), "Known commit names: .*factor, .*schedule, threshold"),
     (dict(cache="kv"), "Known cache names"),
     (dict(eos_early_stop=True), "eos_token_id"),
     (dict(top_k=5), "top_k.*temperature > 0"),
@@ -635,7 +635,8 @@ def test_block_exact_cache_changes_no_token(kw, with_prefix):
     cached = generate(model, ids, mask, cache="block_exact", generator=torch.Generator().manual_seed(4), **run)
     assert torch.equal(cached.sequences, full.sequences)
     assert cached.nfe == full.nfe + 1
-    assert cached.forward_tokens < full.forward_tokens / 2
+    # (the uncached run already stops at the current block's end: later blocks are never seen)
+    assert cached.forward_tokens < full.forward_tokens
     if kw.get("eos_early_stop"):
         assert cached.finished.any()
 

@@ -5,16 +5,23 @@ from a config. New parts: decorate a class with the slot's `register_*` and name
 trajectory. docs/sampling.md states the semantics."""
 
 from . import (  # noqa: F401 - register parts
+    ar_guided,
     cache_approx,
     cache_delayed,
     cache_exact,
+    cache_free,
+    classifier_guidance,
     commit,
+    commit_learned,
     confidence,
     diffuspec,
+    dynamic_block,
+    edlm,
     guidance,
     proposal,
     revision,
     stopping,
+    stopping_eotp,
     verifier,
 )
 from .autoregressive import AutoregressiveOutput, autoregressive_generate

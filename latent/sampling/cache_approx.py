@@ -32,16 +32,25 @@ class ApproxPrefixCache(NoCache):
 @register_cache("dual")
 class ApproxDualCache(ApproxPrefixCache):
     """Keep the K/V of every position; later steps run only the block, write its fresh K/V in place
-    (cache_position) and attend to the stale prefix and suffix."""
+    (cache_position) and attend to the stale prefix and suffix. With dual_refresh_every = k > 1 only every
+    k-th block start refreshes everything; the other block starts run [previous block | block] in place,
+    the previous block being what changed since its last forward (its last commits)."""
+
+    def __init__(self, dual_refresh_every: int = 1):
+        self.every = int(dual_refresh_every)
+        self.kv = None
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(dual_refresh_every=config.dual_refresh_every)
 
     def logits(self, state):
         start, end = state.block_start, state.block_end
-        if state.block_step == 0:
+        if state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
             out = state.forward(0, state.canvas_len, use_cache=True)
             self.kv = out.past_key_values
             return out.logits, 0
-        out = state.forward(
-            start, end, past_key_values=self.kv, cache_position=state.prefix_len + start, use_cache=True
-        )
+        lo = state.block_bounds(state.block - 1)[0] if state.block_step == 0 else start
+        out = state.forward(lo, end, past_key_values=self.kv, cache_position=state.prefix_len + lo, use_cache=True)
         self.kv = out.past_key_values
-        return out.logits, start
+        return out.logits, lo

@@ -12,7 +12,8 @@ from .registry import Part, register_cache
 
 @register_cache("none")
 class NoCache(Part):
-    """A full-canvas forward every step: model(x, attention_mask=m)."""
+    """A full-canvas forward every step: model(x, attention_mask=m). Under block_causal and causal
+    attention the positions after the current (model) block are left out: the block never sees them."""
 
     layouts = None
 
@@ -20,7 +21,7 @@ class NoCache(Part):
         pass
 
     def logits(self, state):
-        return state.forward(0, state.canvas_len).logits, 0
+        return state.forward(0, state.visible_end()).logits, 0
 
     def select(self, index):
         pass
@@ -28,38 +29,45 @@ class NoCache(Part):
 
 @register_cache("prefix_exact")
 class ExactPrefixCache(NoCache):
-    """The prompt (and prefix embeddings) run once with use_cache=True; every step runs the whole
-    generated canvas against that cache. Exact when prompt K/V never see the canvas."""
+    """The prompt (and prefix embeddings) run once with use_cache=True; every step runs the generated
+    canvas against that cache. Exact when prompt K/V never see the canvas. When blocks count from slot 0
+    (block_alignment="start") only the prompt's whole blocks are cached; the rest of its last block runs
+    with the canvas (nothing is cached when that block starts inside the prefix embeddings)."""
 
     layouts = ("prefix", "block_causal", "causal")
 
     def start(self, state):
-        self.kv = state.forward(0, state.prompt_len, use_cache=True).past_key_values
+        self.kv, self.cached_to = None, None  # canvas positions [0, cached_to) are in the cache; None: nothing
+        end = state.cacheable_prompt()
+        if end >= 0 and state.prefix_len + end > 0:
+            self.kv, self.cached_to = state.forward(0, end, use_cache=True).past_key_values, end
 
     def logits(self, state):
-        lo = state.prompt_len
-        return state.forward(lo, state.canvas_len, past_key_values=self.kv).logits, lo
+        if self.kv is None:
+            return super().logits(state)
+        lo = self.cached_to
+        return state.forward(lo, state.visible_end(), past_key_values=self.kv).logits, lo
 
     def select(self, index):
-        self.kv = self.kv.select(index)
+        if self.kv is not None:
+            self.kv = self.kv.select(index)
 
 
 @register_cache("block_exact")
 class ExactBlockCache(ExactPrefixCache):
-    """Block-causal: steps run only the current block against the cache. A finished block's K/V are
-    appended once, by running [finished block | next block] at the next block's first step with
-    use_cache=True and cropping the returned cache to end at the finished block."""
+    """Block-causal: steps run only the current model block (from the end of the cache) against the cache.
+    A finished block's K/V are appended once, by running [finished block | next block] at the next block's
+    first step with use_cache=True and cropping the returned cache to end at the finished block. With
+    sub-blocks (`sub_block_length`) every sub-block's step runs its whole model block, and the block's K/V
+    are cached when the whole block is done."""
 
     layouts = ("block_causal",)
 
-    def start(self, state):
-        super().start(state)
-        self.cached_to = state.prompt_len  # canvas positions [0, cached_to) are in the cache
-
     def logits(self, state):
-        lo, start, end = self.cached_to, state.block_start, state.block_end
-        if lo == start:
-            return state.forward(start, end, past_key_values=self.kv).logits, start
-        out = state.forward(lo, end, past_key_values=self.kv, use_cache=True)
-        self.kv, self.cached_to = out.past_key_values.crop(state.prefix_len + start), start
+        block_start, end = state.model_block(state.block_start)
+        lo = 0 if self.kv is None else self.cached_to
+        grow = block_start > (-1 if self.kv is None else lo) and state.prefix_len + block_start > 0
+        out = state.forward(lo, end, past_key_values=self.kv, use_cache=grow)
+        if grow:  # the blocks before this one are finished: their K/V are exact now
+            self.kv, self.cached_to = out.past_key_values.crop(state.prefix_len + block_start), block_start
         return out.logits, lo

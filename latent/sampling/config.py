@@ -21,6 +21,12 @@ class SamplerConfig:
     gen_length: int = 128
     block_length: int = 32
     steps: int | None = None  # total forwards of the schedule rule (LLaDA's `steps`); None = gen_length
+    # Fast-dLLM v2: decode each block of block_length as sub-blocks of this length (None: whole blocks);
+    # an exact block cache still caches whole blocks, once the block is done
+    sub_block_length: int | None = None
+    # The model computes logits only at the block's masked positions (exact: nothing else reads them; the
+    # step callback's x0 is then 0 elsewhere). None: on when every part reads masked positions only.
+    masked_logits_only: bool | None = None
     # parts, by registered name (or a ready-made object)
     proposal: Any = "auto"  # argmax at temperature 0, else gumbel
     confidence: Any = "low_confidence"
@@ -40,6 +46,8 @@ class SamplerConfig:
     # commit rules
     threshold: float = 0.9
     factor: float = 1.0
+    commit_filter: Any = None  # commit "learned" (Learn2PD): a CommitFilter folder (train.py, task commit_filter) or object
+    filter_threshold: float = 0.5  # learned: commit candidates whose filter probability is > this (and the best one)
     # revision (docs/sampling.md, "Revision")
     editing_threshold: float = 0.5  # editing_threshold: replace a token when another has probability > this
     max_post_steps: int = 16  # editing_threshold: at most this many editing-only forwards on a full block
@@ -52,6 +60,8 @@ class SamplerConfig:
     sched_schedule: str = "linear"  # "linear" or "cosine" decay from the first to the second
     # guidance
     cfg_scale: float = 0.0
+    # cache "dual": a full refresh at every k-th block start; the others rerun only the previous block and this one
+    dual_refresh_every: int = 1
     # cache "dkv": every `dkv_refresh`-th forward of a block (and its first two) recomputes every K/V
     dkv_refresh: int = 4
     # verifier (docs/sampling.md, "Verifier")
@@ -65,6 +75,20 @@ class SamplerConfig:
     diffuspec_beam: int = 3  # diffuspec CPS: beam width
     diffuspec_weight: float = 0.5  # diffuspec CPS: lambda, the drafter's share of the score (1 - it: the proxy's)
     diffuspec_proxy: Any = None  # diffuspec CPS: a causal proxy (e.g. an n-gram model); None = the drafter alone
+    # decoders of docs/sampling.md, "More decoders of the literature"
+    freecache_refresh: int = 0  # cache freecache: every n-th forward recomputes every K/V (0 = never, as FreeCache)
+    freecache_window: int | None = None  # cache freecache: positions after the block a forward runs (None: all)
+    guide_model: Any = None  # commit ar_guided: the autoregressive guide (any causal model returning .logits)
+    ar_guided_top_k: int = 2  # ar_guided: a draft is accepted when among the guide's top k ...
+    ar_guided_ratio: float = 0.5  # ... with at least this share of the guide's top probability
+    dynamic_block_sizes: tuple = (4, 8, 16)  # stopping dynamic_block: the sub-block lengths it chooses from
+    dynamic_block_entropy: float = 0.5  # dynamic_block: the longest size whose mean entropy (nats) is <= this
+    classifier: Any = None  # guidance classifier: fn(canvas [b, N], start, end) -> log p(c | x_t = v), [b, L, V]
+    classifier_scale: float = 1.0  # guidance classifier: w in p(x) p(c | x)^w
+    energy_model: Any = None  # proposal edlm: the autoregressive energy model (causal, returning .logits)
+    num_candidates: int = 2  # edlm: proposals drawn per step and reranked by the energy
+    edlm_window: tuple = (0.4, 0.6)  # edlm: importance sampling while the answer's masked share is in [lo, hi]
+    edlm_temperature: float = 1.0  # edlm: weights softmax(-energy / this)
     # special tokens; mask_token_id defaults to model.config.mask_token_id
     mask_token_id: int | None = None
     eos_token_id: int | None = None
@@ -74,8 +98,15 @@ class SamplerConfig:
     eos_early_stop: bool = False  # shorthand for stopping="eos_early_stop"
 
     @property
+    def decode_length(self) -> int:
+        """The length of a decoding block: sub_block_length, else block_length."""
+        return self.sub_block_length or self.block_length
+
+    @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        """Decoding blocks (sub-blocks with sub_block_length) over the answer when they start right after the
+        prompt; blocks counted from slot 0 (block_alignment="start") can add one."""
+        return self.gen_length // self.decode_length
 
     def to_dict(self) -> dict:
         # Shallow on purpose: a ready-made part object is passed through, never deep-copied.
@@ -121,6 +152,14 @@ class SamplerConfig:
                 f"set block_length to a divisor of {self.gen_length} or round gen_length up to "
                 f"{-(-self.gen_length // self.block_length) * self.block_length}."
             )
+        if self.sub_block_length is not None and (
+            not isinstance(self.sub_block_length, int) or isinstance(self.sub_block_length, bool)
+            or self.sub_block_length <= 0 or self.block_length % self.sub_block_length
+        ):
+            raise ValueError(
+                f"`sub_block_length` must be None or a positive divisor of block_length ({self.block_length}), "
+                f"got {self.sub_block_length!r}."
+            )
         names = self.part_names()
         if self.eos_early_stop and self.stopping not in ("block_full", "eos_early_stop"):
             raise ValueError(
@@ -129,15 +168,18 @@ class SamplerConfig:
             )
         for slot, name in names.items():
             if isinstance(name, str):
-                REGISTRIES[slot].get(name)  # an unknown name raises, naming the close and the known ones
+                check = getattr(REGISTRIES[slot].get(name), "check_config", None)  # unknown names raise here
+                if check is not None:  # a part that checks its own settings
+                    check(self)
         if names["commit"] == "schedule":
             steps = self.total_steps
             if not isinstance(steps, int) or steps <= 0:
                 raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
             if steps % self.num_blocks:
                 raise ValueError(
-                    f"`steps` ({steps}) must be a multiple of the number of blocks gen_length/block_length = "
-                    f"{self.num_blocks} (the schedule rule runs steps/num_blocks steps per block); use steps="
+                    f"`steps` ({steps}) must be a multiple of the number of blocks gen_length/"
+                    f"{'sub_block_length' if self.sub_block_length else 'block_length'} = {self.num_blocks} (the "
+                    f"schedule rule runs steps/num_blocks steps per block); use steps="
                     f"{max(1, steps // self.num_blocks) * self.num_blocks} or change block_length."
                 )
         if not 0 <= self.temperature < float("inf"):  # written so that NaN fails too
@@ -198,6 +240,10 @@ class SamplerConfig:
         if cache == "dkv" and (part_name(names["revision"]) != "none" or part_name(names["stopping"]) == "sched"):
             raise ValueError("cache='dkv' computes no logits for tokens whose K/V it reuses; revision parts and "
                              "stopping='sched' read them, so use revision='none' and another stopping part.")
+        if not isinstance(self.dual_refresh_every, int) or isinstance(self.dual_refresh_every, bool) \
+                or self.dual_refresh_every < 1:
+            raise ValueError(f"`dual_refresh_every` must be an int >= 1 (1 = a full refresh at every block), got "
+                             f"{self.dual_refresh_every!r}.")
         if not isinstance(self.freedave_drafts, int) or self.freedave_drafts < 1:
             raise ValueError(f"`freedave_drafts` must be an int >= 1, got {self.freedave_drafts!r}.")
         if verifier in ("freedave", "diffuspec"):

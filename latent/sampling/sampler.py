@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from typing import Any
@@ -26,7 +27,7 @@ from .checks import check_inputs, check_model, model_config_value
 from .config import SamplerConfig
 from .output import SamplerOutput
 from .registry import create_part, part_name
-from .state import DecodeState, key_padding_mask
+from .state import DecodeState, decoding_bounds, grid_origin, key_padding_mask
 from .stopping import first_eos
 from .trajectory import TrajectoryRecorder
 
@@ -74,8 +75,8 @@ class Sampler:
         """Decode `gen_length` tokens after each (left-padded) prompt.
 
         callback_on_step_end(step, canvas, info): after every forward; `canvas` is the full [B, N] canvas,
-        `info` holds block, block_step, rows (active rows), x0, confidence, transfer (committed this step),
-        remasked and edited (by the revision part) (block-shaped, active rows) and nfe. It may return a dict
+        `info` holds block, block_start (its first canvas position), block_step, rows (active rows), x0,
+        confidence, transfer (committed this step), remasked and edited (by the revision part) (block-shaped, active rows) and nfe. It may return a dict
         whose "sequences" ([B, N] int64, the canvas' shape) replaces the canvas, active rows included, from
         the next forward on (e.g. to force a token). The stopping part
         has already judged this step, so it sees the new tokens at the next step; with an exact cache, the
@@ -100,19 +101,22 @@ class Sampler:
         canvas = torch.full((batch, prompt_len + cfg.gen_length), mask_id, dtype=torch.long, device=device)
         canvas[:, :prompt_len] = input_ids
         attn = key_padding_mask(input_ids, attention_mask, n_prefix, prefix_mask, cfg.gen_length)
+        origin = grid_origin(model, prompt_len, n_prefix)
         state = DecodeState(
             model=model, x=canvas.clone(), rows=torch.arange(batch, device=device), batch_size=batch, attn=attn,
-            prefix_embeds=prefix_embeds, prompt_len=prompt_len, block_length=cfg.block_length,
+            prefix_embeds=prefix_embeds, prompt_len=prompt_len, block_length=cfg.decode_length,
             mask_token_id=mask_id, guidance=parts["guidance"], layout=layout, generator=generator,
-            noise_shape=cfg.noise_shape,
+            noise_shape=cfg.noise_shape, model_block_length=cfg.block_length, origin=origin,
+            bounds=decoding_bounds(prompt_len, cfg.gen_length, cfg.decode_length, origin),
         )
+        state.masked_logits = _reads_only_masked_logits(self.config, model)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        bar = _progress(progress_bar, parts, cfg)
+        bar = _progress(progress_bar, parts, state.num_blocks)
         recorder = TrajectoryRecorder(batch, cfg.gen_length) if record_trajectory else None
         parts["cache"].start(state)
         global_step = 0
-        for block in range(cfg.num_blocks):
+        for block in range(state.num_blocks):
             if not len(state.rows):
                 break  # every row stopped early
             state.block = block
@@ -163,10 +167,38 @@ class Sampler:
         result = parts["verifier"].step(state, parts, self.config)
         state.x[:, state.block_start : state.block_end] = result.block
         state.info = {
-            "block": state.block, "block_step": state.block_step, "rows": state.rows, "x0": result.x0,
+            "block": state.block, "block_start": state.block_start, "block_step": state.block_step,
+            "rows": state.rows, "x0": result.x0,
             "confidence": result.confidence, "transfer": result.transfer, "remasked": result.remasked,
             "edited": result.edited, "nfe": state.nfe,
         }
+
+
+# Parts that read the logits of a block's masked positions only (the others judge committed tokens too,
+# or are not known here); with all of them, the model computes no other logits.
+_MASKED_ONLY = {
+    "proposal": ("argmax", "gumbel"), "confidence": ("low_confidence", "probability", "margin", "neg_entropy", "random"),
+    "commit": ("schedule", "threshold", "factor", "saber"), "revision": ("none",),
+    "stopping": ("block_full", "eos_early_stop", "prophet"), "guidance": ("none", "cfg"),
+    "cache": ("none", "prefix_exact", "block_exact", "prefix", "dual"), "verifier": ("none", "freedave"),
+}
+
+
+def _reads_only_masked_logits(cfg: SamplerConfig, model) -> bool:
+    """`masked_logits_only`, with None resolved: on when every part is one of _MASKED_ONLY and the model's
+    forward takes `logits_positions` (DiffusionTransformer)."""
+    forward = getattr(model, "forward", None)
+    try:
+        takes = forward is not None and "logits_positions" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if cfg.masked_logits_only is not None:
+        if cfg.masked_logits_only and not takes:
+            raise ValueError("masked_logits_only=True needs a model whose forward takes `logits_positions` "
+                             "(DiffusionTransformer); set it to None or False for this model.")
+        return bool(cfg.masked_logits_only)
+    names = cfg.part_names()
+    return takes and all(names[slot] in allowed for slot, allowed in _MASKED_ONLY.items())
 
 
 def _block_continues(state: DecodeState, parts: dict, step: int, fixed: int | None) -> bool:
@@ -218,9 +250,9 @@ def progress_bar_for(progress_bar, total: int | None, desc: str = "decoding"):
     return progress_bar(total=total)
 
 
-def _progress(progress_bar, parts: dict, cfg: SamplerConfig):
+def _progress(progress_bar, parts: dict, num_blocks: int):
     fixed = parts["verifier"].steps_per_block(parts["commit"])
-    return progress_bar_for(progress_bar, None if fixed is None else fixed * cfg.num_blocks)
+    return progress_bar_for(progress_bar, None if fixed is None else fixed * num_blocks)
 
 
 def generate(

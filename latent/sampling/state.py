@@ -3,6 +3,13 @@
 The sampler owns the canvas (token ids). Masked positions are found by `== mask_token_id` on ids.
 Canvas coordinates: [0, prompt_len) is the (left-padded) prompt, then gen_length generated positions.
 Prefix embeddings (from adapters) sit before the canvas; they are model slots, not canvas positions.
+
+Decoding blocks: the generated positions cut at a grid of `block_length` (the decoding unit; a
+sub-block of the model's block with `sub_block_length`). The grid starts after the prompt, or, for a
+block_causal model with `block_alignment="start"`, at slot 0 (the prefix embeddings and the prompt are
+cut into blocks too), so the first decoding block is then the rest of the prompt's last block
+(`decoding_bounds`). The model's (and the exact cache's) blocks are `model_block_length` long on the
+same grid.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+from .checks import model_config_value
 
 # Layouts whose model needs to be told where the prompt ends (the prompt is their "prefix").
 PREFIX_LAYOUTS = ("prefix", "block_causal")
@@ -28,6 +37,22 @@ def key_padding_mask(input_ids, attention_mask, n_prefix: int, prefix_mask, gen_
         ones.expand(-1, prompt_len) if attention_mask is None else attention_mask,
         ones.expand(-1, gen_length),
     ], dim=1)
+
+
+def decoding_bounds(prompt_len: int, gen_length: int, unit: int, origin: int) -> tuple[int, ...]:
+    """Canvas positions where decoding blocks start, and the answer's end: the generated positions
+    [prompt_len, prompt_len + gen_length) cut at every position c with (c - origin) % unit == 0."""
+    end = prompt_len + gen_length
+    inner = [c for c in range(prompt_len + 1, end) if (c - origin) % unit == 0]
+    return (prompt_len, *inner, end)
+
+
+def grid_origin(model, prompt_len: int, n_prefix: int) -> int:
+    """A canvas position where a model block starts: after the prompt, or at slot 0 (canvas position
+    -n_prefix) for a block_causal model with block_alignment="start"."""
+    start = (model_config_value(model, "attention_layout") == "block_causal"
+             and model_config_value(model, "block_alignment") == "start")
+    return -n_prefix if start else prompt_len
 
 
 @dataclass
@@ -53,6 +78,13 @@ class DecodeState:
     # The commit rule's step per row [b] when rows stand at different steps of the block (a drafting
     # verifier); None: every row is at block_step.
     rule_step: torch.Tensor | None = None
+    # Decoding block geometry (see the module docstring); None: blocks of block_length after the prompt.
+    bounds: tuple | None = None  # canvas positions where decoding blocks start, then the answer's end
+    model_block_length: int | None = None  # the model's (and exact cache's) block; None: block_length
+    origin: int | None = None  # a canvas position where a model block starts; None: prompt_len
+    # Logits only at the block's masked positions (zeros elsewhere): the model computes no others. Set
+    # when no part reads the logits of committed positions and the model takes `logits_positions`.
+    masked_logits: bool = False
 
     @property
     def prefix_len(self) -> int:
@@ -63,12 +95,48 @@ class DecodeState:
         return self.x.shape[1]
 
     @property
+    def num_blocks(self) -> int:
+        return len(self.bounds) - 1 if self.bounds is not None else (self.canvas_len - self.prompt_len) // self.block_length
+
+    def block_bounds(self, block: int) -> tuple[int, int]:
+        """[start, end) in canvas positions of decoding block `block`."""
+        if self.bounds is not None:
+            return self.bounds[block], self.bounds[block + 1]
+        start = self.prompt_len + block * self.block_length
+        return start, start + self.block_length
+
+    @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block * self.block_length
+        return self.block_bounds(self.block)[0]
 
     @property
     def block_end(self) -> int:
-        return self.block_start + self.block_length
+        return self.block_bounds(self.block)[1]
+
+    def model_block(self, position: int) -> tuple[int, int]:
+        """[start, end) in canvas positions of the model block holding canvas `position` (start may lie
+        before the canvas, in the prefix embeddings; end is capped at the canvas end)."""
+        size = self.model_block_length or self.block_length
+        origin = self.prompt_len if self.origin is None else self.origin
+        start = position - (position - origin) % size
+        return start, min(start + size, self.canvas_len)
+
+    def visible_end(self) -> int:
+        """The end of what the current block's logits depend on: the model block's end under block_causal,
+        the block's end under causal attention, else the canvas end. Later positions need not run."""
+        if self.layout == "block_causal":
+            return self.model_block(self.block_start)[1]
+        if self.layout == "causal":
+            return self.block_end
+        return self.canvas_len
+
+    def cacheable_prompt(self) -> int:
+        """The canvas position up to which the prompt's K/V never see the generated positions: the prompt's
+        end, or, when blocks count from slot 0 (block_alignment="start"), the start of the model block that
+        holds the first generated position (negative: it starts inside the prefix embeddings)."""
+        if self.layout == "block_causal":
+            return min(self.prompt_len, self.model_block(self.prompt_len)[0])
+        return self.prompt_len
 
     # ---- the model ------------------------------------------------------------------------------
     def forward(self, lo: int, hi: int, past_key_values=None, **kwargs):
@@ -92,9 +160,33 @@ class DecodeState:
         if self.layout in PREFIX_LAYOUTS:
             call["prefix_length"] = self.prefix_len + self.prompt_len
         call.update(kwargs)
+        if self.masked_logits:
+            return self._forward_masked_logits(ids, lo, hi, call)
         out = self.model(ids, **call)
         self.nfe += 1
         self.forward_tokens += ids.numel()
+        return out
+
+    def _forward_masked_logits(self, ids, lo: int, hi: int, call: dict):
+        """The forward with logits computed only at the current block's masked positions, then laid out
+        over the call's positions [lo, hi) with zeros elsewhere (nothing reads those)."""
+        start, end = max(self.block_start, lo), min(self.block_end, hi)
+        masked = self.x[:, start:end] == self.mask_token_id
+        n = max(1, int(masked.sum(1).max()))
+        # masked positions first (in order), then padding that repeats real positions and is dropped
+        order = masked.int().sort(dim=1, descending=True, stable=True).indices[:, :n]
+        valid = masked.gather(1, order)
+        positions = self.guidance.repeat(order + (start - lo))
+        out = self.model(ids, logits_positions=positions, **call)
+        self.nfe += 1
+        self.forward_tokens += ids.numel()
+        if out.logits is None:  # no token slots (a prefix-only prefill)
+            return out
+        logits = out.logits.new_zeros(ids.shape[0], hi - lo, out.logits.shape[-1])
+        keep = self.guidance.repeat(valid)
+        rows, cols = keep.nonzero(as_tuple=True)
+        logits[rows, positions[rows, cols]] = out.logits[rows, cols]
+        out.logits = logits
         return out
 
     # ---- randomness -----------------------------------------------------------------------------
@@ -105,7 +197,7 @@ class DecodeState:
         length too (LLaDA draws one [B, T, V] tensor per step), then is sliced. So a row's randomness does
         not depend on which rows already left, and a cached run draws the same numbers as an uncached one.
         """
-        length = self.canvas_len if self.noise_shape == "canvas" else self.block_length
+        length = self.canvas_len if self.noise_shape == "canvas" else self.block_end - self.block_start
         device = self.generator.device if self.generator is not None else self.x.device
         u = torch.rand((self.batch_size, length, *tail), generator=self.generator, dtype=dtype, device=device)
         u = u[self.rows.to(device)]

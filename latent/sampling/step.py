@@ -46,12 +46,19 @@ def decode_step(logits: torch.Tensor, block_tokens: torch.LongTensor, parts: dic
         special = [t for t in (config.eos_token_id, config.eot_token_id) if t is not None]
         confidence_logits[..., special] = NEG_INF
     candidates = block_tokens == mask_id
+    limit = getattr(stopping, "limit_candidates", None)
+    if limit is not None:  # a stopping part that cuts the block shorter (dynamic block length)
+        candidates = candidates & limit(proposal_logits, candidates, state)
     # Every position's score: revision parts also judge committed tokens; only candidates can be committed.
     scores = parts["confidence"](confidence_logits, x0, state)
     confidence = scores.masked_fill(~candidates, NEG_INF)
     transfer = torch.zeros_like(candidates)
     if candidates.any():  # a full block (revision post steps) has nothing to commit
-        transfer = parts["commit"](confidence, candidates, state) & candidates
+        commit = parts["commit"]
+        seen = {"x0": x0} if getattr(commit, "reads_proposal", False) else {}  # e.g. a guide checks the drafts
+        if getattr(commit, "reads_logits", False):  # e.g. a learned filter reads the step's distribution
+            seen["logits"] = confidence_logits
+        transfer = commit(confidence, candidates, state, **seen) & candidates
     commit_block = getattr(stopping, "commit_block", None)
     if commit_block is not None:  # early commit (Prophet, SchED): the whole block at once
         whole = commit_block(proposal_logits, candidates, state)
@@ -77,4 +84,6 @@ def block_logits(state, parts: dict[str, Any]) -> torch.Tensor:
     """The current block's logits [b, L, V] of one forward: the cache part runs the model, the guidance
     part combines the copies of each row."""
     raw, lo = parts["cache"].logits(state)
-    return state.guidance.combine(raw)[:, state.block_start - lo : state.block_end - lo]
+    logits = state.guidance.combine(raw)[:, state.block_start - lo : state.block_end - lo]
+    steer = getattr(state.guidance, "steer", None)  # guidance that also reads the canvas (classifier guidance)
+    return logits if steer is None else steer(logits, state)

@@ -74,7 +74,9 @@ class TrajectoryRecorder:
         for code, key in ((REMASK, "remasked"), (EDIT, "edited")):
             if info.get(key) is not None:
                 codes += code * info[key].to(torch.int8)
-        lo = info["block"] * transfer.shape[1]
+        # the block's first answer position (blocks may differ in length: block_alignment="start")
+        start = info.get("block_start")
+        lo = info["block"] * transfer.shape[1] if start is None else start - (canvas.shape[1] - self.gen_length)
         events = torch.zeros(self.batch_size, self.gen_length, dtype=torch.int8)
         events[info["rows"].cpu(), lo : lo + transfer.shape[1]] = codes.cpu()
         self.steps.append(events)

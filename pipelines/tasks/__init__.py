@@ -13,6 +13,8 @@ so one task's dependencies never slow down or break another's); a recipe selects
 | compressor, thought_vae | autoencoders.py | the TextCompressor and the ThoughtVAE on arithmetic text |
 | joint | joint.py | CCDD tokens + latents in one forward, or either stream alone (arithmetic) |
 | latent_reasoning | latent_reasoning.py | latent thought blocks then the answer, or the answer / CoT baselines |
+| commit_filter | commit_filter.py | Learn2PD's commit filter on a copy pipeline's decoding trajectories |
+| certainty_forcing | certainty_forcing.py | dParallel's certainty-forcing self-distillation of a copy pipeline |
 | rl | rl.py | RL with verifiable rewards (GRPO on ELBO or trajectory likelihoods) from a trained policy |
 
 A new task is a :class:`latent.training.task.Task` subclass decorated with ``@register_task("name")``.
@@ -30,6 +32,7 @@ BUILTIN = {
     "text": "text", "copy": "copy", "caption": "caption", "spoken_qa": "spoken_qa", "driving": "driving",
     "compressor": "autoencoders", "thought_vae": "autoencoders", "joint": "joint",
     "latent_reasoning": "latent_reasoning", "rl": "rl",
+    "commit_filter": "commit_filter", "certainty_forcing": "certainty_forcing",
 }
 
 for _task, _module in BUILTIN.items():
