@@ -28,3 +28,27 @@ def caption_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     (d / "caps.txt").write_text("\n".join(s.caption for s in make_split("train", 200)))
     return train_tokenizer(str(d / "caps.txt"), d / "tok", vocab_size=400, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy CPU (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The offline English corpus (300 documents) and its 320-token byte-level BPE in ``tok-320``."""
+    from latent.data.corpus import build_corpus
+    from latent.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.getbasetemp() / "english-300"
+    build_corpus(out, max_docs=300, progress=False)
+    tok = out / "tok-320"
+    if not (tok / "tokenizer.json").exists():
+        train_tokenizer([out / "train.jsonl"], tok, vocab_size=320)
+    return out

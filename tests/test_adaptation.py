@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import corpus  # noqa: F401, F811 - the small English corpus and its 320-token BPE (a fixture)
 
 import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli

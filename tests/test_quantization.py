@@ -33,13 +33,7 @@ def tiny(**kw):
     return DiffusionTransformer(**{**options, **kw}).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread (and do not wait on a busy machine's other core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def progressions(n, length, g):

@@ -25,12 +25,7 @@ RECIPE = REPO / "configs" / "rl_arithmetic.yaml"
 P, L = 8, 3  # prompt and completion lengths of the tiny policy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from trainer_checks import check_exact_resume
 
 import pipelines.tasks  # noqa: F401 - registers the built-in tasks
 import train as train_cli
-from latent.data.corpus import build_corpus, missing_sources
-from latent.data.tokenizer import train_tokenizer
+from latent.data.corpus import missing_sources
 from latent.training.checkpoint import flatten, latest_checkpoint, read_state, unflatten, write_state
 from latent.training.config import ConfigError, load_config
 from latent.training.optim import warmup_cosine
@@ -26,25 +25,7 @@ from latent.training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 needs_corpus = pytest.mark.skipif(bool(missing_sources()), reason=f"missing {missing_sources()} (.ci/run installs them)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "english-300"
-    build_corpus(out, max_docs=300, progress=False)
-    tok = out / "tok-320"
-    if not (tok / "tokenizer.json").exists():
-        train_tokenizer([out / "train.jsonl"], tok, vocab_size=320)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_overrides(corpus, out):
