@@ -22,7 +22,36 @@ from latent.sampling.commit import confidence_rank, transfer_schedule
 from latent.sampling.proposal import gumbel_max, uniform
 from latent.schedules import get_schedule, sample_times
 
-__all__ = ["JointLossOutput", "joint_loss", "JointSampleOutput", "joint_sample"]
+__all__ = ["JointLossOutput", "joint_loss", "JointSampleOutput", "joint_sample", "TOKEN_SCHEDULES",
+           "shared_timesteps", "pure_noise_timestep", "aligned_transfer_schedule"]
+
+TOKEN_SCHEDULES = ("linear", "aligned")
+
+
+def pure_noise_timestep(diffusion: GaussianDiffusion) -> int:
+    """The latent timestep whose ``x_t`` carries (almost) nothing of ``x0``: ``T - 1`` (DDPM), ``T`` (flow)."""
+    return diffusion.num_train_timesteps if diffusion.is_flow else diffusion.num_train_timesteps - 1
+
+
+def shared_timesteps(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
+    """Latent timesteps at the token stream's noise level ``t`` in ``[0, 1]`` ``[B]``: ``t * T`` (integers
+    clamped to ``[0, T)`` for DDPM, ``sigma = t`` clamped to ``[1e-3, 1]`` for flow), the pairing joint
+    sampling walks along (mask ratio ``t`` next to latents at ``t``)."""
+    T = diffusion.num_train_timesteps
+    if diffusion.is_flow:
+        return t.double().clamp(1e-3, 1.0) * T
+    return (t.double() * T).long().clamp(0, T - 1)
+
+
+def aligned_transfer_schedule(timesteps: torch.Tensor, T: int, gen_length: int) -> torch.Tensor:
+    """Tokens to commit at each step ``[S]`` so that the masked fraction after step ``i`` follows the
+    latent stream's next noise level ``timesteps[i + 1] / T`` (0 after the last step): the tokens finish
+    with the latents instead of during the first ``gen_length`` steps."""
+    level = torch.cat([timesteps[1:].double().cpu() / T, torch.zeros(1, dtype=torch.float64)])
+    left = torch.round(gen_length * level.clamp(0, 1)).long()
+    left = torch.minimum(left, torch.cummin(left, 0).values)  # never unmask fewer than before
+    before = torch.cat([torch.tensor([gen_length]), left[:-1]])
+    return before - left
 
 
 @dataclass
@@ -54,6 +83,7 @@ def joint_loss(
     latent_noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     per_latent_timesteps: bool = False,
+    self_latent_rows: torch.Tensor | None = None,
     **model_kwargs,
 ) -> JointLossOutput:
     """CCDD loss on token ids ``[B, N]`` and clean latents ``[B, M, C]`` of the same sequences.
@@ -64,6 +94,11 @@ def joint_loss(
     Latents: timesteps from ``diffusion`` (``[B]``, or ``[B, M]`` with ``per_latent_timesteps``), MSE
     to ``diffusion.target``. ``model`` is called once as
     ``model(noisy_ids, latents=x_t, timestep=t/T, attention_mask=..., **model_kwargs)``.
+
+    ``self_latent_rows`` ``[B]`` (bool): in these rows the latent input is the model's own clean-latent
+    estimate from pure noise (one extra forward without gradient), noised to the row's timestep with the
+    same noise: what joint sampling feeds the tokens after its first step. The tokens then learn how far
+    the model's own latents can be trusted; these rows carry no MSE term (their input is not the data's).
     """
     if lam < 0:
         raise ValueError(f"lam (the MSE weight) must be >= 0, got {lam}")
@@ -91,6 +126,17 @@ def joint_loss(
     if latent_noise is None:
         latent_noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     x_t = diffusion.add_noise(latents, latent_noise, timesteps)
+    if self_latent_rows is not None and bool(self_latent_rows.any()):
+        rows = self_latent_rows.to(latents.device).bool()
+        with torch.no_grad():
+            k_max = torch.full_like(timesteps, pure_noise_timestep(diffusion))
+            x_max = diffusion.add_noise(latents, latent_noise, k_max)
+            guess = model(noisy, latents=x_max, timestep=diffusion.model_time(k_max).to(latents.device),
+                          attention_mask=attention_mask, **model_kwargs)
+            x0_hat = diffusion.predict_x0(guess.latent_pred.to(latents.dtype), x_max, k_max)
+            x_t = torch.where(rows[:, None, None], diffusion.add_noise(x0_hat, latent_noise, timesteps), x_t)
+        keep = (~rows)[:, None].expand(B, M)
+        latent_mask = keep if latent_mask is None else latent_mask.bool() & keep
 
     out = model(noisy, latents=x_t, timestep=diffusion.model_time(timesteps).to(latents.device),
                 attention_mask=attention_mask, **model_kwargs)
@@ -127,6 +173,7 @@ def joint_sample(
     latents: torch.Tensor | None = None,
     callback_on_step_end: Callable | None = None,
     progress_bar: bool = False,
+    token_schedule: str = "linear",
     **model_kwargs,
 ) -> JointSampleOutput:
     """Generate ``gen_length`` tokens after ``prompt_ids`` and (with ``latent_shape=(M, C)``) ``M``
@@ -138,9 +185,15 @@ def joint_sample(
     timesteps (any diffusers scheduler whose prediction type matches ``diffusion``). Without
     ``latent_shape`` this is plain masked diffusion with the same loop and step count (the
     discrete-only baseline). ``callback_on_step_end(step, timestep, {"sequences", "latents"})``.
+
+    ``token_schedule="aligned"`` (joint sampling only) commits the tokens along the latent timesteps instead
+    (:func:`aligned_transfer_schedule`): with more steps than tokens the linear quota commits every token in
+    the first ``gen_length`` steps, next to latents that are still almost pure noise.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if token_schedule not in TOKEN_SCHEDULES:
+        raise ValueError(f"token_schedule={token_schedule!r}; use one of {TOKEN_SCHEDULES}.")
     if order not in ("confidence", "random"):
         raise ValueError(f"order={order!r}; use 'confidence' or 'random'.")
     B, device = prompt_ids.shape[0], prompt_ids.device
@@ -162,6 +215,8 @@ def joint_sample(
         if len(timesteps) != num_steps:
             raise ValueError(f"{type(scheduler).__name__} made {len(timesteps)} timesteps for num_steps={num_steps}.")
         step_kw = _step_kwargs(scheduler, generator, None)
+        if token_schedule == "aligned":
+            quota = aligned_transfer_schedule(timesteps, T, gen_length).to(device).expand(B, num_steps)
     steps = range(num_steps)
     if progress_bar:
         from tqdm.auto import tqdm

@@ -361,3 +361,70 @@ def test_joint_sample_random_order_commits_the_quota():
     assert seen == [12, 8, 4, 0] and torch.equal(out.sequences, target)  # 2 per row per step, oracle tokens
     with pytest.raises(ValueError, match="order="):
         joint_sample(model, target[:, :0], 8, 63, num_steps=4, order="left")
+
+
+def test_aligned_token_schedule_follows_the_latent_noise_levels():
+    """With more steps than tokens the linear quota finishes the tokens in the first steps; the aligned one
+    keeps the masked fraction at the latents' next noise level, so the last token comes at the last step."""
+    d = GaussianDiffusion("v_prediction")
+    target = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = OracleJoint(target, d)
+    sched = d.make_scheduler("dpm")
+    seen = []
+    out = joint_sample(model, target[:, :3], 6, 63, num_steps=20, diffusion=d, scheduler=sched,
+                       latents=torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1)),
+                       token_schedule="aligned",
+                       callback_on_step_end=lambda i, t, kw: seen.append(int((kw["sequences"] == 63).sum())))
+    assert torch.equal(out.sequences, target)
+    ts = sched.timesteps.tolist()  # set by the sampler for 20 steps
+    want = [2 * round(6 * (ts[i + 1] / 1000)) for i in range(19)] + [0]  # 2 rows
+    assert seen == want and seen.index(0) >= 18  # the linear quota is done after step 6
+    with pytest.raises(ValueError, match="token_schedule="):
+        joint_sample(model, target[:, :3], 6, 63, 4, latent_shape=(3, 2), diffusion=d, scheduler=sched,
+                     token_schedule="cosine")
+
+
+def test_shared_and_pure_noise_timesteps():
+    from latent.joint import pure_noise_timestep, shared_timesteps
+
+    t = torch.tensor([0.0, 0.5, 0.9999])
+    d = GaussianDiffusion("v_prediction")
+    assert shared_timesteps(d, t).tolist() == [0, 500, 999]
+    k = pure_noise_timestep(d)
+    assert k == 999 and d._coeffs(torch.tensor([k]), torch.zeros(1, 1, 1))[0].item() < 0.01  # ~no signal left
+    f = GaussianDiffusion("flow")
+    torch.testing.assert_close(shared_timesteps(f, t), torch.tensor([1.0, 500.0, 999.9], dtype=torch.float64))
+    assert pure_noise_timestep(f) == 1000  # sigma = 1
+
+
+def test_joint_loss_self_latent_rows_match_direct_computation(tiny_config):
+    """Chosen rows see the model's own x0 estimate from pure noise, re-noised to their timestep with the
+    same noise, and leave the MSE; the other rows are the plain loss."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(**tiny_config, latent_dim=4).eval()
+    d = GaussianDiffusion("v_prediction")
+    g = torch.Generator().manual_seed(0)
+    B, N, M, C = 3, 6, 2, 4
+    ids = torch.randint(0, 60, (B, N), generator=g)
+    z0 = torch.randn(B, M, C, generator=g)
+    t, u = torch.tensor([0.2, 0.5, 0.9]), torch.rand(B, N, generator=g)
+    k, e = torch.tensor([10, 400, 900]), torch.randn(B, M, C, generator=g)
+    rows = torch.tensor([True, False, True])
+    out = joint_loss(model, ids, z0, 63, d, t=t, noise=u, timesteps=k, latent_noise=e, self_latent_rows=rows)
+    plain = joint_loss(model, ids, z0, 63, d, t=t, noise=u, timesteps=k, latent_noise=e)
+    # by hand
+    s = (1 - 1e-3) * t + 1e-3
+    masked = u < s[:, None]
+    noisy = torch.where(masked, torch.full_like(ids, 63), ids)
+    abar = d.alphas_cumprod.float()
+    a, b = abar[k].sqrt()[:, None, None], (1 - abar[k]).sqrt()[:, None, None]
+    a9, b9 = abar[999].sqrt(), (1 - abar[999]).sqrt()
+    x_max = a9 * z0 + b9 * e
+    x0_hat = a9 * x_max - b9 * model(noisy, latents=x_max, timestep=torch.full((B,), 0.999)).latent_pred
+    x_t = torch.where(rows[:, None, None], a * x0_hat + b * e, a * z0 + b * e)
+    ref = model(noisy, latents=x_t, timestep=k / 1000)
+    ce = torch.nn.functional.cross_entropy(ref.logits.transpose(1, 2), ids, reduction="none")
+    torch.testing.assert_close(out.ce, (ce * masked / s[:, None]).sum() / (B * N))
+    mse = ((ref.latent_pred - (a * e - b * z0)) ** 2).mean(-1)[~rows].mean()
+    torch.testing.assert_close(out.mse, mse)
+    assert not torch.allclose(out.ce, plain.ce)  # the chosen rows' tokens saw other latents

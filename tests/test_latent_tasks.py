@@ -224,3 +224,48 @@ def test_arithmetic_encoding_pads_where_the_tasks_expect():
     assert a[0].tolist() == tok("9", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * 2
     with pytest.raises(ValueError, match="more than length=2"):
         encode_fixed(tok, ["123"], 2, 0)
+
+
+def test_joint_latent_dropout_and_shared_time_coupling(tmp_path):
+    """latent_dropout puts the chosen rows' latents at pure noise and leaves every other draw as it was;
+    shared coupling puts the latents at the tokens' noise level."""
+    base = [*BACKBONE_TINY, "trainer.max_steps=1"]
+    plain = build("latent_joint.yaml", base, tmp_path / "a").task
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    idx = torch.arange(32)
+    ref = plain.draw(g(), idx)
+    drop = build("latent_joint.yaml", [*base, "objective.latent_dropout=0.5"], tmp_path / "b").task.draw(g(), idx)
+    for key in ("ids", "t", "noise", "latent_noise"):
+        assert torch.equal(drop[key], ref[key]), key
+    hit = drop["timesteps"] == 999
+    assert 0 < int(hit.sum()) < 32 and torch.equal(drop["timesteps"][~hit], ref["timesteps"][~hit])
+    everything = build("latent_joint.yaml", [*base, "objective.latent_dropout=1.0"], tmp_path / "c").task
+    assert (everything.draw(g(), idx)["timesteps"] == 999).all()
+    shared = build("latent_joint.yaml", [*base, "objective.time_coupling=shared"], tmp_path / "d").task.draw(g(), idx)
+    assert torch.equal(shared["timesteps"], (ref["t"].double() * 1000).long().clamp(0, 999))
+    own = build("latent_joint.yaml", [*base, "objective.self_latents=0.5"], tmp_path / "f")
+    mine = own.task.draw(g(), idx)
+    assert all(torch.equal(mine[key], ref[key]) for key in ref)
+    assert 0 < int(mine["self_latent_rows"].sum()) < 32
+    assert "self_latent_rows" not in ref
+    for bad, key in (("objective.latent_dropout=1.5", "objective.latent_dropout"),
+                     ("objective.self_latents=-0.1", "objective.self_latents"),
+                     ("objective.time_coupling=tied", "objective.time_coupling")):
+        with pytest.raises(ConfigError, match=key):
+            build("latent_joint.yaml", [*base, bad], tmp_path / "e")
+
+
+def test_minilm_states_cache_gives_the_same_latents(tmp_path):
+    from pipelines.tasks.joint import minilm_latents
+
+    texts = ["4+5=9", "12-3*2=6", "7=7"]
+    z, basis = minilm_latents(texts, 4, 8)
+    z1, b1 = minilm_latents(texts, 4, 8, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    z2, _ = minilm_latents(texts, 4, 8, cache_dir=tmp_path)  # read back
+    torch.testing.assert_close(z1, z)
+    torch.testing.assert_close(z2, z)
+    torch.testing.assert_close(b1["components"], basis["components"])
+    minilm_latents(texts[:2], 4, 8, cache_dir=tmp_path)  # other texts: another file
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2

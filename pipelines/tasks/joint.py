@@ -17,6 +17,12 @@ Modes (``objective.mode``), at equal parameters (``model.latent_dim`` is set in 
 - ``discrete``: the masked-diffusion SFT loss on the tokens (the latent stream unused): the baseline;
 - ``continuous``: Gaussian diffusion of the latents only, decoded to text by the compressor.
 
+Joint-mode training options (all off by default): ``objective.time_coupling=shared`` puts the latents at the
+tokens' noise level; ``objective.latent_dropout`` gives a fraction of the rows pure-noise latents, so the
+tokens learn to answer alone; ``objective.self_latents`` feeds a fraction of the rows the model's own
+re-noised latent estimate (what sampling hands the tokens). ``experiments/latent_joint_ablation.py`` measures
+them.
+
 Latents (``latents.source``): ``minilm``: the frozen MiniLM's token states of the equation text, projected on
 their top ``model.latent_dim`` principal directions (fitted on the training texts) and standardised, the
 continuous view of the same sequence as in CCDD; ``compressor``: a trained TextCompressor's latents of the
@@ -47,7 +53,7 @@ from latent.data.arithmetic import (
     is_true_equation,
     make_tokenizer,
 )
-from latent.joint import joint_loss, joint_sample
+from latent.joint import joint_loss, joint_sample, pure_noise_timestep, shared_timesteps
 from latent.losses import sft_loss
 from latent.schedules import sample_times
 from latent.training.config import ConfigError
@@ -86,6 +92,14 @@ class JointObjective:
     prediction_type: str = "v_prediction"  # of the latent stream
     schedule: str = "linear"  # masking schedule of the token stream
     eps: float = 1.0e-3
+    # joint: latent noise levels drawn independently of the tokens' (independent) or equal to them (shared,
+    # the pairing joint sampling walks along)
+    time_coupling: str = "independent"
+    # joint: fraction of rows whose latents are pure noise, so the tokens learn to answer without them
+    latent_dropout: float = 0.0
+    # joint: fraction of rows whose latent input is the model's own estimate from pure noise, re-noised (one
+    # extra forward without gradient), so the tokens learn how far the sampled latents can be trusted
+    self_latents: float = 0.0
 
 
 @dataclass
@@ -93,6 +107,7 @@ class JointLatents:
     source: str = "minilm"  # minilm | compressor
     tokens: int = 16  # minilm: token states per text (padded/truncated)
     encoder_path: str | None = None  # minilm: the encoder's local folder; null: the installed MiniLM
+    cache_dir: str | None = None  # minilm: keep the encoder states of the training texts here (safetensors)
 
 
 @dataclass
@@ -161,25 +176,42 @@ def check_sampling_eval(cfg) -> None:
 
 @torch.no_grad()
 def minilm_latents(texts, dim: int, max_tokens: int, basis: dict | None = None, encoder_path: str | None = None,
-                   device="cpu", batch_size: int = 256):
+                   device="cpu", batch_size: int = 256, cache_dir: str | None = None):
     """Frozen MiniLM token states of each text -> ``[B, max_tokens, dim]``, projected on the top ``dim``
     principal directions of the states (fitted here, exactly, when ``basis`` is None) and standardised;
-    padding slots are 0. Returns ``(latents, basis)``."""
+    padding slots are 0. Returns ``(latents, basis)``. With ``cache_dir`` the encoder states are kept there,
+    named by a hash of the encoder folder, ``max_tokens`` and the texts (the encoder is frozen, so runs on
+    the same texts share them)."""
     from transformers import AutoModel, AutoTokenizer
 
     from autoencoders.compressor import default_encoder_path
     from latent.loading import load_hf_model
 
     path = encoder_path or default_encoder_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    enc = load_hf_model(AutoModel, path, "text encoder").eval().to(device)  # safetensors only
-    hs, keep = [], []
-    for i in range(0, len(texts), batch_size):
-        b = tok(list(texts[i : i + batch_size]), padding="max_length", max_length=max_tokens, truncation=True,
-                return_tensors="pt").to(device)
-        hs.append(enc(**b).last_hidden_state.float().cpu())
-        keep.append(b["attention_mask"].bool().cpu())
-    h, keep = torch.cat(hs), torch.cat(keep)
+    cache = None
+    if cache_dir is not None:
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        key = hashlib.sha256("\n".join([str(Path(path).resolve()), str(max_tokens), *texts]).encode()).hexdigest()
+        cache = Path(cache_dir) / f"minilm_states_{key[:24]}.safetensors"
+    if cache is not None and cache.is_file():
+        saved = load_file(str(cache))
+        h, keep = saved["states"], saved["keep"].bool()
+    else:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        enc = load_hf_model(AutoModel, path, "text encoder").eval().to(device)  # safetensors only
+        hs, keep = [], []
+        for i in range(0, len(texts), batch_size):
+            b = tok(list(texts[i : i + batch_size]), padding="max_length", max_length=max_tokens, truncation=True,
+                    return_tensors="pt").to(device)
+            hs.append(enc(**b).last_hidden_state.float().cpu())
+            keep.append(b["attention_mask"].bool().cpu())
+        h, keep = torch.cat(hs), torch.cat(keep)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"states": h.contiguous(), "keep": keep.to(torch.uint8)}, str(cache))
     if basis is None:
         flat = h[keep].double()
         mean = flat.mean(0)
@@ -242,10 +274,13 @@ class JointGenerator:
     @torch.no_grad()
     def __call__(self, questions=None, num_samples: int | None = None, steps: int | None = None,
                  generator: torch.Generator | None = None, temperature: float = 0.0, order: str = "confidence",
-                 latents: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None) -> JointGeneration:
+                 latents: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None,
+                 token_schedule: str = "linear") -> JointGeneration:
         """Answers to ``questions`` (answer / cot targets), or ``num_samples`` texts (equation target).
         ``steps``: sampling steps (default one token a step); ``latents``: the latent stream's initial noise;
-        ``clean_latents``: decode the tokens next to these clean latents (noise level 0) instead."""
+        ``clean_latents``: decode the tokens next to these clean latents (noise level 0) instead;
+        ``token_schedule``: ``linear`` or ``aligned`` (joint mode: tokens committed along the latent noise
+        levels, :func:`latent.joint.aligned_transfer_schedule`)."""
         s, dev = self.settings, self.model.device
         L = s["target_length"]
         steps = steps or L
@@ -273,7 +308,8 @@ class JointGenerator:
             def model(ids, **_):
                 return self.model(ids, latents=clean, timestep=torch.zeros(len(clean), device=dev))
         elif self.mode == "joint":
-            kw = dict(latent_shape=shape, diffusion=self.diffusion, scheduler=self.scheduler, latents=latents)
+            kw = dict(latent_shape=shape, diffusion=self.diffusion, scheduler=self.scheduler, latents=latents,
+                      token_schedule=token_schedule)
         out = joint_sample(model, prompt, L, self.tokenizer.mask_token_id, steps, temperature=temperature,
                            order=order, generator=generator, **kw)
         P = prompt.shape[1]
@@ -366,6 +402,10 @@ class JointTask(Task):
         mode, target = cfg.objective.mode, cfg.data.target
         if cfg.objective.lam < 0:
             raise ConfigError(f"objective.lam must be >= 0, got {cfg.objective.lam}")
+        choose(cfg, "objective.time_coupling", ("independent", "shared"))
+        for key in ("latent_dropout", "self_latents"):
+            if not 0.0 <= cfg.objective[key] <= 1.0:
+                raise ConfigError(f"objective.{key} must be in [0, 1], got {cfg.objective[key]}")
         if mode == "continuous" and (target != "equation" or cfg.latents.source != "compressor"):
             raise ConfigError("objective.mode=continuous generates whole texts from latents: it needs "
                               f"data.target=equation and latents.source=compressor (got {target!r}, "
@@ -426,7 +466,7 @@ class JointTask(Task):
         texts = [equation_text(p) for p in self.train_set]
         if cfg.latents.source == "minilm":
             z, self.basis = minilm_latents(texts, C, cfg.latents.tokens, encoder_path=cfg.latents.encoder_path,
-                                           device=self.ctx.device)
+                                           device=self.ctx.device, cache_dir=cfg.latents.get("cache_dir"))
             return z
         from autoencoders.compressor import TextCompressor
 
@@ -453,6 +493,17 @@ class JointTask(Task):
             z = self.latents[idx]
             out.update(latents=z, timesteps=self.diffusion.sample_timesteps(B, g),
                        latent_noise=torch.randn(z.shape, generator=g))
+            obj = self.cfg.objective
+            if self.mode == "joint" and obj.get("time_coupling", "independent") == "shared":
+                out["timesteps"] = shared_timesteps(self.diffusion, out["t"]).to(out["timesteps"].dtype)
+            p = obj.get("latent_dropout", 0.0) if self.mode == "joint" else 0.0
+            if p > 0:  # drawn last, so the other numbers stay those of a run without dropout
+                drop = torch.rand(B, generator=g) < p
+                noise_only = torch.full_like(out["timesteps"], pure_noise_timestep(self.diffusion))
+                out["timesteps"] = torch.where(drop, noise_only, out["timesteps"])
+            p = obj.get("self_latents", 0.0) if self.mode == "joint" else 0.0
+            if p > 0:
+                out["self_latent_rows"] = torch.rand(B, generator=g) < p
         return out
 
     def loss(self, modules, batch, stage):
@@ -472,7 +523,7 @@ class JointTask(Task):
         prompt = (torch.arange(N, device=dev) < P).expand(B, N)
         out = joint_loss(model, ids, b["latents"], self.tokenizer.mask_token_id, self.diffusion,
                          lam=self.cfg.objective.lam, prompt_mask=prompt, timesteps=b["timesteps"],
-                         latent_noise=b["latent_noise"], **common)
+                         latent_noise=b["latent_noise"], self_latent_rows=b.get("self_latent_rows"), **common)
         return StepLoss(out.loss, {"ce": out.ce.item(), "mse": out.mse.item()})
 
     # ---- evaluation and export --------------------------------------------------------------------
