@@ -30,6 +30,7 @@ in one process, and a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def split_batch(batch: Any, rows: slice) -> Any:
     return batch
 
 
-class Task:
+class Task(abc.ABC):
     """Base of every task; see the module docstring. Subclasses override the hooks they need."""
 
     registered_name: ClassVar[str] = ""
@@ -152,23 +153,25 @@ class Task:
     @classmethod
     def check_config(cls, cfg) -> None:
         """Value checks beyond types, raising ConfigError naming the field (after the merge)."""
+        return None  # optional hook: none by default
 
     # ---- hooks the trainer calls ----------------------------------------------------------------
+    @abc.abstractmethod
     def build(self) -> dict[str, torch.nn.Module]:
         """Read or build the data and return the modules with weights, by name (called once per process,
         the main process first, so it may build data files the others then read)."""
-        raise NotImplementedError(f"{type(self).__name__} must define build()")
 
+    @abc.abstractmethod
     def batch(self, step: int, stage) -> Any:
         """The global batch of global step ``step`` (see the module docstring)."""
-        raise NotImplementedError(f"{type(self).__name__} must define batch(step, stage)")
 
     def split(self, batch: Any, rows: slice) -> Any:
         """The rows of ``batch`` one process takes in one micro-step."""
         return split_batch(batch, rows)
 
+    @abc.abstractmethod
     def loss(self, modules, batch, stage) -> StepLoss:
-        raise NotImplementedError(f"{type(self).__name__} must define loss(modules, batch, stage)")
+        """The loss of one micro-batch (a StepLoss: the tensor to backpropagate and logged metrics)."""
 
     def count(self, batch: Any) -> int:
         """Units processed by a step (logged as ``samples``): rows by default, tokens for text."""
@@ -183,6 +186,7 @@ class Task:
     def export(self, modules, folder: Path, stage) -> None:
         """Write what users load (a pipeline folder) into ``folder``, a fresh temporary folder that the
         trainer renames into place. Called on the main process only."""
+        return None  # optional hook: a task without an export writes only checkpoints
 
     def after_export(self, folder: Path) -> dict:
         """Optional work on the exported folder once it is in place (e.g. samples); main process only."""
@@ -211,10 +215,11 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        return None  # optional hook: nothing saved, nothing to restore
 
     def close(self) -> None:
         """Release files or workers at the end of a run."""
+        return None  # optional hook
 
     # ---- stages ---------------------------------------------------------------------------------
     def trainable(self, modules: torch.nn.Module, stage, frozen_everywhere=()) -> list[str]:
