@@ -11,6 +11,10 @@ Every configuration then runs in its own process, so its peak memory (max RSS) i
 
     python benchmarks/decoding.py                      # train, measure, write experiments/results/decoding-cpu.json
     python benchmarks/decoding.py --gen 256 --batch 4  # the defaults
+    python benchmarks/decoding.py --only threshold threshold+rows_independent --out /tmp/some.json  # a few rows
+
+`+rows_independent` rows decode with row_blocks="independent": a row moves on to its next block as soon as
+its own block is done (at batch 1 they are the plain rows).
 
 The real-text task (`--task text`) decodes continuations of English-corpus prompts (data/english/valid.jsonl)
 with the models the text recipes trained: the block diffusion model adapted from the AR baseline
@@ -81,7 +85,7 @@ def export_llama(causal_model: str, work: Path) -> str:
     return str(out)
 
 
-def _llada2(model, prompts, args, threshold, mask_token_id=SYMBOLS):
+def _llada2(model, prompts, args, threshold, mask_token_id=SYMBOLS, eos_token_id=None):
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
     pipe = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=args.block), tokenizer=None)
@@ -95,7 +99,8 @@ def _llada2(model, prompts, args, threshold, mask_token_id=SYMBOLS):
 
     model.forward = counted
     out = pipe(input_ids=prompts, gen_length=args.gen, block_length=args.block, num_inference_steps=args.block,
-               threshold=threshold, editing_threshold=None, eos_early_stop=False, mask_token_id=mask_token_id,
+               threshold=threshold, editing_threshold=None, eos_early_stop=eos_token_id is not None,
+               eos_token_id=eos_token_id, mask_token_id=mask_token_id,
                output_type="seq", use_chat_template=False)
     model.forward = forward
     return torch.cat([prompts, out.sequences], dim=1), calls["n"]
@@ -375,6 +380,8 @@ def main(argv=None):
     ap.add_argument("--work", default="runs/bench_decoding", help="where the trained models are kept")
     ap.add_argument("--out", default="experiments/results/decoding-cpu.json")
     ap.add_argument("--task", choices=("copy", "text", "text-ab"), default="copy")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="copy task: run only these rows (and train only their "
+                    "models); the ratios that need other rows are left out; give --out another file to keep the table")
     ap.add_argument("--text-prompts", type=int, default=16, help="text task: prompts (a multiple of 8)")
     ap.add_argument("--text-prompt", type=int, default=20, help="text task: prompt tokens (20: not whole blocks of 16)")
     ap.add_argument("--text-gen", type=int, default=48, help="text task: generated tokens (a multiple of 16)")
@@ -385,15 +392,16 @@ def main(argv=None):
     if args.prompt != args.block:
         sys.exit("--prompt must equal --block: the block_causal model is trained with the prompt as block 0")
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    models = {layout: str(train(layout, args, work)) for layout in ("bidirectional", "block_causal", "causal")}
-    models["hf_llama"] = export_llama(models["causal"], work)
     steps = args.gen  # 1 token per step
     th = args.threshold
+    rows_independent = dict(row_blocks="independent")
     configs = [
         ("llada_1tok_per_step", "bidirectional", "ours", dict(steps=steps)),
         ("threshold", "bidirectional", "ours", dict(commit="threshold", threshold=th)),
+        ("threshold+rows_independent", "bidirectional", "ours", dict(commit="threshold", threshold=th, **rows_independent)),
         ("threshold+prefix_cache", "bidirectional", "ours", dict(commit="threshold", threshold=th, cache="prefix")),
+        ("threshold+prefix_cache+rows_independent", "bidirectional", "ours",
+         dict(commit="threshold", threshold=th, cache="prefix", **rows_independent)),
         ("threshold+dual_cache", "bidirectional", "ours", dict(commit="threshold", threshold=th, cache="dual")),
         ("block_causal_1tok_no_cache", "block_causal", "ours", dict(steps=steps, cache="none")),
         ("block_causal_1tok_exact_cache", "block_causal", "ours", dict(steps=steps, cache="block_exact")),
@@ -404,6 +412,17 @@ def main(argv=None):
         ("ar_ours_kv_cache", "causal", "ar", {}),
         ("ar_transformers_generate_kv_cache", "hf_llama", "hf", {}),
     ]
+    if args.only:
+        unknown = set(args.only) - {c[0] for c in configs}
+        if unknown:
+            sys.exit(f"--only: unknown rows {sorted(unknown)}; the rows are {[c[0] for c in configs]}")
+        configs = [c for c in configs if c[0] in args.only]
+    work = Path(args.work)
+    layouts = {c[1] for c in configs}
+    models = {layout: str(train(layout, args, work)) for layout in ("bidirectional", "block_causal", "causal")
+              if layout in layouts or layout == "causal" and "hf_llama" in layouts}
+    if "hf_llama" in layouts:
+        models["hf_llama"] = export_llama(models["causal"], work)
     rows = []
     for name, layout, engine, knobs in configs:
         spec = dict(name=name, model=models[layout], engine=engine, knobs=knobs, args=vars(args), threads=args.threads)
@@ -412,22 +431,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{name:36s} {row['tokens_per_s']:9.1f} tok/s  nfe/batch {row['nfe_per_batch']:7.1f}  "
               f"acc {row['accuracy']:.4f}  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
-    by = {r["name"]: r for r in rows}
-    ratios = {
-        "threshold_vs_1tok": by["threshold"]["tokens_per_s"] / by["llada_1tok_per_step"]["tokens_per_s"],
-        "threshold_dual_vs_1tok": by["threshold+dual_cache"]["tokens_per_s"] / by["llada_1tok_per_step"]["tokens_per_s"],
-        "exact_block_cache_vs_none_1tok": by["block_causal_1tok_exact_cache"]["tokens_per_s"]
-        / by["block_causal_1tok_no_cache"]["tokens_per_s"],
-        "ours_vs_llada2_1tok": by["block_causal_1tok_exact_cache"]["tokens_per_s"]
-        / by["diffusers_llada2_1tok"]["tokens_per_s"],
-        "ours_vs_llada2_threshold": by["block_causal_threshold_exact_cache"]["tokens_per_s"]
-        / by["diffusers_llada2_threshold"]["tokens_per_s"],
-        "best_diffusion_vs_transformers_ar": max(r["tokens_per_s"] for r in rows if r["layout"] != "causal"
-                                                 and r["layout"] != "hf_llama")
-        / by["ar_transformers_generate_kv_cache"]["tokens_per_s"],
-        "block_causal_threshold_exact_vs_transformers_ar": by["block_causal_threshold_exact_cache"]["tokens_per_s"]
-        / by["ar_transformers_generate_kv_cache"]["tokens_per_s"],
-    }
+    ratios = _ratios(rows)
     for k, v in ratios.items():
         print(f"{k:36s} {v:.2f}x")
     out = Path(args.out)
@@ -437,6 +441,30 @@ def main(argv=None):
         torch=torch.__version__, threads=args.threads, args=vars(args), rows=rows, ratios=ratios,
     ), indent=2))
     print("wrote", out)
+
+
+# (ratio, row, baseline row) of the copy table's tokens/s; "*diffusion" is the fastest diffusion row
+COPY_RATIOS = (
+    ("threshold_vs_1tok", "threshold", "llada_1tok_per_step"),
+    ("threshold_dual_vs_1tok", "threshold+dual_cache", "llada_1tok_per_step"),
+    ("rows_independent_vs_shared_threshold", "threshold+rows_independent", "threshold"),
+    ("rows_independent_vs_shared_prefix_cache", "threshold+prefix_cache+rows_independent", "threshold+prefix_cache"),
+    ("exact_block_cache_vs_none_1tok", "block_causal_1tok_exact_cache", "block_causal_1tok_no_cache"),
+    ("ours_vs_llada2_1tok", "block_causal_1tok_exact_cache", "diffusers_llada2_1tok"),
+    ("ours_vs_llada2_threshold", "block_causal_threshold_exact_cache", "diffusers_llada2_threshold"),
+    ("best_diffusion_vs_transformers_ar", "*diffusion", "ar_transformers_generate_kv_cache"),
+    ("block_causal_threshold_exact_vs_transformers_ar", "block_causal_threshold_exact_cache",
+     "ar_transformers_generate_kv_cache"),
+)
+
+
+def _ratios(rows: list) -> dict:
+    """COPY_RATIOS over the rows that ran (with --only, the others are left out)."""
+    speed = {r["name"]: r["tokens_per_s"] for r in rows}
+    diffusion = [r["tokens_per_s"] for r in rows if r["layout"] not in ("causal", "hf_llama")]
+    if diffusion:
+        speed["*diffusion"] = max(diffusion)
+    return {name: speed[row] / speed[base] for name, row, base in COPY_RATIOS if row in speed and base in speed}
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ class ApproxPrefixCache(NoCache):
     layouts = ("bidirectional",)
 
     def logits(self, state):
-        start = state.block_start
+        # With independent rows (row_blocks) the refresh runs when any row starts a block, and the cache ends
+        # at the earliest row's block; later steps run from there even after that row leaves the batch.
         if state.block_step == 0:
             out = state.forward(0, state.canvas_len, use_cache=True)
-            self.kv = out.past_key_values.crop(state.prefix_len + start)
+            self.cached_to = state.block_start
+            self.kv = out.past_key_values.crop(state.prefix_len + self.cached_to)
             return out.logits, 0
-        return state.forward(start, state.canvas_len, past_key_values=self.kv).logits, start
+        return state.forward(self.cached_to, state.canvas_len, past_key_values=self.kv).logits, self.cached_to
 
     def select(self, index):
         self.kv = self.kv.select(index)

@@ -39,7 +39,9 @@ class ScheduleCommit(Part):
         return cls(steps_per_block=config.steps_per_block)
 
     def begin_block(self, state, masked: torch.Tensor):
-        self.quota = torch.zeros(state.batch_size, self.steps_per_block, dtype=torch.long, device=masked.device)
+        # Only the given rows start a block (with independent rows, one row at a time): the others keep theirs.
+        if self.quota is None or self.quota.shape[0] != state.batch_size or self.quota.device != masked.device:
+            self.quota = torch.zeros(state.batch_size, self.steps_per_block, dtype=torch.long, device=masked.device)
         self.quota[state.rows] = transfer_schedule(masked, self.steps_per_block)
 
     def __call__(self, confidence, candidates, state):

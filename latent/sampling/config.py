@@ -14,6 +14,14 @@ from .registry import REGISTRIES, part_name
 NOISE_SHAPES = ("canvas", "block")
 CONFIDENCE_DTYPES = ("auto", None, "float32", "float64")
 SCHED_SCHEDULES = ("linear", "cosine")
+ROW_BLOCKS = ("shared", "independent")
+# The parts row_blocks="independent" supports (any confidence part): ones that read only each row's own
+# block and its step, and caches whose forward runs from a point every row's block lies after (row_blocks.py).
+INDEPENDENT_ROW_PARTS = {
+    "proposal": ("argmax", "gumbel"), "commit": ("threshold", "factor", "schedule"), "revision": ("none",),
+    "stopping": ("block_full", "eos_early_stop"), "guidance": ("none", "cfg"),
+    "cache": ("none", "prefix_exact", "prefix"), "verifier": ("none",),
+}
 
 
 @dataclass
@@ -27,6 +35,9 @@ class SamplerConfig:
     # The model computes logits only at the block's masked positions (exact: nothing else reads them; the
     # step callback's x0 is then 0 elsewhere). None: on when every part reads masked positions only.
     masked_logits_only: bool | None = None
+    # "shared": the batch decodes block by block, each block until its slowest row is done; "independent":
+    # a row moves on to its next block as soon as its own block is done, and leaves after its last one
+    row_blocks: str = "shared"
     # parts, by registered name (or a ready-made object)
     proposal: Any = "auto"  # argmax at temperature 0, else gumbel
     confidence: Any = "low_confidence"
@@ -200,6 +211,7 @@ class SamplerConfig:
             raise ValueError(f"`factor` must be finite and > 0, got {self.factor}.")
         self._validate_revision_and_stopping(names)
         self._validate_cache_and_verifier(names)
+        self._validate_row_blocks(names)
         if not 0 <= self.cfg_scale < float("inf"):
             raise ValueError(f"`cfg_scale` must be finite and >= 0 (0 = off), got {self.cfg_scale}.")
         if names["guidance"] == "cfg" and self.cfg_scale == 0:
@@ -232,6 +244,19 @@ class SamplerConfig:
                 "revision='saber' re-masks tokens at every step, so the block cannot run a fixed number of steps; "
                 "use commit='saber' (its adaptive rule), 'threshold' or 'factor'."
             )
+
+    def _validate_row_blocks(self, names: dict) -> None:
+        if self.row_blocks not in ROW_BLOCKS:
+            raise ValueError(f"`row_blocks` must be one of {ROW_BLOCKS}, got {self.row_blocks!r}.")
+        if self.row_blocks == "shared":
+            return
+        for slot, allowed in INDEPENDENT_ROW_PARTS.items():
+            name = part_name(names[slot])
+            if name not in allowed:
+                raise ValueError(
+                    f"row_blocks='independent' supports {slot} {' / '.join(map(repr, allowed))}, got {slot}={name!r}; "
+                    f"set {slot} to one of them, or row_blocks='shared' for this {slot}."
+                )
 
     def _validate_cache_and_verifier(self, names: dict) -> None:
         cache, verifier = part_name(names["cache"]), part_name(names["verifier"])

@@ -12,6 +12,9 @@
             (a drafting verifier checks several drafted steps or tokens in the forward and keeps what passes)
             stopping part may retire rows (they leave the batch; later forwards get smaller)
         a full block may get more forwards that only edit (the revision part's post steps)
+
+With row_blocks="independent" each row runs this per block on its own: a row whose block is done starts
+its next one at once, and leaves the batch after its last (row_blocks.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .checks import check_inputs, check_model, model_config_value
 from .config import SamplerConfig
 from .output import SamplerOutput
 from .registry import create_part, part_name
+from .row_blocks import decode_rows_independently, retire_rows
 from .state import DecodeState, decoding_bounds, grid_origin, key_padding_mask
 from .stopping import first_eos
 from .trajectory import TrajectoryRecorder
@@ -76,7 +80,9 @@ class Sampler:
 
         callback_on_step_end(step, canvas, info): after every forward; `canvas` is the full [B, N] canvas,
         `info` holds block, block_start (its first canvas position), block_step, rows (active rows), x0,
-        confidence, transfer (committed this step), remasked and edited (by the revision part) (block-shaped, active rows) and nfe. It may return a dict
+        confidence, transfer (committed this step), remasked and edited (by the revision part) (block-shaped, active rows) and nfe.
+        With row_blocks="independent", block, block_start and block_step are [b] tensors, one per active row,
+        and the block-shaped values are each row's own block. It may return a dict
         whose "sequences" ([B, N] int64, the canvas' shape) replaces the canvas, active rows included, from
         the next forward on (e.g. to force a token). The stopping part
         has already judged this step, so it sees the new tokens at the next step; with an exact cache, the
@@ -110,12 +116,24 @@ class Sampler:
             bounds=decoding_bounds(prompt_len, cfg.gen_length, cfg.decode_length, origin),
         )
         state.masked_logits = _reads_only_masked_logits(self.config, model)
-        steps = torch.zeros(batch, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        bar = _progress(progress_bar, parts, state.num_blocks)
         recorder = TrajectoryRecorder(batch, cfg.gen_length) if record_trajectory else None
+        end_step = _StepEnd(canvas, recorder, callback_on_step_end, _progress(progress_bar, parts, state.num_blocks))
         parts["cache"].start(state)
-        global_step = 0
+        if cfg.row_blocks == "independent":
+            decode_rows_independently(state, parts, cfg, end_step)
+        else:
+            self._decode_shared_blocks(state, parts, end_step)
+        if end_step.bar is not None:
+            end_step.bar.close()
+        return SamplerOutput(
+            sequences=canvas, nfe=state.nfe, forward_tokens=state.forward_tokens, steps=end_step.steps,
+            num_generated=_num_generated(canvas[:, prompt_len:], cfg.eos_token_id, mask_id),
+            finished=end_step.finished, trajectory=None if recorder is None else recorder.result(),
+        )
+
+    def _decode_shared_blocks(self, state: DecodeState, parts: dict, end_step: _StepEnd) -> None:
+        """Every row decodes the same block; the next one starts when the block is done for every row."""
+        mask_id = state.mask_token_id
         for block in range(state.num_blocks):
             if not len(state.rows):
                 break  # every row stopped early
@@ -136,32 +154,8 @@ class Sampler:
                         "decoded nothing while the block has masks; a rule without a fixed step count must "
                         "commit at least one token per step."
                     )
-                steps[state.rows] += 1
-                done = parts["stopping"](state)
-                canvas[state.rows] = state.x
-                if recorder is not None:
-                    recorder(global_step, canvas, state.info)
-                if callback_on_step_end is not None:
-                    returned = callback_on_step_end(global_step, canvas, state.info)
-                    if isinstance(returned, Mapping) and returned.get("sequences") is not None:
-                        _replace_canvas(canvas, returned["sequences"])
-                        state.x = canvas[state.rows]
-                if bar is not None:
-                    bar.update(1)
-                if done is not None and bool(done.any()):
-                    finished[state.rows[done]] = True
-                    rows_before = len(state.rows)
-                    keep = state.keep_rows(~done)
-                    if len(state.rows):
-                        parts["cache"].select(state.guidance.rows(keep, rows_before))
-                step, global_step = step + 1, global_step + 1
-        if bar is not None:
-            bar.close()
-        return SamplerOutput(
-            sequences=canvas, nfe=state.nfe, forward_tokens=state.forward_tokens, steps=steps,
-            num_generated=_num_generated(canvas[:, prompt_len:], cfg.eos_token_id, mask_id), finished=finished,
-            trajectory=None if recorder is None else recorder.result(),
-        )
+                end_step(state, parts)
+                step += 1
 
     def _step(self, state: DecodeState, parts: dict) -> None:
         result = parts["verifier"].step(state, parts, self.config)
@@ -172,6 +166,36 @@ class Sampler:
             "confidence": result.confidence, "transfer": result.transfer, "remasked": result.remasked,
             "edited": result.edited, "nfe": state.nfe,
         }
+
+
+class _StepEnd:
+    """What every forward ends with, in either loop: the stopping part judges, the canvas is updated, the
+    recorder, the step callback and the progress bar see the step, and stopped rows leave the batch."""
+
+    def __init__(self, canvas: torch.Tensor, recorder, callback, bar):
+        self.canvas, self.recorder, self.callback, self.bar = canvas, recorder, callback, bar
+        self.steps = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)  # forwards per row
+        self.finished = torch.zeros(canvas.shape[0], dtype=torch.bool, device=canvas.device)
+        self.global_step = 0
+
+    def __call__(self, state: DecodeState, parts: dict) -> None:
+        canvas = self.canvas
+        self.steps[state.rows] += 1
+        done = parts["stopping"](state)
+        canvas[state.rows] = state.x
+        if self.recorder is not None:
+            self.recorder(self.global_step, canvas, state.info)
+        if self.callback is not None:
+            returned = self.callback(self.global_step, canvas, state.info)
+            if isinstance(returned, Mapping) and returned.get("sequences") is not None:
+                _replace_canvas(canvas, returned["sequences"])
+                state.x = canvas[state.rows]
+        if self.bar is not None:
+            self.bar.update(1)
+        if done is not None and bool(done.any()):
+            self.finished[state.rows[done]] = True
+            retire_rows(state, parts, ~done)
+        self.global_step += 1
 
 
 # Parts that read the logits of a block's masked positions only (the others judge committed tokens too,

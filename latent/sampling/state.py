@@ -10,6 +10,10 @@ block_causal model with `block_alignment="start"`, at slot 0 (the prefix embeddi
 cut into blocks too), so the first decoding block is then the rest of the prompt's last block
 (`decoding_bounds`). The model's (and the exact cache's) blocks are `model_block_length` long on the
 same grid.
+
+Rows decode the same block (`block`), or, with row_blocks="independent", each its own (`row_blocks`):
+`block_start` / `block_end` then span the rows' blocks, from the earliest one's start to the furthest
+one's end (what a forward must cover), and `row_window()` is each row's own block.
 """
 
 from __future__ import annotations
@@ -70,13 +74,13 @@ class DecodeState:
     layout: str | None = None  # model.config.attention_layout when the model has one
     generator: torch.Generator | None = None
     noise_shape: str = "canvas"
-    block: int = 0
-    block_step: int = 0
+    block: int = 0  # independent rows: the earliest row's block
+    block_step: int = 0  # independent rows: the smallest step of a row (0: some row starts its block)
     nfe: int = 0
     forward_tokens: int = 0
     info: dict = field(default_factory=dict)  # per-step values handed to the step callback
     # The commit rule's step per row [b] when rows stand at different steps of the block (a drafting
-    # verifier); None: every row is at block_step.
+    # verifier, independent rows); None: every row is at block_step.
     rule_step: torch.Tensor | None = None
     # Decoding block geometry (see the module docstring); None: blocks of block_length after the prompt.
     bounds: tuple | None = None  # canvas positions where decoding blocks start, then the answer's end
@@ -85,6 +89,9 @@ class DecodeState:
     # Logits only at the block's masked positions (zeros elsewhere): the model computes no others. Set
     # when no part reads the logits of committed positions and the model takes `logits_positions`.
     masked_logits: bool = False
+    # [B] the decoding block of each caller row (row_blocks="independent", blocks of equal length); None:
+    # every row is at `block`. Indexed by the caller's row, so it survives rows leaving.
+    row_blocks: torch.Tensor | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -107,11 +114,24 @@ class DecodeState:
 
     @property
     def block_start(self) -> int:
+        if self.row_blocks is not None:
+            return self.block_bounds(int(self.row_blocks[self.rows].min()))[0]
         return self.block_bounds(self.block)[0]
 
     @property
     def block_end(self) -> int:
+        if self.row_blocks is not None:
+            return self.block_bounds(int(self.row_blocks[self.rows].max()))[1]
         return self.block_bounds(self.block)[1]
+
+    def row_window(self) -> torch.Tensor:
+        """[b, block_length] the canvas positions of each active row's own block (independent rows)."""
+        block = self.row_blocks[self.rows]
+        if self.bounds is None:
+            starts = self.prompt_len + block * self.block_length
+        else:
+            starts = torch.tensor(self.bounds[:-1], device=block.device)[block]
+        return starts[:, None] + torch.arange(self.block_length, device=block.device)
 
     def model_block(self, position: int) -> tuple[int, int]:
         """[start, end) in canvas positions of the model block holding canvas `position` (start may lie
@@ -124,8 +144,8 @@ class DecodeState:
     def visible_end(self) -> int:
         """The end of what the current block's logits depend on: the model block's end under block_causal,
         the block's end under causal attention, else the canvas end. Later positions need not run."""
-        if self.layout == "block_causal":
-            return self.model_block(self.block_start)[1]
+        if self.layout == "block_causal":  # a decoding block lies in one model block; independent rows: the last one
+            return self.model_block(self.block_end - 1)[1]
         if self.layout == "causal":
             return self.block_end
         return self.canvas_len
@@ -172,6 +192,10 @@ class DecodeState:
         over the call's positions [lo, hi) with zeros elsewhere (nothing reads those)."""
         start, end = max(self.block_start, lo), min(self.block_end, hi)
         masked = self.x[:, start:end] == self.mask_token_id
+        if self.row_blocks is not None:  # independent rows: only each row's own block
+            window = self.row_window()
+            column = torch.arange(start, end, device=masked.device)
+            masked &= (column >= window[:, :1]) & (column <= window[:, -1:])
         n = max(1, int(masked.sum(1).max()))
         # masked positions first (in order), then padding that repeats real positions and is dropped
         order = masked.int().sort(dim=1, descending=True, stable=True).indices[:, :n]
@@ -197,11 +221,15 @@ class DecodeState:
         length too (LLaDA draws one [B, T, V] tensor per step), then is sliced. So a row's randomness does
         not depend on which rows already left, and a cached run draws the same numbers as an uncached one.
         """
-        length = self.canvas_len if self.noise_shape == "canvas" else self.block_end - self.block_start
+        independent = self.row_blocks is not None  # each row's own block: a block_length draw, or its window
+        block = self.block_length if independent else self.block_end - self.block_start
+        length = self.canvas_len if self.noise_shape == "canvas" else block
         device = self.generator.device if self.generator is not None else self.x.device
         u = torch.rand((self.batch_size, length, *tail), generator=self.generator, dtype=dtype, device=device)
         u = u[self.rows.to(device)]
-        if self.noise_shape == "canvas":
+        if self.noise_shape == "canvas" and independent:
+            u = u[torch.arange(len(u), device=device)[:, None], self.row_window().to(device)]
+        elif self.noise_shape == "canvas":
             u = u[:, self.block_start : self.block_end]
         return u.to(self.x.device)
 

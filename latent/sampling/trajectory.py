@@ -62,7 +62,8 @@ class Trajectory:
 
 class TrajectoryRecorder:
     """A step callback (step, canvas, info) that records each forward's events; `result()` gives the
-    `Trajectory`. info's "transfer", "remasked" and "edited" are the current block of the active rows."""
+    `Trajectory`. info's "transfer", "remasked" and "edited" are the current block of the active rows (each
+    row's own block, at its "block_start", when that is a tensor)."""
 
     def __init__(self, batch_size: int, gen_length: int):
         self.batch_size, self.gen_length = batch_size, gen_length
@@ -74,11 +75,13 @@ class TrajectoryRecorder:
         for code, key in ((REMASK, "remasked"), (EDIT, "edited")):
             if info.get(key) is not None:
                 codes += code * info[key].to(torch.int8)
-        # the block's first answer position (blocks may differ in length: block_alignment="start")
+        # the block's first answer position (blocks may differ in length: block_alignment="start"), one per row
+        # when rows decode blocks of their own (row_blocks="independent")
         start = info.get("block_start")
         lo = info["block"] * transfer.shape[1] if start is None else start - (canvas.shape[1] - self.gen_length)
+        columns = torch.as_tensor(lo).cpu().reshape(-1, 1) + torch.arange(transfer.shape[1])
         events = torch.zeros(self.batch_size, self.gen_length, dtype=torch.int8)
-        events[info["rows"].cpu(), lo : lo + transfer.shape[1]] = codes.cpu()
+        events[info["rows"].cpu()[:, None], columns] = codes.cpu()
         self.steps.append(events)
 
     def result(self) -> Trajectory:

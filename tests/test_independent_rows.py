@@ -1,0 +1,229 @@
+"""Rows that decode their own blocks (row_blocks="independent", latent/sampling/row_blocks.py).
+
+The defining property: a row of a batch decodes to exactly the tokens it gets alone (batch 1), in as
+many forwards as alone, and the batch takes as many forwards as its slowest row, never more than the
+shared loop, where every block waits for the slowest row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling import MaskLogitOff, backbone_inputs, stale_forward, tiny_backbone
+
+from latent.sampling import Sampler, generate
+from latent.sampling.trajectory import NOTHING
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MASK, GEN, BLOCK = 63, 16, 4
+RULES = {"threshold": dict(commit="threshold", threshold=0.5), "factor": dict(commit="factor", factor=1.5),
+         "schedule": dict(commit="schedule", steps=8)}
+
+
+def equal_length_prompts(batch=4, length=6, seed=3):
+    return torch.randint(0, 60, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def alone(model, ids, mask=None, **run):
+    """Each row decoded by itself, its pads dropped: (its generated tokens, its forwards)."""
+    outs = []
+    for row in range(len(ids)):
+        pads = 0 if mask is None else int((mask[row] == 0).sum())
+        outs.append(generate(model, ids[row : row + 1, pads:], **run))
+    return torch.stack([o.sequences[0, -GEN:] for o in outs]), torch.tensor([o.nfe for o in outs])
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("layout, cache, extra", [
+    ("bidirectional", "none", {}),
+    ("bidirectional", "none", dict(masked_logits_only=True)),
+    ("bidirectional", "none", dict(cfg_scale=0.5)),
+    ("prefix", "prefix_exact", {}),
+    ("block_causal", "none", {}),
+    ("block_causal", "prefix_exact", dict(masked_logits_only=True)),
+], ids=["bidir-none", "bidir-none-masked-logits", "bidir-none-cfg", "prefix-prefix_exact", "block_causal-none",
+        "block_causal-prefix_exact-masked-logits"])
+@pytest.mark.parametrize("padded", [False, True], ids=["equal_prompts", "left_padded"])
+def test_each_row_decodes_as_it_would_alone(rule, layout, cache, extra, padded):
+    backbone = tiny_backbone(layout)
+    # the plain backbone where the wrapper does not do: it has no logits_positions, and its -inf mask logit
+    # gives CFG's combination NaN
+    model = backbone if extra.get("masked_logits_only") or extra.get("cfg_scale") else MaskLogitOff(backbone)
+    ids, mask = (backbone_inputs()[:2]) if padded else (equal_length_prompts(), None)
+    run = dict(gen_length=GEN, block_length=BLOCK, cache=cache, **RULES[rule], **extra)
+    want, want_nfe = alone(model, ids, mask, **run)
+    blocks = []
+    out = Sampler(row_blocks="independent", **run)(model, ids, mask,
+                                                   callback_on_step_end=lambda s, c, info: blocks.append(info["block"]))
+    shared = generate(model, ids, mask, **run)
+    assert torch.equal(out.sequences[:, -GEN:], want)
+    prefill = int(cache == "prefix_exact")  # the prompt's one forward
+    assert torch.equal(out.steps, want_nfe - prefill)  # each row takes part in as many forwards as alone
+    assert out.nfe == int(want_nfe.max())  # the batch, as many as its slowest row
+    assert out.nfe <= shared.nfe
+    apart = any(len(set(b.tolist())) > 1 for b in blocks)  # rows stood in different blocks at some forward
+    if rule != "schedule":
+        assert apart
+    else:  # a fixed step count per block: the rows move in step, as in the shared loop
+        assert not apart and torch.equal(out.sequences, shared.sequences) and out.nfe == shared.nfe
+    if extra.get("masked_logits_only"):  # logits at each row's own masked positions only: the same tokens
+        every = generate(model, ids, mask, row_blocks="independent", **{**run, "masked_logits_only": False})
+        assert torch.equal(every.sequences, out.sequences)
+
+
+def test_fewer_forwards_than_the_shared_loop_when_rows_differ():
+    model = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids = equal_length_prompts(batch=8, seed=5)
+    run = dict(gen_length=32, block_length=BLOCK, **RULES["threshold"])
+    out = generate(model, ids, row_blocks="independent", **run)
+    shared = generate(model, ids, **run)
+    _, want_nfe = alone(model, ids, **run)
+    assert out.nfe == int(want_nfe.max()) < shared.nfe
+    # the shared loop runs every row in every forward; independent rows leave when they are done
+    assert int(shared.steps.min()) == shared.nfe and torch.equal(out.steps, want_nfe)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(temperature=1.0, commit="threshold", threshold=0.5),
+    dict(temperature=1.0, commit="schedule", steps=8, confidence="random", noise_shape="block"),
+    dict(commit="factor", factor=1.5, confidence="random"),
+], ids=["gumbel", "gumbel-random-block-noise", "random-confidence"])
+def test_noise_at_batch_one_is_the_shared_loops(knobs):
+    # one row: its own block is the shared block, so it draws the same numbers from the same generator
+    model = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids = equal_length_prompts(batch=1)
+    run = dict(gen_length=GEN, block_length=BLOCK, **knobs)
+    out = generate(model, ids, row_blocks="independent", generator=torch.Generator().manual_seed(4), **run)
+    shared = generate(model, ids, generator=torch.Generator().manual_seed(4), **run)
+    other = generate(model, ids, row_blocks="independent", generator=torch.Generator().manual_seed(5), **run)
+    assert torch.equal(out.sequences, shared.sequences) and out.nfe == shared.nfe
+    assert not torch.equal(other.sequences, out.sequences)  # the noise really decides tokens
+
+
+def prefix_cache_reference(model, ids, threshold, eos=None):
+    """Fast-dLLM's prefix cache for rows with blocks of their own, written plainly: a forward when some
+    active row starts a block refreshes the cache (a full forward; the cache keeps the K/V before the
+    earliest active row's block); the other forwards run that point onward against the stale K/V. Each
+    row commits its own block by the threshold rule; a row leaves after its last block, or, with `eos`,
+    once its answer up to an EOS is decoded (the rest becomes EOS)."""
+    batch, plen = ids.shape
+    x = torch.cat([ids, torch.full((batch, GEN), MASK)], 1)
+    n, keep = x.shape[1], torch.ones(batch, plen + GEN, dtype=torch.bool)
+    block, step, stopped = [0] * batch, [0] * batch, [False] * batch
+    nfe, fresh_from, x_ref = 0, None, None
+    while True:
+        active = [r for r in range(batch) if block[r] < GEN // BLOCK and not stopped[r]]
+        if not active:
+            return x, nfe
+        if any(step[r] == 0 for r in active):
+            logits, x_ref = model(x).logits, x.clone()
+            fresh_from = min(plen + block[r] * BLOCK for r in active)
+        else:
+            logits = stale_forward(model, x_ref, x, fresh_from, n, None, keep, (fresh_from, n))
+        nfe += 1
+        p = logits.double().softmax(-1)
+        for r in active:
+            start = plen + block[r] * BLOCK
+            cands = [t for t in range(start, start + BLOCK) if x[r, t] == MASK]
+            x0 = {t: int(logits[r, t].argmax()) for t in cands}
+            conf = {t: float(p[r, t, x0[t]]) for t in cands}
+            best = max(cands, key=lambda t: (conf[t], -t))  # ties to the lower position
+            for t in cands:
+                if t == best or conf[t] >= threshold:
+                    x[r, t] = x0[t]
+            step[r] += 1
+            if not (x[r, start : start + BLOCK] == MASK).any():
+                block[r], step[r] = block[r] + 1, 0
+            answer = x[r, plen:].tolist()
+            first = next((i for i, t in enumerate(answer) if t in (eos, MASK)), None)
+            if eos is not None and first is not None and answer[first] == eos:
+                x[r, plen + first :], stopped[r] = eos, True
+
+
+@pytest.mark.parametrize("eos", [None, 8], ids=["all_blocks", "eos_early_stop"])
+def test_approximate_prefix_cache_refreshes_when_a_row_starts_a_block(eos):
+    # with EOS 8 the row furthest behind leaves while the others are mid-block: the next forward must still
+    # start where the cache ends, before the blocks of the rows left
+    model = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids = equal_length_prompts(seed=7)
+    with torch.no_grad():
+        want, want_nfe = prefix_cache_reference(model, ids, threshold=0.5, eos=eos)
+    run = dict(gen_length=GEN, block_length=BLOCK, **RULES["threshold"])
+    if eos is not None:
+        run.update(eos_token_id=eos, eos_early_stop=True)
+    out = generate(model, ids, row_blocks="independent", cache="prefix", **run)
+    assert torch.equal(out.sequences, want) and out.nfe == want_nfe
+    assert out.forward_tokens < generate(model, ids, row_blocks="independent", **run).forward_tokens
+    assert eos is None or out.finished.any() and not out.finished.all()
+
+
+def test_eos_early_stop_retires_rows_as_alone():
+    model = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids = equal_length_prompts(batch=4)
+    run = dict(gen_length=GEN, block_length=BLOCK, **RULES["threshold"])
+    plain = generate(model, ids, **run)
+    gen = plain.sequences[:, ids.shape[1] :]
+    eos = next(t for t in gen[1].tolist() if not (gen == t).any(1).all())  # row 1 writes it, another row never
+    run.update(eos_token_id=eos, eos_early_stop=True)
+    out = generate(model, ids, row_blocks="independent", **run)
+    assert out.finished.any() and not out.finished.all()
+    for row in range(len(ids)):
+        one = generate(model, ids[row : row + 1], **run)
+        assert torch.equal(out.sequences[row], one.sequences[0]), row
+        assert bool(out.finished[row]) == bool(one.finished[0]) and int(out.steps[row]) == one.nfe
+
+
+def test_callback_and_trajectory_see_each_rows_own_block():
+    model = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids = equal_length_prompts(batch=3)
+    run = dict(gen_length=GEN, block_length=BLOCK, **RULES["threshold"])
+    seen, last = [], {}
+    plen = ids.shape[1]
+
+    def on_step(step, canvas, info):
+        rows, starts = info["rows"], info["block_start"]
+        assert info["block"].shape == starts.shape == info["block_step"].shape == rows.shape
+        assert torch.equal(starts, plen + BLOCK * info["block"])
+        before = last.get("canvas", torch.full_like(canvas, MASK))
+        for i, row in enumerate(rows.tolist()):
+            changed = (before[row] == MASK) & (canvas[row] != MASK)
+            where = torch.zeros_like(changed)
+            where[int(starts[i]) : int(starts[i]) + BLOCK] = info["transfer"][i]
+            assert torch.equal(changed[plen:], where[plen:])  # this step's commits, in the row's own block
+            seen.append((row, int(info["block"][i]), int(info["block_step"][i])))
+        last["canvas"] = canvas.clone()
+
+    out = Sampler(row_blocks="independent", **run)(model, ids, callback_on_step_end=on_step, record_trajectory=True)
+    for row in range(len(ids)):  # a row's steps count 0, 1, ... in each block, blocks 0, 1, ... in turn
+        mine = [(b, s) for r, b, s in seen if r == row]
+        assert all(s == 0 if b != pb else s == ps + 1 for (pb, ps), (b, s) in zip(mine, mine[1:], strict=False))
+        assert [b for b, s in mine if s == 0] == list(range(GEN // BLOCK))
+        one = generate(model, ids[row : row + 1], record_trajectory=True, **run).trajectory.events[0]
+        events = out.trajectory.events[row]
+        assert torch.equal(events[: len(one)], one)  # forward for forward what the row does alone
+        assert (events[len(one) :] == NOTHING).all()  # then it has left
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(cache="dual"), dict(cache="block_exact"), dict(cache="freecache"), dict(commit="saber"),
+    dict(revision="rcr"), dict(verifier="freedave"), dict(stopping="prophet"), dict(stopping="dynamic_block"),
+    dict(revision="editing_threshold"), dict(row_blocks="per_row"),
+])
+def test_unsupported_parts_are_refused_naming_row_blocks(knobs):
+    with pytest.raises(ValueError, match="row_blocks"):
+        Sampler(**{"row_blocks": "independent", "gen_length": GEN, "block_length": BLOCK, "commit": "threshold",
+                   **knobs})
+
+
+def test_blocks_of_unequal_length_are_refused():
+    # a block_alignment="start" model with a prompt off its grid: the first decoding block is shorter
+    torch.manual_seed(0)
+    from latent import DiffusionTransformer
+
+    model = DiffusionTransformer(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 mask_token_id=MASK, max_position_embeddings=128, block_size=BLOCK,
+                                 attention_layout="block_causal", block_alignment="start").eval()
+    with pytest.raises(ValueError, match="row_blocks"):
+        generate(model, equal_length_prompts(length=5), gen_length=GEN, block_length=BLOCK, commit="threshold",
+                 row_blocks="independent")
