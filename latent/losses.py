@@ -318,6 +318,7 @@ def block_diffusion_loss(
     per_block_t: bool = True,
     complementary: bool = False,
     ar_weight: float = 0.0,
+    prompt_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> LossOutput:
     """Block-diffusion (BD3-LM) loss for the ``block_causal`` layout, in a single forward pass.
@@ -335,6 +336,8 @@ def block_diffusion_loss(
     the mean of the two estimates (linear schedule only, where ``1 - p`` is uniform like ``p``).
     ``ar_weight``: plus that weight times the next-token loss of a second forward of the clean sequence
     under a causal mask (keeps the autoregressive ability of an adapted AR model).
+    ``prompt_mask`` ``[B, N]`` (SFT on prompt/answer rows): True positions are never masked and the loss is
+    averaged over the other (answer) tokens; the clean prompt still conditions every block after it.
     """
     sched = get_schedule(schedule)
     B, N = input_ids.shape
@@ -344,6 +347,8 @@ def block_diffusion_loss(
         raise ValueError("complementary masks need the linear schedule (the complement's level 1 - p is then uniform)")
     nb = -(-N // block_size)
     valid = _valid_mask(input_ids, attention_mask)
+    if prompt_mask is not None:
+        valid = valid & ~prompt_mask.bool()
     t = _times(t, (B, nb) if per_block_t else (B,), generator, low_discrepancy, input_ids.device)
     s = (1.0 - eps) * t + eps
     if per_block_t:
@@ -366,7 +371,8 @@ def block_diffusion_loss(
     copies = 2 if complementary else 1
     loss = (ce * w_tok[masked]).sum() / max(copies * num_tokens, 1)
     if ar_weight:
-        loss = loss + ar_weight * _autoregressive_ce(model, input_ids, valid, model_kwargs)
+        loss = loss + ar_weight * _autoregressive_ce(model, input_ids, _valid_mask(input_ids, attention_mask),
+                                                     model_kwargs)
     return LossOutput(loss, num_tokens, int(masked.sum()))
 
 
@@ -379,7 +385,7 @@ def _check_causal(model) -> None:
         )
 
 
-def _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs):
+def _causal_ce(model, input_ids, attention_mask, bos_token_id, prompt_mask=None, **model_kwargs):
     valid = _valid_mask(input_ids, attention_mask)
     if bos_token_id is not None:
         bos = torch.full_like(input_ids[:, :1], bos_token_id)
@@ -392,6 +398,8 @@ def _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs):
     logits = _logits(model(inputs, attention_mask=in_mask, **model_kwargs))
     if bos_token_id is None:
         logits = logits[:, :-1]
+    if prompt_mask is not None:  # targets inside the prompt are not scored
+        scored = scored & ~(prompt_mask.bool() if bos_token_id is not None else prompt_mask[:, 1:].bool())
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return ce.view(targets.shape) * scored, scored
 
@@ -401,16 +409,18 @@ def causal_lm_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     bos_token_id: int | None = None,
+    prompt_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> LossOutput:
     """Next-token cross-entropy (mean over scored tokens) for the autoregressive baseline.
 
     With ``bos_token_id`` the input is ``[bos, x_0 .. x_{N-2}]`` and every token ``x_0 .. x_{N-1}``
     is predicted (same length and same scored tokens as the diffusion losses); without it, tokens
-    ``x_1 .. x_{N-1}`` are predicted from their prefixes. The model must use the ``causal`` layout.
+    ``x_1 .. x_{N-1}`` are predicted from their prefixes. ``prompt_mask`` ``[B, N]`` (SFT): tokens where it
+    is True are context only, not targets. The model must use the ``causal`` layout.
     """
     _check_causal(model)
-    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs)
+    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, prompt_mask, **model_kwargs)
     n = int(scored.sum())
     return LossOutput(ce.sum() / max(n, 1), n, n)
 
@@ -421,11 +431,13 @@ def causal_nll(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     bos_token_id: int | None = None,
+    prompt_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> ElboOutput:
-    """Exact negative log-likelihood of an autoregressive model, in the :class:`ElboOutput` format."""
+    """Exact negative log-likelihood of an autoregressive model, in the :class:`ElboOutput` format (of the
+    tokens outside ``prompt_mask`` when given)."""
     _check_causal(model)
-    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, **model_kwargs)
+    ce, scored = _causal_ce(model, input_ids, attention_mask, bos_token_id, prompt_mask, **model_kwargs)
     nll, n = ce.sum(1), scored.sum(1)
     return ElboOutput(nll, n, float(nll.sum() / (n.sum().clamp(min=1) * LN2)))
 

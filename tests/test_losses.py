@@ -290,6 +290,52 @@ def test_auxiliary_ar_loss_is_the_next_token_loss_of_the_clean_sequence(tiny_con
     assert torch.allclose(with_ar.loss - plain.loss, 0.5 * causal_lm_loss(ar, x).loss, rtol=1e-4, atol=1e-6)
 
 
+def test_block_diffusion_sft_never_masks_the_prompt_and_scores_the_answer(tiny_config):
+    """With prompt_mask, prompt tokens stay clean and out of the loss: the loss is the block-by-block
+    denoising loss over the answer tokens only, averaged over them."""
+    bs = tiny_config["block_size"]
+    model = make_model(tiny_config, layout="block_causal")
+    B, N = 2, 3 * bs
+    x = ids(B, N)
+    plens = torch.tensor([bs + 2, 2 * bs - 1])  # prompts end inside blocks 1 and 1
+    prompt = torch.arange(N)[None] < plens[:, None]
+    t = torch.tensor([[0.4, 0.6, 0.9], [0.8, 0.3, 0.5]])
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(11))
+    eps = 1e-3
+    out = block_diffusion_loss(model, x, M, bs, t=t, noise=noise, eps=eps, prompt_mask=prompt)
+    p_tok = ((1 - eps) * t + eps).repeat_interleave(bs, dim=1)
+    masked = (noise < p_tok) & ~prompt
+    noisy = torch.where(masked, M, x)
+    total = torch.tensor(0.0)
+    for b in range(N // bs):
+        ctx = torch.cat([x[:, : b * bs], noisy[:, b * bs : (b + 1) * bs]], dim=1)
+        ce = F.cross_entropy(model(ctx).logits[:, b * bs :].transpose(1, 2), x[:, b * bs : (b + 1) * bs],
+                             reduction="none")
+        sl = slice(b * bs, (b + 1) * bs)
+        total = total + (ce * masked[:, sl] / p_tok[:, sl]).sum()
+    assert torch.allclose(out.loss, total / int((~prompt).sum()), rtol=1e-4, atol=1e-6)
+    assert out.num_tokens == int((~prompt).sum()) and out.num_masked == int(masked.sum())
+
+
+def test_causal_sft_scores_only_answer_targets(tiny_config):
+    """prompt_mask removes the prompt's tokens from the targets (with and without BOS); the NLL agrees."""
+    model = make_model(tiny_config, layout="causal")
+    x = ids(2, 9)
+    prompt = torch.arange(9)[None] < torch.tensor([3, 5])[:, None]
+    bos = 5
+    out = causal_lm_loss(model, x, bos_token_id=bos, prompt_mask=prompt)
+    ce = [F.cross_entropy(model(torch.cat([torch.tensor([bos]), x[b, :i]])[None]).logits[0, -1], x[b, i])
+          for b in range(2) for i in range(9) if not prompt[b, i]]
+    assert torch.allclose(out.loss, torch.stack(ce).mean(), rtol=1e-5) and out.num_tokens == len(ce)
+    out2 = causal_lm_loss(model, x, prompt_mask=prompt)
+    ce2 = [F.cross_entropy(model(x[b : b + 1, :i]).logits[0, -1], x[b, i])
+           for b in range(2) for i in range(1, 9) if not prompt[b, i]]
+    assert torch.allclose(out2.loss, torch.stack(ce2).mean(), rtol=1e-5)
+    nll = causal_nll(model, x, bos_token_id=bos, prompt_mask=prompt)
+    assert int(nll.num_tokens.sum()) == len(ce)
+    assert abs(nll.bits_per_token - float(out.loss.detach()) / math.log(2)) < 1e-5
+
+
 def test_masked_diffusion_loss_under_a_causal_model_mask_is_the_causal_models(tiny_config):
     """model_mask replaces the layout: the bidirectional model under a causal 4D mask is the causal model."""
     x = ids(2, 12)

@@ -362,3 +362,32 @@ def test_tokenizer_is_trained_once_and_shared_with_sft(corpus, tmp_path):
     assert b.task.tokenizer.get_vocab() == a.task.tokenizer.get_vocab()
     with pytest.raises(ConfigError, match="other settings"):
         Trainer(tiny(corpus, tmp_path / "c", *common[:-1], "tokenizer.vocab_size=310"))
+
+
+@needs_corpus
+@pytest.mark.parametrize("objective,layout", [("block_diffusion", "block_causal"), ("causal", "causal")])
+def test_sft_pairs_train_block_diffusion_and_causal_models_on_the_answer_only(corpus, tmp_path, objective, layout):
+    """data.format=sft with the block diffusion and causal objectives: the task's loss is the objective's
+    loss with each row's prompt (its SFT prompt length) out of the targets; mdm on pairs is refused."""
+    from latent.losses import block_diffusion_loss, causal_lm_loss
+
+    tr = Trainer(tiny(corpus, tmp_path / objective, f"objective.name={objective}",
+                      f"model.attention_layout={layout}", recipe="text_tiny_sft.yaml"))
+    task, model = tr.task, tr.modules.model
+    b = task.batch(0, tr.stages[0])
+    ids = b["ids"]
+    prompt = torch.arange(ids.shape[1])[None] < b["plens"][:, None]
+    assert bool(prompt.any()) and bool((~prompt).any())
+    got = task.loss(tr.modules, b, None).loss
+    if objective == "causal":
+        want = causal_lm_loss(model, ids, bos_token_id=task.eos, prompt_mask=prompt).loss
+    else:
+        want = block_diffusion_loss(model, ids, task.mask_id, task.block_size, t=b["t"], noise=b["noise"],
+                                    prompt_mask=prompt, per_block_t=task.cfg.objective.per_block_t,
+                                    schedule=task.cfg.objective.schedule, eps=task.cfg.objective.eps).loss
+        plain = block_diffusion_loss(model, ids, task.mask_id, task.block_size, t=b["t"], noise=b["noise"],
+                                     per_block_t=task.cfg.objective.per_block_t).loss
+        assert not torch.allclose(got, plain)  # the prompt really is out of the loss
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="data.format='sft'"):
+        Trainer(tiny(corpus, tmp_path / "mdm", "objective.name=mdm", recipe="text_tiny_sft.yaml"))

@@ -51,13 +51,13 @@ def validation_bound(model, ids: torch.Tensor, objective: str, mask_token_id: in
         g = torch.Generator().manual_seed(int(seed) * 100_003 + i)
         ctx = autocast() if autocast is not None else nullcontext()
         with ctx:
+            target = None
+            if prompt_lengths is not None:
+                pl = prompt_lengths[i * batch_size : (i + 1) * batch_size].to(device)
+                target = torch.arange(x.shape[1], device=device)[None] >= pl[:, None]
             if objective == "causal":
-                out = causal_nll(model, x, bos_token_id=eos_token_id)
+                out = causal_nll(model, x, bos_token_id=eos_token_id, prompt_mask=None if target is None else ~target)
             else:
-                target = None
-                if prompt_lengths is not None:
-                    pl = prompt_lengths[i * batch_size : (i + 1) * batch_size].to(device)
-                    target = torch.arange(x.shape[1], device=device)[None] >= pl[:, None]
                 out = elbo_nll(model, x, mask_token_id, num_samples=num_samples, schedule=schedule,
                                block_size=block_size if objective == "block_diffusion" else None,
                                generator=g, target_mask=target)

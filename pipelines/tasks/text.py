@@ -3,7 +3,8 @@
     python train.py configs/text_tiny.yaml trainer.max_steps=200 model.hidden_size=256
 
 Data: the built-in English corpus (built into ``data.corpus_dir`` on first use, with a BPE tokenizer) or any
-txt/jsonl files and any local HF tokenizer. Objectives (``objective.name``): ``mdm`` (LLaDA / MDLM),
+txt/jsonl files and any local HF tokenizer; ``data.format: sft`` reads prompt/answer pairs, for ``sft``,
+``block_diffusion`` and ``causal`` alike (the prompt conditions, only the answer is a target). Objectives (``objective.name``): ``mdm`` (LLaDA / MDLM),
 ``sft`` (prompt never masked), ``block_diffusion`` ([noisy | clean] in one pass, block_causal layout),
 ``causal`` (next-token loss, causal layout). Evaluation: the validation bound in bits per token (an upper
 bound on the NLL for the diffusion objectives, the exact NLL for AR: comparable across objectives). Adaptation of an
@@ -37,6 +38,13 @@ from latent.training.evaluate import validation_bound
 from latent.training.task import StepLoss, Task, register_task, step_generator
 
 __all__ = ["TextTask", "sample_texts"]
+
+
+def _prompt_mask(batch: dict, ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, N] True on each SFT row's prompt (its first ``plens`` tokens); None for packed text."""
+    if "plens" not in batch:
+        return None
+    return torch.arange(ids.shape[1], device=ids.device)[None] < batch["plens"].to(ids.device)[:, None]
 
 # model-section keys that may change a backbone loaded from model.init_from (the weights stay valid)
 _LAYOUT_KEYS = ("attention_layout", "block_size", "block_alignment", "logit_shift", "attention_backend")
@@ -170,11 +178,11 @@ class TextTask(Task):
         for size in oc.block_curriculum or ():
             if size < 1 or cfg.data.seq_len % size:
                 raise ConfigError(f"objective.block_curriculum size {size} must divide data.seq_len={cfg.data.seq_len}")
-        if (cfg.objective.name == "sft") != (cfg.data.format == "sft"):
-            raise ConfigError(
-                f"objective.name={cfg.objective.name!r} needs data.format="
-                f"{'sft' if cfg.objective.name == 'sft' else 'text'!r} (got {cfg.data.format!r})"
-            )
+        if cfg.objective.name == "sft" and cfg.data.format != "sft":
+            raise ConfigError(f"objective.name='sft' needs data.format='sft' (got {cfg.data.format!r})")
+        if cfg.data.format == "sft" and cfg.objective.name == "mdm":
+            raise ConfigError("data.format='sft' trains with objective.name 'sft' (bidirectional), "
+                              "'block_diffusion' or 'causal' (the prompt is never a target); got 'mdm'")
 
     # ---- build ----------------------------------------------------------------------------------
     def build(self):
@@ -299,9 +307,9 @@ class TextTask(Task):
         elif self.objective == "block_diffusion":
             out = block_diffusion_loss(model, ids, self.mask_id, self._train_block_size(batch["step"]),
                                        per_block_t=oc.per_block_t, complementary=oc.complementary,
-                                       ar_weight=oc.ar_weight, **common)
+                                       ar_weight=oc.ar_weight, prompt_mask=_prompt_mask(batch, ids), **common)
         else:
-            out = causal_lm_loss(model, ids, bos_token_id=self.eos)
+            out = causal_lm_loss(model, ids, bos_token_id=self.eos, prompt_mask=_prompt_mask(batch, ids))
         return StepLoss(out.loss)
 
     def evaluate(self, modules, step):
