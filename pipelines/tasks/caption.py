@@ -13,7 +13,11 @@ mode, so its BatchNorm statistics never move.
 Sequences are [image prefix | prompt | caption + EOS up to gen_length]; the loss is the SFT masked-diffusion
 loss (``latent.losses.sft_loss``) of the caption, the prefix and prompt never masked, with the ``prefix``
 layout so that training matches exact-cache decoding. The images are preprocessed once when the task is
-built; each step draws its rows and noise for the global batch from the step's generator. The export is a
+built; each step draws its rows, noise and (with an ``augment`` section) zoom/shift/flip/colour changes of
+its images for the global batch from the step's generator. Stages may add ``align_weight`` times a
+contrastive loss between the image prefix and the frozen sentence embeddings of the captions
+(:mod:`pipelines.tasks.caption_align`, through the training-only ``align_head`` part), and a stage with
+``caption_weight: 0`` pre-trains the adapter on that loss alone (no backbone forward). The export is a
 ``CaptioningPipeline`` folder with the recipe's decoding defaults; ``experiments/captioning.py`` measures it
 on the evaluation splits with :func:`evaluate_captioner`.
 """
@@ -31,7 +35,8 @@ import torch
 from omegaconf import OmegaConf
 
 from latent.training.config import ConfigError
-from latent.training.task import StepLoss, Task, register_task, step_generator
+from latent.training.task import Stage, StepLoss, Task, register_task, step_generator
+from modalities.image_augment import ImageAugment, augment_images
 from pipelines.tasks.common import (
     Decoding,
     adapter_keys,
@@ -70,6 +75,18 @@ class CaptionTokenizer:
 class CaptionSpec:
     gen_length: int = 16  # caption tokens (EOS-padded; at least one EOS kept)
     prompt: str = ""  # text after the image, never masked
+
+
+@dataclass
+class CaptionAlign:  # the frozen sentence encoder of the align_weight stages
+    encoder_path: str | None = None  # a local sentence-transformers folder; null = the installed all-MiniLM-L6-v2
+    temperature: float = 0.07
+
+
+@dataclass
+class CaptionStage(Stage):
+    caption_weight: float = 1.0  # the captioning loss; 0 = an adapter pre-training stage (no backbone forward)
+    align_weight: float = 0.0  # contrastive alignment of the prefix with the captions' sentence embeddings
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -149,12 +166,14 @@ def encode_captions(tok, captions: list[str], gen_length: int) -> tuple[torch.Lo
 
 
 # ---- loss -----------------------------------------------------------------------------------------
-def caption_loss(adapter, model, pixels, captions, prompt_ids, mask_token_id, t=None, noise=None, generator=None):
+def caption_loss(adapter, model, pixels, captions, prompt_ids, mask_token_id, t=None, noise=None, generator=None,
+                 prefix=None):
     """SFT masked-diffusion loss of the captions [B, G] given the images (prefix) and the prompt ids [B, P];
-    ``t`` [B] and ``noise`` [B, P + G] are the pre-drawn noise levels and mask draws (see sft_loss)."""
+    ``t`` [B] and ``noise`` [B, P + G] are the pre-drawn noise levels and mask draws (see sft_loss);
+    ``prefix``: the adapter's output for ``pixels`` when the caller already has it."""
     from latent.losses import sft_loss
 
-    prefix = adapter(pixels)
+    prefix = adapter(pixels) if prefix is None else prefix
     seq = torch.cat([prompt_ids, captions], dim=1)
     b, plen = seq.shape[0], prompt_ids.shape[1]
     full_mask = None if bool(prefix.mask.all()) else prefix.attention_mask(num_tokens=seq.shape[1])
@@ -170,13 +189,16 @@ def caption_loss(adapter, model, pixels, captions, prompt_ids, mask_token_id, t=
 # ---- the task -------------------------------------------------------------------------------------
 def _part_aliases(trunk: str) -> dict[str, list[str]]:
     return {"projector": ["adapter.*", f"!adapter.{trunk}.*"], "trunk": [f"adapter.{trunk}.*"],
-            "backbone": ["model.*"], "adapter": ["adapter.*"]}
+            "backbone": ["model.*"], "adapter": ["adapter.*"], "align_head": ["align_head.*"]}
 
 
 @register_task("caption")
 class CaptionTask(Task):
-    sections = {"data": CaptionData, "tokenizer": CaptionTokenizer, "caption": CaptionSpec, "decoding": Decoding}
+    sections = {"data": CaptionData, "tokenizer": CaptionTokenizer, "caption": CaptionSpec, "decoding": Decoding,
+                "augment": ImageAugment, "align": CaptionAlign}
     free_sections = ("model", "adapter")
+    stage_class = CaptionStage
+    metric_fields = ("caption_loss", "align_loss")
     aliases = _part_aliases("trunk_model")  # VisionAdapter's trunk; build() reads the adapter's own
     pipeline_components = {"model": "model", "adapter": "vision_adapter"}
     defaults = {
@@ -200,6 +222,17 @@ class CaptionTask(Task):
             raise ConfigError(f"data.kind={cfg.data.kind!r} is not one of {', '.join(KINDS)}")
         if cfg.caption.gen_length < 2:
             raise ConfigError(f"caption.gen_length must be >= 2 (a caption and its EOS), got {cfg.caption.gen_length}")
+        try:
+            ImageAugment(**OmegaConf.to_container(cfg.augment)).check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.align.temperature <= 0:
+            raise ConfigError(f"align.temperature must be > 0, got {cfg.align.temperature}")
+        for i, st in enumerate(cfg.stages):
+            cw, aw = float(st["caption_weight"]), float(st["align_weight"])
+            if cw < 0 or aw < 0 or cw + aw == 0:
+                raise ConfigError(f"stages.{i} ({st['name']}): caption_weight={cw} and align_weight={aw} must be >= 0 "
+                                  "and not both 0")
         # Stage parts are checked here, before the data is built: a part name or a glob over the modules.
         parts = sorted(cls.aliases)
         for i, st in enumerate(cfg.stages):
@@ -265,30 +298,57 @@ class CaptionTask(Task):
             raise ConfigError(f"{adapter.num_prefix_tokens} prefix tokens + the prompt ({len(self.prompt_ids)}) + "
                               f"caption.gen_length ({G}) exceed model.max_position_embeddings="
                               f"{model.config.max_position_embeddings}")
-        pre = adapter.preprocessor
+        self.preprocessor = pre = adapter.preprocessor
         images = tqdm(pairs.images, desc="preprocessing", unit="img", disable=not (ctx.progress and ctx.is_main))
         self.pixels = torch.stack([pre.one(im, i) for i, im in enumerate(images)])
         self.mask_id = int(model.config.mask_token_id)
+        self.augment = ImageAugment(**OmegaConf.to_container(cfg.augment))
+        modules = {"adapter": adapter, "model": model}
+        if any(float(st["align_weight"]) > 0 for st in cfg.stages):
+            from pipelines.tasks.caption_align import AlignHead, sentence_embeddings
+
+            distinct = sorted(set(pairs.captions))
+            group = {c: k for k, c in enumerate(distinct)}
+            self.caption_groups = torch.tensor([group[c] for c in pairs.captions], dtype=torch.long)
+            self.text_embeddings = sentence_embeddings(distinct, cfg.align.encoder_path)
+            modules["align_head"] = AlignHead(width, self.text_embeddings.shape[1])
         dec = cfg.decoding
         self.scheduler = MaskedDiffusionScheduler(block_length=G, commit=dec.commit, threshold=float(dec.threshold),
                                                   cache=dec.cache)  # checks the decoding section now
         ctx.log(f"[caption] {len(self.captions)} training pairs, vocabulary {len(tok)}, "
                 f"{adapter.num_prefix_tokens} prefix tokens per image")
-        return {"adapter": adapter, "model": model}
+        return modules
 
     def batch(self, step, stage):
         B = stage.batch_size or self.cfg.trainer.batch_size
         g = step_generator(self.ctx.seed, step)
         rows = torch.randint(0, len(self.captions), (B,), generator=g)
         t, noise = sft_noise(g, B, len(self.prompt_ids) + self.captions.shape[1])
-        return {"pixels": self.pixels[rows], "captions": self.captions[rows],
-                "prompt": self.prompt_ids.expand(B, -1), "t": t, "noise": noise}
+        pre = self.preprocessor
+        pixels = augment_images(self.pixels[rows], self.augment, g, pre.mean, pre.std)  # after the noise draws
+        out = {"pixels": pixels, "captions": self.captions[rows], "prompt": self.prompt_ids.expand(B, -1), "t": t,
+               "noise": noise}
+        if float(stage.align_weight) > 0:
+            groups = self.caption_groups[rows]
+            out.update(groups=groups, text_embeddings=self.text_embeddings[groups])
+        return out
 
     def loss(self, modules, batch, stage):
         b = {k: v.to(self.ctx.device) for k, v in batch.items()}
-        out = caption_loss(modules.adapter, modules.model, b["pixels"], b["captions"], b["prompt"], self.mask_id,
-                           t=b["t"], noise=b["noise"])
-        return StepLoss(out.loss)
+        cw, aw = float(stage.caption_weight), float(stage.align_weight)
+        prefix = modules.adapter(b["pixels"])
+        total, metrics = 0.0, {}
+        if cw > 0:
+            cap = caption_loss(modules.adapter, modules.model, b["pixels"], b["captions"], b["prompt"], self.mask_id,
+                               t=b["t"], noise=b["noise"], prefix=prefix).loss
+            total, metrics["caption_loss"] = total + cw * cap, float(cap.detach())
+        if aw > 0:
+            from pipelines.tasks.caption_align import contrastive_alignment_loss
+
+            al = contrastive_alignment_loss(modules.align_head(prefix.embeds), b["text_embeddings"], b["groups"],
+                                            float(self.cfg.align.temperature))
+            total, metrics["align_loss"] = total + aw * al, float(al.detach())
+        return StepLoss(total, metrics if aw > 0 else {})
 
     def export(self, modules, folder, stage):
         from pipelines.captioning import CaptioningPipeline
