@@ -1,0 +1,96 @@
+"""Where spoken QA loses the words: the word error rate of the speech encoder's own CTC head (greedy, no
+backbone) beside the ASR pipeline's (encoder -> CTC-pooled semantic slots -> frozen backbone), on the
+same clips. A low CTC WER with a high pipeline WER puts the loss in the semantic adapter / backbone
+reading, not in the encoder. Also the cascade's answer accuracy: the frozen backbone of the spoken-QA stage
+given the CTC transcript as text where the audio would be (next to the true-transcript ceiling).
+
+    python experiments/audio_ctc_diagnostic.py --run runs/audio_spoken_qa --test 200
+Writes experiments/results/audio_ctc_diagnostic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def ctc_greedy(adapter, batch) -> list[list[int]]:
+    """Token ids of the CTC head's best path: argmax per frame, runs collapsed, blanks dropped."""
+    states, mask = adapter.encode(batch)
+    labels = adapter.semantic.ctc_logits(states).argmax(-1)
+    out = []
+    for row, m in zip(labels.tolist(), mask.tolist(), strict=True):
+        ids, prev = [], None
+        for lab, ok in zip(row, m, strict=True):
+            if ok and lab != prev and lab != adapter.semantic.blank:
+                ids.append(lab)
+            prev = lab if ok else prev
+        out.append(ids)
+    return out
+
+
+def main(argv=None) -> int:
+    import jiwer
+
+    from modalities.data.speech import read_split
+    from pipelines.spoken_qa import SpokenQAPipeline
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default="runs/audio_spoken_qa")
+    ap.add_argument("--data", default="data/speech")
+    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "audio_ctc_diagnostic.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    result = {"command": "python " + " ".join(sys.argv), "stages": {}}
+    for stage in ("encoder", "asr"):
+        pipe = SpokenQAPipeline.from_pretrained(str(Path(a.run) / "pipelines" / stage))
+        pipe.set_progress_bar_config(disable=True)
+        adapter, tok = pipe.audio_adapter.eval(), pipe.tokenizer
+        for split in ("test_seen", "test_heldout"):
+            rows = read_split(Path(a.data) / f"{split}.jsonl", limit=a.test)
+            refs, hyps = [], []
+            for lo in range(0, len(rows), 50):
+                chunk = rows[lo : lo + 50]
+                with torch.no_grad():
+                    batch = adapter.preprocess([r["path"] for r in chunk])
+                    hyps += [tok.decode(ids, skip_special_tokens=True).strip() for ids in ctc_greedy(adapter, batch)]
+                refs += [r["transcript"] for r in chunk]
+            wer = jiwer.wer(refs, [h if h else "<empty>" for h in hyps])
+            result["stages"].setdefault(stage, {})[split] = {
+                "ctc_greedy_wer": wer, "clips": len(rows),
+                "examples": [dict(ref=r, ctc=h) for r, h in list(zip(refs, hyps, strict=True))[:4]]}
+            print(f"{stage:8s} {split:13s} CTC greedy WER {wer:.3f}", flush=True)
+    from experiments.audio_spoken_qa import text_oracle
+
+    pipe = SpokenQAPipeline.from_pretrained(str(Path(a.run) / "pipelines" / "sqa"))
+    pipe.set_progress_bar_config(disable=True)
+    for split in ("test_seen", "test_heldout"):
+        rows = read_split(Path(a.data) / f"{split}.jsonl", limit=a.test)
+        ctc_rows = []
+        for lo in range(0, len(rows), 50):
+            chunk = rows[lo : lo + 50]
+            with torch.no_grad():
+                batch = pipe.audio_adapter.preprocess([r["path"] for r in chunk])
+                ids = ctc_greedy(pipe.audio_adapter.eval(), batch)
+            ctc_rows += [{**r, "transcript": pipe.tokenizer.decode(x, skip_special_tokens=True).strip()}
+                         for r, x in zip(chunk, ids, strict=True)]
+        result.setdefault("cascade", {})[split] = {"ctc_transcript_as_text": text_oracle(pipe, ctc_rows),
+                                                   "true_transcript_as_text": text_oracle(pipe, rows)}
+        c = result["cascade"][split]
+        print(f"cascade {split:13s} accuracy {c['ctc_transcript_as_text']['accuracy']:.3f} "
+              f"(true transcript {c['true_transcript_as_text']['accuracy']:.3f})", flush=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print("wrote", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
