@@ -54,7 +54,7 @@ from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 __all__ = [
     "SAMPLE_RATE", "AUDIO_EXTENSIONS", "AudioError", "AudioBatch", "AudioPreprocessor", "load_audio",
     "as_audio_list", "SpeechEncoder", "HFSpeechEncoder", "SemanticAdapter", "AcousticAdapter", "AudioAdapter",
-    "left_align",
+    "left_align", "ctc_best_path",
 ]
 
 SAMPLE_RATE = 16_000
@@ -554,6 +554,19 @@ class HFSpeechEncoder(nn.Module):
         return states, mask
 
 
+def ctc_best_path(logits: torch.Tensor, mask: torch.Tensor, blank: int) -> list[list[int]]:
+    """Greedy CTC decoding of frame logits [B, T, V] with valid-frame mask [B, T]: the argmax label of every valid
+    frame, runs of one label collapsed, blanks dropped. Padded frames are skipped, so a run split by padding is
+    still one token. One list of token ids per row."""
+    labels = logits.argmax(-1).cpu()
+    mask = mask.bool().cpu()
+    out = []
+    for row, valid in zip(labels, mask, strict=True):
+        runs = torch.unique_consecutive(row[valid])
+        out.append(runs[runs != blank].tolist())
+    return out
+
+
 # ---- the two adapters -----------------------------------------------------------------------------------
 class SemanticAdapter(SafeModelMixin, ConfigMixin):
     """Downsampling projector over the last encoder layer, then an MLP to the backbone width.
@@ -591,6 +604,14 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         """[B, T, vocab_size + 1] frame labels of the CTC head (blank = vocab_size)."""
         h = states[-1] if isinstance(states, (list, tuple)) else states
         return self.ctc(h)
+
+    def ctc_best_path(self, states: list[torch.Tensor] | torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Token ids the CTC head reads in each clip (`ctc_best_path` of its logits): a transcript without
+        the backbone."""
+        if self.config.pooling != "ctc":
+            raise ValueError(f"the CTC best path needs semantic pooling='ctc' (a CTC head); this adapter's pooling is "
+                             f"{self.config.pooling!r}.")
+        return ctc_best_path(self.ctc_logits(states), mask, self.blank)
 
     def forward(self, states: list[torch.Tensor] | torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
         h = states[-1] if isinstance(states, (list, tuple)) else states
@@ -839,6 +860,13 @@ class AudioAdapter(ModalityAdapter):
         states = [s.to(dtype) for s in states]
         out = [getattr(self, name)(states, mask) for name in parts]
         return left_align(PrefixEmbeds.cat(out, dim=1))
+
+    @torch.no_grad()
+    def ctc_best_path(self, batch: AudioBatch) -> list[list[int]]:
+        """The token ids the semantic adapter's CTC head reads in each clip (greedy best path; needs
+        semantic_pooling="ctc")."""
+        states, mask = self.encode(batch)
+        return self.semantic.ctc_best_path(states[-1].to(next(self.semantic.parameters()).dtype), mask)
 
     def num_prefix_slots(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid prefix slots of clips with `lengths` valid feature frames (an upper bound with CTC pooling)."""

@@ -8,6 +8,7 @@ out = pipe(audio="question.flac")                                   # answers, t
 out = pipe(audio=[clip_a, (array, 22050)], instruction="table: anna red four.")
 out = pipe(audio=clips, task="transcribe")                          # transcripts
 out = pipe(audio=clips, on_error="record")                          # bad clips -> out.errors, the rest decode
+out = pipe(audio=clips, read="ctc_text")                            # cascade: CTC transcript as text
 print(out.texts)
 ```
 
@@ -15,6 +16,11 @@ Each clip becomes prefix embeddings (`modalities.audio.AudioAdapter`: semantic +
 the left); the task's text prompt follows (the optional instruction, then "answer:" or "transcribe:"); then
 `gen_length` masked positions are decoded by the sampler loop of `latent.sampling`. With the backbone's `prefix`
 layout, audio and prompt attend only among themselves, so their K/V are computed once per call (exact cache).
+
+`read="ctc_text"` reads the audio through text instead (a cascade; needs an adapter with semantic_pooling="ctc"):
+the semantic adapter's CTC head transcribes each clip (`AudioAdapter.ctc_best_path`: argmax per frame, runs
+collapsed, blanks dropped), and the backbone answers from the text prompt "<transcript> <prompt>" with no audio
+prefix, under the same decoding settings. With task="transcribe" the CTC transcript is the output (no backbone).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .base import PipelineOutput, PrefixDiffusionPipeline, check_tokenizer
 __all__ = ["SpokenQAPipeline", "SpokenQAPipelineOutput", "TASKS", "format_prompt"]
 
 TASKS = ("answer", "transcribe")
+READS = ("prefix", "ctc_text")  # how the backbone reads a clip: prefix embeddings, or its CTC transcript as text
 
 
 @dataclass
@@ -41,9 +48,10 @@ class SpokenQAPipelineOutput(PipelineOutput):
     texts: one answer (task="answer") or transcript (task="transcribe") per clip, decoded up to the first EOS;
         None for a clip that failed with on_error="record" (and for every clip with output_type="ids").
     sequences: [B, prompt_len + gen_length] token ids on the CPU (left-padded prompt, then the generated
-        tokens); a failed clip's row holds only padding.
+        tokens; with read="ctc_text" the prompt starts with the transcript, and task="transcribe" gives the
+        left-padded CTC transcript ids); a failed clip's row holds only padding.
     errors: None per clip that decoded, else the error message naming it.
-    nfe: model forward passes (summed over chunks).
+    nfe: backbone forward passes (summed over chunks; 0 for task="transcribe" with read="ctc_text").
 
     `return_dict=False` returns these fields in this order: (texts, sequences, errors, nfe).
     """
@@ -94,7 +102,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
 
     # ---- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, audio, features, instruction, task, gen_length, batch_size, on_error, output_type,
-                     callback, callback_on_step_end_tensor_inputs) -> list[str]:
+                     callback, callback_on_step_end_tensor_inputs, read: str = "prefix") -> list[str]:
         if (audio is None) == (features is None):
             raise ValueError("Give exactly one of `audio` (path, array, tensor, (array, sr), or a list) or `features`.")
         if features is not None and not isinstance(features, AudioBatch):
@@ -103,6 +111,23 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             raise AudioError("`features` holds no clips.")
         if task not in TASKS:
             raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+        if read not in READS:
+            raise ValueError(f"`read` must be one of {READS}, got {read!r}.")
+        if read == "ctc_text":
+            pooling = self.audio_adapter.config.semantic_pooling
+            if pooling != "ctc":
+                raise ValueError(
+                    f"read='ctc_text' transcribes with the semantic adapter's CTC head, but this audio_adapter has "
+                    f"semantic_pooling={pooling!r} (no CTC head). Use read='prefix', or an adapter built with "
+                    "semantic_pooling='ctc' and ctc_vocab_size=len(tokenizer).")
+            if self.audio_adapter.config.ctc_vocab_size > len(self.tokenizer):
+                raise ValueError(
+                    f"read='ctc_text': the CTC head labels {self.audio_adapter.config.ctc_vocab_size} tokens but the "
+                    f"tokenizer has {len(self.tokenizer)}; its transcript cannot be decoded. Use read='prefix', or "
+                    "the tokenizer the adapter was trained with.")
+            if task == "transcribe" and self._trajectory_log is not None:
+                raise ValueError("trajectory=True records the backbone's decoding, but task='transcribe' with "
+                                 "read='ctc_text' runs no backbone; drop trajectory=True or use read='prefix'.")
         if instruction is not None and not isinstance(instruction, str):
             if not isinstance(instruction, (list, tuple)) or not all(isinstance(p, (str, type(None))) for p in instruction):
                 raise ValueError(f"`instruction` must be a str or a list of str, got {type(instruction).__name__}.")
@@ -117,6 +142,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         instruction: str | list[str | None] | None = None,
         *,
         task: str = "answer",
+        read: str = "prefix",
         features: AudioBatch | None = None,
         sampling_rate: int | None = None,
         gen_length: int | None = None,
@@ -146,6 +172,10 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             instruction: optional text before the task prompt (one for all clips, or one per clip), e.g. a table
                 the question is about.
             task: "answer" (default) or "transcribe".
+            read: how the backbone reads the audio. "prefix" (default): the adapter's prefix embeddings before
+                the prompt. "ctc_text": a cascade; the CTC head's greedy transcript goes in as text,
+                "<transcript> <prompt>", with no audio prefix (task="transcribe" returns that transcript without
+                the backbone). Needs an adapter with semantic_pooling="ctc".
             gen_length: tokens to decode (default: the pipeline's gen_length, or transcribe_length for transcripts).
             block_length: decoding block (default: the largest divisor of gen_length up to the scheduler's;
                 a block_causal model's block_size).
@@ -168,7 +198,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         if gen_length is None:
             gen_length = self.config.gen_length if task == "answer" else self.config.transcribe_length
         names = self.check_inputs(audio, features, instruction, task, gen_length, batch_size, on_error, output_type,
-                                  callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs, read)
         if features is None:
             clips = as_audio_list(audio)
             n = len(clips)
@@ -197,8 +227,25 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             error_types=(AudioError,), output_type=output_type, block_length=block_length, steps=steps,
             threshold=threshold, temperature=temperature, remasking=remasking, cache=cache,
             eos_early_stop=eos_early_stop, generator=generator, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=names, **sampler_kwargs,
+            callback_on_step_end_tensor_inputs=names, read=read, backbone=task == "answer", **sampler_kwargs,
         )
         self.maybe_free_model_hooks()
         out = SpokenQAPipelineOutput(texts=texts, sequences=sequences, errors=errors, nfe=nfe)
         return out if return_dict else out.to_tuple()
+
+    def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, read: str = "prefix",
+                      backbone: bool = True, **decode):
+        """read="prefix": the base class's prefix decode. read="ctc_text": the CTC transcript of each clip becomes
+        text before its prompt and the backbone decodes from text alone; without `backbone` (transcribe) the
+        transcript is the result."""
+        if read == "prefix":
+            return super()._decode_chunk(batch, prompts, gen_length, output_type, **decode)
+        ids = self.audio_adapter.ctc_best_path(batch)
+        transcripts = [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+        if not backbone:
+            seq = torch.full((len(ids), max(map(len, ids))), self.pad_token_id, dtype=torch.long)
+            for row, x in zip(seq, ids, strict=True):
+                row[row.shape[0] - len(x) :] = torch.tensor(x, dtype=torch.long)
+            return seq, (transcripts if output_type == "text" else None), 0
+        return super()._decode_chunk(None, [f"{t} {p}".strip() for t, p in zip(transcripts, prompts, strict=True)],
+                                     gen_length, output_type, **decode)

@@ -8,7 +8,7 @@ import torch
 
 from latent import DiffusionTransformer
 from latent.scheduler import MaskedDiffusionScheduler
-from modalities.audio import AudioAdapter, AudioError
+from modalities.audio import AudioAdapter, AudioError, ctc_best_path
 from modalities.data import speech
 from pipelines.spoken_qa import SpokenQAPipeline, format_prompt
 
@@ -32,13 +32,13 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer(str(d / "t.txt"), d / "tok", vocab_size=330, min_frequency=1)
 
 
-def build(tokenizer, commit="threshold"):
+def build(tokenizer, commit="threshold", **adapter_kwargs):
     torch.manual_seed(0)
     model = DiffusionTransformer(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
                                  mask_token_id=tokenizer.mask_token_id, max_position_embeddings=96,
                                  attention_layout="prefix").eval()
     adapter = AudioAdapter(hidden_size=32, encoder_dim=32, encoder_layers=1, encoder_heads=2, n_mels=16,
-                           acoustic_queries=2, acoustic_heads=2, max_seconds=2.0).eval()
+                           acoustic_queries=2, acoustic_heads=2, max_seconds=2.0, **adapter_kwargs).eval()
     sched = MaskedDiffusionScheduler(block_length=8, commit=commit, threshold=0.9)
     pipe = SpokenQAPipeline(adapter, model, tokenizer, sched, gen_length=4, transcribe_length=8)
     pipe.set_progress_bar_config(disable=True)
@@ -152,6 +152,99 @@ def test_save_load_one_folder(pipe, tmp_path):
     import pipelines
 
     assert pipelines.SpokenQAPipeline is SpokenQAPipeline
+
+
+# ---- read="ctc_text": the CTC head's transcript as text (a cascade)
+def best_path_loop(logits, mask, blank):
+    """Greedy CTC by hand: argmax per valid frame, a label repeating the previous valid frame's is one token."""
+    out = []
+    for row, valid in zip(logits.argmax(-1).tolist(), mask.tolist(), strict=True):
+        ids, prev = [], None
+        for label, ok in zip(row, valid, strict=True):
+            if not ok:
+                continue
+            if label != prev and label != blank:
+                ids.append(label)
+            prev = label
+        out.append(ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ctc_pipe(tokenizer):
+    return build(tokenizer, semantic_pooling="ctc", ctc_vocab_size=len(tokenizer))
+
+
+def test_ctc_best_path_against_a_loop():
+    blank = 4
+    labels = torch.tensor([[1, 1, 4, 1, 2, 2, 4, 4],   # a blank splits a repeat: two 1s
+                           [3, 3, 0, 0, 0, 3, 4, 2],   # padding (last 3 frames) is ignored
+                           [2, 4, 4, 2, 2, 4, 2, 4]])  # padded frames inside a run of 2 do not split it
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1, 1, 1, 1, 0, 0, 0, 1]]).bool()
+    logits = torch.nn.functional.one_hot(labels, 5).float() + 0.01 * torch.randn(3, 8, 5)
+    assert ctc_best_path(logits, mask, blank) == [[1, 1, 2], [3, 0], [2, 2]]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, 5, generator=g) * 3
+    mask = torch.rand(6, 40, generator=g) > 0.3
+    mask[0] = False  # a clip without valid frames reads nothing
+    assert ctc_best_path(logits, mask, blank) == best_path_loop(logits, mask, blank)
+
+
+def ctc_prompts(pipe, clips, instructions):
+    """The cascade's text prompts built by hand: the CTC best path decoded, then the answer prompt."""
+    a = pipe.audio_adapter
+    batch = a.preprocess(clips)
+    states, mask = a.encode(batch)
+    ids = best_path_loop(a.semantic.ctc_logits(states), mask, a.semantic.blank)
+    texts = [pipe.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    return ids, texts, [f"{t} {pipe.prompt_text('answer', i)}" for t, i in zip(texts, instructions, strict=True)]
+
+
+def test_ctc_text_answers_equal_the_sampler_on_the_transcript_prompt(ctc_pipe):
+    clips = [tone(0.3, seed=1), tone(0.6, 500, seed=2), tone(0.4, 700, seed=3)]
+    instructions = [None, "table: anna red four.", None]
+    _, texts, prompts = ctc_prompts(ctc_pipe, clips, instructions)
+    assert all(texts)  # the untrained head reads some tokens in every clip, so the prompts differ from "answer:"
+    tok = ctc_pipe.tokenizer
+    ids, mask = ctc_pipe.encode_prompt(prompts)
+    for knobs, sampler_knobs in (({}, dict(block_length=4, commit="threshold", threshold=0.9)),
+                                 (dict(steps=4, threshold=None, cache="none", eos_early_stop=False),
+                                  dict(block_length=4, commit="schedule", steps=4, cache="none"))):
+        out = ctc_pipe(audio=clips, instruction=instructions, read="ctc_text", **knobs)
+        sampler = ctc_pipe.scheduler.sampler(ctc_pipe.model, gen_length=4, mask_token_id=tok.mask_token_id,
+                                             eos_token_id=tok.eos_token_id,
+                                             eos_early_stop=knobs.get("eos_early_stop", True), **sampler_knobs)
+        ref = sampler(ctc_pipe.model, ids, mask)
+        assert torch.equal(out.sequences, ref.sequences) and out.nfe == ref.nfe
+        assert out.texts == ctc_pipe.decode(ref.sequences[:, ids.shape[1] :])
+    # a bad clip is recorded, the others decode as alone
+    mixed = ctc_pipe(audio=[clips[0], np.zeros(8000, np.float32), clips[1]], instruction=instructions,
+                     read="ctc_text", on_error="record")
+    assert mixed.texts[1] is None and "silent" in mixed.errors[1] and mixed.errors[0] is None
+    for row, clip, ins in ((0, clips[0], instructions[0]), (2, clips[1], instructions[2])):
+        alone = ctc_pipe(audio=clip, instruction=ins, read="ctc_text")
+        width = alone.sequences.shape[1]
+        assert mixed.texts[row] == alone.texts[0] and torch.equal(mixed.sequences[row, -width:], alone.sequences[0])
+    assert ctc_pipe(audio=clips, instruction=instructions, read="ctc_text", batch_size=2).texts == out.texts
+
+
+def test_ctc_text_transcribe_returns_the_best_path_and_errors(ctc_pipe, pipe):
+    clips = [tone(0.3, seed=4), tone(0.9, 450, seed=5)]
+    ids, texts, _ = ctc_prompts(ctc_pipe, clips, [None, None])
+    out = ctc_pipe(audio=clips, task="transcribe", read="ctc_text")
+    assert out.texts == texts and out.nfe == 0
+    width = max(map(len, ids))
+    assert out.sequences.shape == (2, width)
+    for row, x in zip(out.sequences.tolist(), ids, strict=True):
+        assert row[width - len(x) :] == x and set(row[: width - len(x)]) <= {ctc_pipe.pad_token_id}
+    with pytest.raises(ValueError, match="read='ctc_text'.*semantic_pooling='stack'.*read='prefix'"):
+        pipe(audio=clips, read="ctc_text")
+    with pytest.raises(ValueError, match="`read` must be one of"):
+        ctc_pipe(audio=clips, read="ctc")
+    with pytest.raises(ValueError, match="pooling='ctc'"):
+        pipe.audio_adapter.ctc_best_path(pipe.audio_adapter.preprocess(clips))
+    with pytest.raises(ValueError, match="trajectory=True"):
+        ctc_pipe(audio=clips, task="transcribe", read="ctc_text", trajectory=True)
 
 
 # ---- the task's alignment loss (pipelines/tasks/spoken_qa.py; its training tests: test_spoken_qa_task.py)
