@@ -205,6 +205,22 @@ def text_prompts(tokenizer_dir: str, n: int, length: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def timed_batches(prompts: torch.Tensor, batch: int, decode) -> tuple[list, int, float]:
+    """decode(chunk) -> (output, forwards) over the prompts in batches of `batch`, after one warm-up batch
+    that is not counted: the outputs in order, the forwards and the seconds of the counted batches."""
+    outputs, nfe, elapsed = [], 0, 0.0
+    for i in range(-1, len(prompts) // batch):
+        chunk = prompts[max(i, 0) * batch : (max(i, 0) + 1) * batch]
+        start = time.perf_counter()
+        with torch.no_grad():
+            out, calls = decode(chunk)
+        if i >= 0:
+            elapsed += time.perf_counter() - start
+            nfe += calls
+            outputs.append(out)
+    return outputs, nfe, elapsed
+
+
 def run_text_config(spec: dict, queue) -> None:
     """One text decoder in a fresh process: every prompt at batch 1 and at batch 8 (after a warm-up call)."""
     torch.set_num_threads(spec["threads"])
@@ -212,24 +228,20 @@ def run_text_config(spec: dict, queue) -> None:
     model = DiffusionTransformer.from_pretrained(Path(spec["model"]) / "model").eval()
     prompts = torch.tensor(spec["prompts"])
     row = dict(name=spec["name"])
-    for batch in (1, 8):
-        seqs, nfe, elapsed = [], 0, 0.0
-        for i in range(-1, len(prompts) // batch):  # -1 warms up and is not counted
-            chunk = prompts[max(i, 0) * batch : (max(i, 0) + 1) * batch]
-            start = time.perf_counter()
-            with torch.no_grad():
-                if spec["engine"] == "ar":
-                    from latent.sampling import autoregressive_generate
 
-                    out = autoregressive_generate(model, chunk, a.text_gen)
-                elif spec["engine"] == "llada2":
-                    out = _llada2_text(model, chunk, a, spec["knobs"]["threshold"])
-                else:
-                    out = generate(model, chunk, gen_length=a.text_gen, block_length=spec["block"], **spec["knobs"])
-            if i >= 0:
-                elapsed += time.perf_counter() - start
-                nfe += out.nfe
-                seqs.append(out.sequences)
+    def decode(chunk):
+        if spec["engine"] == "ar":
+            from latent.sampling import autoregressive_generate
+
+            out = autoregressive_generate(model, chunk, a.text_gen)
+        elif spec["engine"] == "llada2":
+            out = _llada2_text(model, chunk, a, spec["knobs"]["threshold"])
+        else:
+            out = generate(model, chunk, gen_length=a.text_gen, block_length=spec["block"], **spec["knobs"])
+        return out.sequences, out.nfe
+
+    for batch in (1, 8):
+        seqs, nfe, elapsed = timed_batches(prompts, batch, decode)
         row[f"batch{batch}"] = dict(tokens_per_s=len(prompts) * a.text_gen / elapsed, seconds=elapsed,
                                     forwards_per_sequence=nfe * batch / len(prompts))
         row.setdefault("sequences", torch.cat(seqs).tolist())

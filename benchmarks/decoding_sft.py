@@ -26,13 +26,12 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import _llada2, export_llama, in_own_process, peak_rss_mib  # noqa: E402 - shared bench helpers
+from decoding import _llada2, export_llama, in_own_process, peak_rss_mib, timed_batches  # noqa: E402 - shared bench helpers
 
 from latent import DiffusionTransformer  # noqa: E402
 from latent.sampling import autoregressive_generate, generate  # noqa: E402
@@ -104,16 +103,8 @@ def run_sft_config(spec: dict, queue) -> None:
     eos, prompts = spec["eos"], torch.tensor(spec["prompts"])
     row = dict(name=spec["name"])
     for batch in (1, 8):
-        answers, nfe, elapsed = [], 0, 0.0
-        for i in range(-1, len(prompts) // batch):  # -1 warms up and is not counted
-            chunk = prompts[max(i, 0) * batch : (max(i, 0) + 1) * batch]
-            start = time.perf_counter()
-            with torch.no_grad():
-                gen, calls = decode_batch(model, chunk, spec, a, eos)
-            if i >= 0:
-                elapsed += time.perf_counter() - start
-                nfe += calls
-                answers += answer_ids(gen, eos)
+        gens, nfe, elapsed = timed_batches(prompts, batch, lambda chunk: decode_batch(model, chunk, spec, a, eos))
+        answers = [x for gen in gens for x in answer_ids(gen, eos)]
         tokens = sum(len(x) + 1 for x in answers)  # the answer and its EOS
         row[f"batch{batch}"] = dict(answers_per_s=len(prompts) / elapsed, tokens_per_s=tokens / elapsed,
                                     seconds=elapsed, forwards_per_answer=nfe * batch / len(prompts))
