@@ -40,12 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"block_causal": "runs/text_tiny_sft_bd3/pipeline", "causal": "runs/text_tiny_sft_ar/pipeline"}
 
 
-def sft_prompts(tokenizer_dir: str, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
+def sft_prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
     """n held-out prompts of the most common token length (as SFTStream writes them: prompt + newline),
     and their reference answers."""
-    from latent.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
     by_len = collections.defaultdict(list)
     with open(REPO / "data" / "english" / "sft_valid.jsonl") as f:
         for line in f:
@@ -128,9 +125,9 @@ def main(argv=None) -> None:
     for folder in MODELS.values():
         if not (Path(folder) / "model" / "config.json").exists():
             sys.exit(f"{folder} is missing: train it first (python train.py configs/{Path(folder).parent.name}.yaml)")
-    tok_dir = str(Path(MODELS["causal"]) / "tokenizer")
-    eos = load_tokenizer(tok_dir).eos_token_id
-    prompts, refs = sft_prompts(tok_dir, args.prompts)
+    tok = load_tokenizer(str(Path(MODELS["causal"]) / "tokenizer"))
+    eos = tok.eos_token_id
+    prompts, refs = sft_prompts(tok, args.prompts)
     llama = export_llama(str(Path(MODELS["causal"]) / "model"), Path(args.work))
     bc = "block_causal"
     eos_stop = dict(eos_early_stop=True)
@@ -154,7 +151,6 @@ def main(argv=None) -> None:
     import sacrebleu
 
     rows = []
-    tok = load_tokenizer(tok_dir)
     for name, layout, engine, knobs in configs:
         spec = dict(name=name, model=llama if engine == "hf" else MODELS[layout], engine=engine, knobs=knobs,
                     args=vars(args), threads=args.threads, prompts=prompts, block=16, eos=eos)

@@ -346,9 +346,8 @@ def block_diffusion_loss(
     if complementary and not isinstance(sched, LinearSchedule):
         raise ValueError("complementary masks need the linear schedule (the complement's level 1 - p is then uniform)")
     nb = -(-N // block_size)
-    valid = _valid_mask(input_ids, attention_mask)
-    if prompt_mask is not None:
-        valid = valid & ~prompt_mask.bool()
+    real = _valid_mask(input_ids, attention_mask)
+    valid = real if prompt_mask is None else real & ~prompt_mask.bool()  # the tokens that may be targets
     t = _times(t, (B, nb) if per_block_t else (B,), generator, low_discrepancy, input_ids.device)
     s = (1.0 - eps) * t + eps
     if per_block_t:
@@ -371,8 +370,7 @@ def block_diffusion_loss(
     copies = 2 if complementary else 1
     loss = (ce * w_tok[masked]).sum() / max(copies * num_tokens, 1)
     if ar_weight:
-        loss = loss + ar_weight * _autoregressive_ce(model, input_ids, _valid_mask(input_ids, attention_mask),
-                                                     model_kwargs)
+        loss = loss + ar_weight * _autoregressive_ce(model, input_ids, real, model_kwargs)
     return LossOutput(loss, num_tokens, int(masked.sum()))
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_decoders_more import commit_top, proposals, row_logits, stored_kv_forward
+from test_decoders_more import commit_top, masked_canvas, proposals, row_logits, stored_kv_forward
 from test_sampling import MaskLogitOff, backbone_inputs, tiny_backbone, top_by_confidence
 
 from latent.sampling import Sampler, create_part, generate
@@ -49,9 +49,7 @@ def plain_freecache(model, prompt, mask, *, gen_length, block_length, steps, ref
     just finished."""
     batch, plen = prompt.shape
     p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
-    x = torch.cat([prompt, torch.full((batch, gen_length), MASK_ID)], 1)
-    keep = torch.cat([torch.ones(batch, p, dtype=torch.bool) if prefix_mask is None else prefix_mask.bool(),
-                      mask.bool(), torch.ones(batch, gen_length, dtype=torch.bool)], 1)
+    x, keep = masked_canvas(prompt, mask, gen_length, MASK_ID, prefix_embeds, prefix_mask)
     per_block, nfe, gap = steps // (gen_length // block_length), 0, 0.0
     frozen = latest = None
     frozen_to = 0

@@ -421,6 +421,16 @@ def test_pipelines_select_the_verifier_by_name():
 # =====================================================================================================
 # dKV-Cache (decode variant)
 # =====================================================================================================
+def masked_canvas(prompt, mask, gen_length, mask_id, prefix_embeds=None, prefix_mask=None):
+    """The reference loops' start: the prompt then gen_length masks, and the key mask over prefix + canvas."""
+    batch = prompt.shape[0]
+    p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+    x = torch.cat([prompt, torch.full((batch, gen_length), mask_id)], 1)
+    keep = torch.cat([torch.ones(batch, p, dtype=torch.bool) if prefix_mask is None else prefix_mask.bool(),
+                      mask.bool(), torch.ones(batch, gen_length, dtype=torch.bool)], 1)
+    return x, keep
+
+
 def stored_kv_forward(model, ids, prefix_embeds, keep, store, reuse):
     """One plain forward of the backbone in which the K/V of slots `reuse` [B, S] are taken from `store`
     (per layer (k, v) [B, Hkv, S, d]) instead of being computed; every other slot's K/V are computed from
@@ -456,9 +466,7 @@ def plain_dkv(model, prompt, mask, *, gen_length, block_length, steps, refresh, 
     mask_id = model.config.mask_token_id
     batch, plen = prompt.shape
     p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
-    x = torch.cat([prompt, torch.full((batch, gen_length), mask_id)], 1)
-    keep = torch.cat([torch.ones(batch, p, dtype=torch.bool) if prefix_mask is None else prefix_mask.bool(),
-                      mask.bool(), torch.ones(batch, gen_length, dtype=torch.bool)], 1)
+    x, keep = masked_canvas(prompt, mask, gen_length, mask_id, prefix_embeds, prefix_mask)
     per_block, nfe, gap = steps // (gen_length // block_length), 0, 0.0
     for b in range(gen_length // block_length):
         block = range(plen + b * block_length, plen + (b + 1) * block_length)

@@ -19,6 +19,13 @@ from .registry import part_name
 from .step import block_logits, decode_step
 
 
+def ends_full_blocks(parts: dict) -> bool:
+    """Whether a revision, verifier or stopping part ends a block once it is full, so a fixed-step rule does
+    not run its remaining zero-quota steps."""
+    return bool(parts["revision"].ends_full_blocks or parts["verifier"].ends_full_blocks
+                or getattr(parts["stopping"], "ends_full_blocks", False))
+
+
 def retire_rows(state, parts: dict, keep: torch.Tensor) -> None:
     """Keep the active rows where `keep` (bool [b]) is True; the cache part keeps their K/V."""
     rows_before = len(state.rows)
@@ -63,10 +70,7 @@ class RowBlocks:
         if bool((masked & (step >= self.fixed)).any()):
             raise RuntimeError(f"a row's block still has masks after the commit rule's {self.fixed} steps; a step "
                                "callback must keep a fixed-step block on its schedule.")
-        parts = self.parts
-        ends = (parts["revision"].ends_full_blocks or parts["verifier"].ends_full_blocks
-                or getattr(parts["stopping"], "ends_full_blocks", False))
-        return masked if ends else masked | (step < self.fixed)
+        return masked if ends_full_blocks(self.parts) else masked | (step < self.fixed)
 
     def advance(self, state) -> None:
         """Before a forward: rows whose block is done start their next one; rows past the last leave."""

@@ -30,7 +30,7 @@ from .checks import check_inputs, check_model, model_config_value
 from .config import SamplerConfig
 from .output import SamplerOutput
 from .registry import create_part, part_name
-from .row_blocks import decode_rows_independently, retire_rows
+from .row_blocks import decode_rows_independently, ends_full_blocks, retire_rows
 from .state import DecodeState, decoding_bounds, grid_origin, key_padding_mask
 from .stopping import first_eos
 from .trajectory import TrajectoryRecorder
@@ -238,9 +238,7 @@ def _block_continues(state: DecodeState, parts: dict, step: int, fixed: int | No
         )
     if parts["revision"].wants_step(step, fixed):
         return True
-    ends = (parts["revision"].ends_full_blocks or parts["verifier"].ends_full_blocks
-            or getattr(parts["stopping"], "ends_full_blocks", False))
-    return fixed is not None and step < fixed and not ends
+    return fixed is not None and step < fixed and not ends_full_blocks(parts)
 
 
 def _replace_canvas(canvas: torch.Tensor, new) -> None:
