@@ -36,6 +36,8 @@ docs/sampling.md describes the sampler loop and its parts; README.md the pipelin
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import math
 import numbers
 import os
@@ -187,6 +189,21 @@ def callback_tensor_inputs(callback, names: list[str] | None, allowed: list[str]
 
 
 # ---- loading --------------------------------------------------------------------------------------
+PROJECT_PACKAGES = ("latent", "autoencoders", "modalities", "pipelines")
+
+
+def import_project_components(model_index: str) -> None:
+    """Import this project's modules that ``model_index.json`` names, so a pipeline loads in a fresh
+    interpreter: diffusers loads a component only from a library already imported. Only the project's own
+    packages are imported; any other library name is left to diffusers (which refuses unknown ones)."""
+    with open(model_index) as f:
+        index = json.load(f)
+    for value in index.values():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            if value[0].split(".")[0] in PROJECT_PACKAGES:
+                importlib.import_module(value[0])
+
+
 class LocalPipelineMixin:
     """`from_pretrained` from a local folder written by `save_pretrained` only; a hub id or a folder without
     model_index.json is refused with an error saying what to give instead. Put it before
@@ -214,6 +231,7 @@ class LocalPipelineMixin:
                 f"{cls.__name__}.save_pretrained()."
             )
         kwargs.setdefault("local_files_only", True)
+        import_project_components(os.path.join(path, "model_index.json"))
         pipe = super().from_pretrained(path, **kwargs)
         if quantization is not None:
             from latent.quantization import quantize_with

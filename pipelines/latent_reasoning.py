@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from latent.continuous import GaussianDiffusion, check_finite, check_scheduler, sample_latents
@@ -42,7 +43,8 @@ from latent.joint import JointLossOutput, joint_loss, joint_sample
 
 from .base import LocalPipelineMixin, PipelineOutput, callback_tensor_inputs, decode_texts
 
-__all__ = ["LatentReasoningPipeline", "LatentReasoningOutput", "reasoning_layout", "latent_reasoning_loss"]
+__all__ = ["LatentReasoningPipeline", "LatentReasoningOutput", "reasoning_layout", "latent_reasoning_loss",
+           "LatentReasoningLossOutput"]
 
 
 def reasoning_layout(
@@ -111,8 +113,12 @@ def latent_reasoning_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     latent_noise: torch.Tensor | None = None,
-) -> JointLossOutput:
-    """Training loss of the pipeline: masked-diffusion CE on the answer + ``lam`` * MSE on noisy thoughts.
+    thought_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    thought_ids: torch.Tensor | None = None,
+    thought_ce: float = 0.0,
+) -> LatentReasoningLossOutput:
+    """Training loss of the pipeline: masked-diffusion CE on the answer + ``lam`` * MSE on noisy thoughts
+    (+ ``thought_ce`` * the decoder-aware term below).
 
     ``thought_latents``: ``[B, K, k, C]`` clean (scaled) VAE latents. Each block gets its own noise level;
     the model sees a clean copy of every block beside the noisy one (:func:`reasoning_layout`), so block b
@@ -122,8 +128,21 @@ def latent_reasoning_loss(
     Random draws made by the caller instead of ``generator``: ``uncond_noise`` ``[B]`` (uniform; a row is
     unconditional where it is below ``p_uncond``), ``timesteps`` ``[B, K]`` (one per block), and ``t``,
     ``noise``, ``latent_noise`` as :func:`latent.joint.joint_loss` takes them.
+
+    Decoder-aware term (``thought_ce > 0``): the clean latents the model implies for each noisy block are
+    decoded by ``thought_decoder`` (diffusion-scale latents ``[n, k, C]`` -> logits ``[n, L, V]``, the frozen
+    VAE decoder) and scored by cross-entropy against ``thought_ids`` ``[B, K, L]``, the steps' tokens. The
+    MSE weighs every latent direction alike; this term weighs them by what the decoded step needs, so a
+    latent that decodes to the wrong digit costs more than one that is off in a direction the decoder
+    ignores.
     """
     B, K, k, C = thought_latents.shape
+    if thought_ce < 0:
+        raise ValueError(f"thought_ce (the decoded-thought CE weight) must be >= 0, got {thought_ce}")
+    if thought_ce > 0 and (thought_decoder is None or thought_ids is None):
+        raise ValueError("thought_ce > 0 needs thought_decoder (latents -> logits) and thought_ids [B, K, L]")
+    if thought_ids is not None and tuple(thought_ids.shape[:2]) != (B, K):
+        raise ValueError(f"thought_ids must be [B, K, L] with B={B}, K={K}; got {tuple(thought_ids.shape)}")
     Q, A = question_ids.shape[1], answer_ids.shape[1]
     if p_uncond > 0:
         u = uncond_noise if uncond_noise is not None else torch.rand(B, generator=generator)
@@ -137,18 +156,34 @@ def latent_reasoning_loss(
     if timesteps is None:
         timesteps = diffusion.sample_timesteps((B, K), generator, ids.device)
     timesteps = timesteps.to(ids.device).repeat_interleave(k, dim=1)
+    implied_x0 = []
 
     def forward(noisy_ids, latents, timestep, attention_mask=None, **kw):
         out = model(noisy_ids, latents=torch.cat([clean, latents], 1),
                     timestep=torch.cat([torch.zeros_like(timestep), timestep], 1),
                     attention_mask=mask, position_ids=pos)
         out.latent_pred = out.latent_pred[:, K * k :]
+        if thought_ce > 0:
+            implied_x0.append(diffusion.predict_x0(out.latent_pred, latents, timesteps))
         return out
 
     if latent_noise is not None:
         latent_noise = latent_noise.reshape(B, K * k, C)
-    return joint_loss(forward, ids, clean, mask_token_id, diffusion, lam=lam, prompt_mask=prompt,
-                      timesteps=timesteps, t=t, noise=noise, latent_noise=latent_noise, generator=generator)
+    out = joint_loss(forward, ids, clean, mask_token_id, diffusion, lam=lam, prompt_mask=prompt,
+                     timesteps=timesteps, t=t, noise=noise, latent_noise=latent_noise, generator=generator)
+    tce = torch.zeros((), device=ids.device)
+    if thought_ce > 0:
+        logits = thought_decoder(implied_x0[-1].reshape(B * K, k, C))
+        tce = F.cross_entropy(logits.transpose(1, 2), thought_ids.reshape(B * K, -1).to(logits.device))
+    return LatentReasoningLossOutput(out.loss + thought_ce * tce, out.ce, out.mse, out.num_masked, tce)
+
+
+@dataclass
+class LatentReasoningLossOutput(JointLossOutput):
+    """:class:`latent.joint.JointLossOutput` plus ``thought_ce``: the decoded-thought cross-entropy (0 when
+    its weight is 0)."""
+
+    thought_ce: torch.Tensor | None = None
 
 
 @dataclass
@@ -224,7 +259,7 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
         return torch.tensor(rows, dtype=torch.long, device=self.model.device)
 
     def check_inputs(self, num_thought_blocks, num_inference_steps, guidance_scale, scheduler, latents, batch,
-                     callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str]:
+                     callback_on_step_end, callback_on_step_end_tensor_inputs, thought_latents=None) -> list[str]:
         if not isinstance(num_thought_blocks, int) or num_thought_blocks < 1:
             raise ValueError(
                 f"num_thought_blocks must be an int >= 1 (the answer is conditioned on the thoughts), got "
@@ -241,6 +276,13 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
             if tuple(latents.shape) != want:
                 raise ValueError(f"latents (initial noise) must be [B, K, k, latent_dim]={want}, got {tuple(latents.shape)}.")
             check_finite(latents, "latents")
+        if thought_latents is not None:
+            t = tuple(thought_latents.shape)
+            if len(t) != 4 or t[0] != batch or t[2:] != (k, C) or not 1 <= t[1] <= num_thought_blocks:
+                raise ValueError(f"thought_latents (the given first blocks) must be [B, K', k, latent_dim] with B={batch}, "
+                                 f"1 <= K' <= num_thought_blocks={num_thought_blocks}, k={k}, latent_dim={C}; "
+                                 f"got {t}.")
+            check_finite(thought_latents, "thought_latents")
         self._check_modules(self.model, self.thought_vae, self.tokenizer)
         return callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                       self._callback_tensor_inputs, ["latents"])
@@ -283,6 +325,7 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
         scheduler=None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        thought_latents: torch.Tensor | None = None,
         decode_thoughts: bool = True,
         output_type: str = "text",
         callback_on_step_end: Callable[[Any, int, Any, dict], dict | None] | None = None,
@@ -300,6 +343,9 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
             scheduler: any diffusers scheduler whose prediction type is the model's (default: the pipeline's).
             generator: seeds the initial noise (and stochastic schedulers).
             latents: initial noise ``[B, K, k, C]`` instead of drawing it.
+            thought_latents: the first ``K'`` thought blocks given ``[B, K', k, C]`` (diffusion scale, e.g.
+                ``thought_vae.to_diffusion`` of chosen steps); only blocks ``K'..K-1`` are generated, so
+                ``K' = K`` answers from the given thoughts alone.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict | None`` after every
                 thought step (``step`` counts over all blocks; ``callback_kwargs["block"]`` says which), or a
                 diffusers ``PipelineCallback``; a returned ``"latents"`` replaces the current block's latents.
@@ -314,18 +360,19 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
         q_ids = self.encode_question(question) if question_ids is None else question_ids.to(self.model.device)
         B = q_ids.shape[0]
         names = self.check_inputs(K, num_inference_steps, guidance_scale, scheduler, latents, B,
-                                  callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs, thought_latents)
         vae = self.thought_vae
         k, C = vae.config.num_latents, vae.config.latent_dim
         device = self.model.device
         if latents is None:
             latents = torch.randn((B, K, k, C), generator=generator).to(device)
         latents = latents.to(device)
-        done = torch.zeros(B, 0, C, device=device)
+        given = 0 if thought_latents is None else thought_latents.shape[1]
+        done = torch.zeros(B, 0, C, device=device) if not given else thought_latents.to(device).reshape(B, given * k, C)
         step_count = [0]
         nfe = 0
-        with self.progress_bar(total=K * num_inference_steps) as bar:
-            for b in range(K):
+        with self.progress_bar(total=(K - given) * num_inference_steps) as bar:
+            for b in range(given, K):
                 def on_step(i, t, lat, b=b, finished=done):
                     bar.update()
                     step_count[0] += 1

@@ -82,6 +82,86 @@ def test_loss_respects_block_causality(parts):
     torch.testing.assert_close(o1.hidden_states[:, :Q], o3.hidden_states[:, :Q])
 
 
+def test_decoded_thought_ce_matches_a_plain_computation(parts):
+    model, vae, tok, _ = parts
+    g = torch.Generator().manual_seed(3)
+    qi = torch.randint(5, 23, (2, Q), generator=g)
+    ai = torch.randint(5, 23, (2, A), generator=g)
+    z = torch.randn(2, K, k, C, generator=g)
+    steps = torch.randint(5, 23, (2, K, vae.config.max_length), generator=g)
+    d = GaussianDiffusion("v_prediction")
+    ts, t = torch.randint(0, 1000, (2, K), generator=g), torch.rand(2, generator=g)
+    noise, eps = torch.rand(2, Q + A, generator=g), torch.randn(2, K, k, C, generator=g)
+    kw = dict(lam=0.5, timesteps=ts, t=t, noise=noise, latent_noise=eps)
+
+    def decoder(lat):
+        return vae.decode(lat / 2.0)
+
+    base = latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, **kw)
+    out = latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, thought_decoder=decoder,
+                                thought_ids=steps, thought_ce=0.3, **kw)
+    # the plain computation: the noisy copies' forward, v -> x0 = a x_t - b v, decode, CE on the steps
+    mask, pos = reasoning_layout(2, Q, A, k, K, K, range(K))
+    tk = ts.repeat_interleave(k, dim=1)
+    abar = d.alphas_cumprod[tk][..., None].float()
+    x_t = abar.sqrt() * z.reshape(2, K * k, C) + (1 - abar).sqrt() * eps.reshape(2, K * k, C)
+    noisy_ids = torch.cat([qi, torch.where(noise[:, Q:] < (1 - 1e-3) * t[:, None] + 1e-3,
+                                           torch.full_like(ai, tok.mask_token_id), ai)], 1)
+    time = torch.cat([torch.zeros(2, K * k), tk.float() / 1000], 1)
+    v = model(noisy_ids, latents=torch.cat([z.reshape(2, K * k, C), x_t], 1), timestep=time,
+              attention_mask=mask, position_ids=pos).latent_pred[:, K * k :]
+    x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * v
+    want = torch.nn.functional.cross_entropy(decoder(x0.reshape(2 * K, k, C)).transpose(1, 2), steps.reshape(2 * K, -1))
+    torch.testing.assert_close(out.thought_ce, want)
+    torch.testing.assert_close(out.loss, base.loss + 0.3 * want)
+    torch.testing.assert_close(out.mse, base.mse)
+    assert float(base.thought_ce) == 0.0
+    # it trains the backbone through the implied latents, never the frozen decoder
+    vae.requires_grad_(False)
+    model.zero_grad()
+    out.thought_ce.backward()
+    assert model.latent_out.weight.grad is not None and model.latent_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="thought_ce > 0 needs thought_decoder"):
+        latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, thought_ce=1.0, **kw)
+    with pytest.raises(ValueError, match="thought_ids must be"):
+        latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, thought_ce=1.0, thought_decoder=decoder,
+                              thought_ids=steps[:, :1], **kw)
+
+
+def test_given_thoughts_are_kept_and_the_rest_generated_as_without_them(parts):
+    pipe = make_pipe(parts)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, K, k, C, generator=torch.Generator().manual_seed(4))
+    full = pipe(["7+8", "2*3"], num_inference_steps=2, latents=noise)
+    # giving the first block the run produced reproduces the run exactly, with that block's forwards saved
+    part = pipe(["7+8", "2*3"], num_inference_steps=2, latents=noise, thought_latents=full.thought_latents[:, :1])
+    torch.testing.assert_close(part.thought_latents, full.thought_latents)
+    assert part.answers == full.answers and part.nfe == full.nfe - 2
+    # all blocks given: only the answer runs, on exactly these thoughts
+    mine = torch.randn(2, K, k, C, generator=torch.Generator().manual_seed(5))
+    given = pipe(["7+8", "2*3"], thought_latents=mine)
+    torch.testing.assert_close(given.thought_latents, mine)
+    assert given.nfe == A
+    with pytest.raises(ValueError, match=r"thought_latents \(the given first blocks\) must be"):
+        pipe(["7+8", "2*3"], thought_latents=mine[:1])
+    with pytest.raises(ValueError, match=r"thought_latents \(the given first blocks\) must be"):
+        pipe(["7+8", "2*3"], num_thought_blocks=1, thought_latents=mine)
+
+
+def test_pipeline_loads_in_a_fresh_interpreter(parts, tmp_path):
+    """Loading must not rely on the caller having imported the project's component modules."""
+    import subprocess
+    import sys
+
+    make_pipe(parts).save_pretrained(tmp_path)
+    code = ("from pipelines.latent_reasoning import LatentReasoningPipeline as P; import sys; "
+            f"p = P.from_pretrained({str(tmp_path)!r}); "
+            "assert 'autoencoders.thought_vae' in sys.modules; print(type(p.thought_vae).__name__)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ThoughtVAE")
+
+
 @pytest.mark.parametrize("sched", ["ddim", "dpm"])
 def test_pipeline_runs_with_schedulers_and_callback(parts, sched):
     pipe = make_pipe(parts)

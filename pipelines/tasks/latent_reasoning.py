@@ -62,6 +62,7 @@ class ReasoningObjective:
     lam: float = 1.0  # latent: loss = CE(answer) + lam * MSE(noisy thought blocks)
     p_uncond: float = 0.1  # latent: rows whose question is masked (classifier-free guidance)
     prediction_type: str = "v_prediction"
+    thought_ce: float = 0.0  # latent: weight of the CE of the decoded implied clean thoughts (0 = off)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def reasoning_scores(pipe, problems, block_steps: int, batch_size: int = 100, gu
 class LatentReasoningTask(JointTask):
     sections = {"data": ReasoningData, "objective": ReasoningObjective,
                 "thought_vae": PretrainedRef, "eval": ReasoningEval}
-    metric_fields = ("ce", "mse")
+    metric_fields = ("ce", "mse", "thought_ce")
     eval_fields = ("acc", "acc_d1", "acc_d2", "acc_d3", "acc_d4", "thought_step_acc")
     defaults = {"trainer": {"batch_size": 64},
                 "thought_vae": {"path": "runs/latent_thought_vae", "recipe": "configs/latent_thought_vae.yaml"}}
@@ -105,6 +106,8 @@ class LatentReasoningTask(JointTask):
         o = cfg.objective
         if o.lam < 0:
             raise ConfigError(f"objective.lam must be >= 0, got {o.lam}")
+        if o.thought_ce < 0:
+            raise ConfigError(f"objective.thought_ce must be >= 0, got {o.thought_ce}")
         if not 0 <= o.p_uncond < 1:
             raise ConfigError(f"objective.p_uncond must be in [0, 1), got {o.p_uncond}")
         for key in ("data.thought_blocks", "eval.block_steps"):
@@ -129,7 +132,7 @@ class LatentReasoningTask(JointTask):
         from autoencoders.thought_vae import ThoughtVAE
 
         folder = pretrained_folder(self.cfg.thought_vae, "thought_vae", "ThoughtVAE", self.ctx.is_main)
-        self.vae = vae = ThoughtVAE.from_pretrained(folder).eval()
+        self.vae = vae = ThoughtVAE.from_pretrained(folder).eval().requires_grad_(False)
         vc, C, K = vae.config, model.config.latent_dim, self.cfg.data.thought_blocks
         if vc.latent_dim != C:
             raise ConfigError(f"model.latent_dim={C} but the thought VAE in {str(folder)!r} has latent_dim="
@@ -140,6 +143,7 @@ class LatentReasoningTask(JointTask):
         steps = [s for p in self.train_set for s in (p.steps + [p.steps[-1]] * K)[:K]]
         ids = encode_fixed(self.tokenizer, steps, vc.max_length, self.tokenizer.pad_token_id, eos=True)
         z = torch.cat([vae.to_diffusion(ids[i : i + 1024]) for i in range(0, len(ids), 1024)])
+        self.thought_ids = ids.view(len(self.train_set), K, vc.max_length)
         vae.to(self.ctx.device)
         return z.view(len(self.train_set), K, vc.num_latents, C)
 
@@ -148,7 +152,7 @@ class LatentReasoningTask(JointTask):
             return super().draw(g, idx)
         B, N = len(idx), self.ids.shape[1]
         z = self.latents[idx]
-        return {"ids": self.ids[idx], "latents": z, "uncond_noise": torch.rand(B, generator=g),
+        return {"ids": self.ids[idx], "latents": z, "thought_ids": self.thought_ids[idx], "uncond_noise": torch.rand(B, generator=g),
                 "timesteps": self.diffusion.sample_timesteps((B, z.shape[1]), g), "t": sample_times(B, g),
                 "noise": torch.rand(B, N, generator=g), "latent_noise": torch.randn(z.shape, generator=g)}
 
@@ -162,8 +166,13 @@ class LatentReasoningTask(JointTask):
         out = latent_reasoning_loss(modules.model, b["ids"][:, :Q], b["ids"][:, Q:], b["latents"],
                                     self.tokenizer.mask_token_id, self.diffusion, lam=o.lam, p_uncond=o.p_uncond,
                                     uncond_noise=b["uncond_noise"], timesteps=b["timesteps"], t=b["t"],
-                                    noise=b["noise"], latent_noise=b["latent_noise"])
-        return StepLoss(out.loss, {"ce": out.ce.item(), "mse": out.mse.item()})
+                                    noise=b["noise"], latent_noise=b["latent_noise"], thought_ce=o.thought_ce,
+                                    thought_decoder=self.decode_thoughts, thought_ids=b["thought_ids"])
+        return StepLoss(out.loss, {"ce": out.ce.item(), "mse": out.mse.item(), "thought_ce": out.thought_ce.item()})
+
+    def decode_thoughts(self, latents: torch.Tensor) -> torch.Tensor:
+        """Logits of the steps that diffusion-scale thought latents decode to (the frozen VAE decoder)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor)
 
     def pipeline(self, modules):
         """The LatentReasoningPipeline over the live backbone and the frozen thought VAE."""
