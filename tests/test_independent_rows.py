@@ -42,8 +42,10 @@ def alone(model, ids, mask=None, **run):
     ("prefix", "prefix_exact", {}),
     ("block_causal", "none", {}),
     ("block_causal", "prefix_exact", dict(masked_logits_only=True)),
+    ("block_causal", "block_exact", {}),
+    ("block_causal", "block_exact", dict(masked_logits_only=True)),
 ], ids=["bidir-none", "bidir-none-masked-logits", "bidir-none-cfg", "prefix-prefix_exact", "block_causal-none",
-        "block_causal-prefix_exact-masked-logits"])
+        "block_causal-prefix_exact-masked-logits", "block_causal-block_exact", "block_causal-block_exact-masked-logits"])
 @pytest.mark.parametrize("padded", [False, True], ids=["equal_prompts", "left_padded"])
 def test_each_row_decodes_as_it_would_alone(rule, layout, cache, extra, padded):
     backbone = tiny_backbone(layout)
@@ -58,7 +60,7 @@ def test_each_row_decodes_as_it_would_alone(rule, layout, cache, extra, padded):
                                                    callback_on_step_end=lambda s, c, info: blocks.append(info["block"]))
     shared = generate(model, ids, mask, **run)
     assert torch.equal(out.sequences[:, -GEN:], want)
-    prefill = int(cache == "prefix_exact")  # the prompt's one forward
+    prefill = int(cache in ("prefix_exact", "block_exact"))  # the prompt's one forward
     assert torch.equal(out.steps, want_nfe - prefill)  # each row takes part in as many forwards as alone
     assert out.nfe == int(want_nfe.max())  # the batch, as many as its slowest row
     assert out.nfe <= shared.nfe
@@ -67,6 +69,9 @@ def test_each_row_decodes_as_it_would_alone(rule, layout, cache, extra, padded):
         assert apart
     else:  # a fixed step count per block: the rows move in step, as in the shared loop
         assert not apart and torch.equal(out.sequences, shared.sequences) and out.nfe == shared.nfe
+    if cache == "block_exact":  # the cache saves work: fewer positions run than without it
+        plain = Sampler(row_blocks="independent", **{**run, "cache": "none"})(model, ids, mask)
+        assert torch.equal(plain.sequences, out.sequences) and out.forward_tokens < plain.forward_tokens
     if extra.get("masked_logits_only"):  # logits at each row's own masked positions only: the same tokens
         every = generate(model, ids, mask, row_blocks="independent", **{**run, "masked_logits_only": False})
         assert torch.equal(every.sequences, out.sequences)
@@ -101,24 +106,30 @@ def test_noise_at_batch_one_is_the_shared_loops(knobs):
     assert not torch.equal(other.sequences, out.sequences)  # the noise really decides tokens
 
 
-def prefix_cache_reference(model, ids, threshold, eos=None):
-    """Fast-dLLM's prefix cache for rows with blocks of their own, written plainly: a forward when some
-    active row starts a block refreshes the cache (a full forward; the cache keeps the K/V before the
-    earliest active row's block); the other forwards run that point onward against the stale K/V. Each
-    row commits its own block by the threshold rule; a row leaves after its last block, or, with `eos`,
-    once its answer up to an EOS is decoded (the rest becomes EOS)."""
+def approx_cache_reference(model, ids, threshold, eos=None, dual=False):
+    """Fast-dLLM's approximate caches for rows with blocks of their own, written plainly. A forward when some
+    active row starts a block refreshes the cache (a full forward); the other forwards run against its
+    stale K/V. Prefix cache: they run from the earliest active row's block at the refresh to the canvas end.
+    Dual cache (`dual`): they run only the span of the active rows' blocks, and a row leaving also forces a
+    refresh (the span moves). Each row commits its own block by the threshold rule; a row leaves after its
+    last block, or, with `eos`, once its answer up to an EOS is decoded (the rest becomes EOS)."""
     batch, plen = ids.shape
     x = torch.cat([ids, torch.full((batch, GEN), MASK)], 1)
     n, keep = x.shape[1], torch.ones(batch, plen + GEN, dtype=torch.bool)
     block, step, stopped = [0] * batch, [0] * batch, [False] * batch
-    nfe, fresh_from, x_ref = 0, None, None
+    nfe, fresh_from, x_ref, was_active = 0, None, None, None
     while True:
         active = [r for r in range(batch) if block[r] < GEN // BLOCK and not stopped[r]]
         if not active:
             return x, nfe
-        if any(step[r] == 0 for r in active):
+        left = was_active is not None and active != was_active
+        was_active = active
+        span = (min(plen + block[r] * BLOCK for r in active), max(plen + (block[r] + 1) * BLOCK for r in active))
+        if any(step[r] == 0 for r in active) or (dual and left):
             logits, x_ref = model(x).logits, x.clone()
-            fresh_from = min(plen + block[r] * BLOCK for r in active)
+            fresh_from = span[0]
+        elif dual:
+            logits = stale_forward(model, x_ref, x, span[0], span[1], None, keep, span)
         else:
             logits = stale_forward(model, x_ref, x, fresh_from, n, None, keep, (fresh_from, n))
         nfe += 1
@@ -141,18 +152,19 @@ def prefix_cache_reference(model, ids, threshold, eos=None):
                 x[r, plen + first :], stopped[r] = eos, True
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("eos", [None, 8], ids=["all_blocks", "eos_early_stop"])
-def test_approximate_prefix_cache_refreshes_when_a_row_starts_a_block(eos):
+def test_approximate_caches_refresh_when_a_row_starts_a_block(eos, cache):
     # with EOS 8 the row furthest behind leaves while the others are mid-block: the next forward must still
     # start where the cache ends, before the blocks of the rows left
     model = MaskLogitOff(tiny_backbone("bidirectional"))
     ids = equal_length_prompts(seed=7)
     with torch.no_grad():
-        want, want_nfe = prefix_cache_reference(model, ids, threshold=0.5, eos=eos)
-    run = dict(gen_length=GEN, block_length=BLOCK, **RULES["threshold"])
+        want, want_nfe = approx_cache_reference(model, ids, threshold=0.9, eos=eos, dual=cache == "dual")
+    run = dict(gen_length=GEN, block_length=BLOCK, commit="threshold", threshold=0.9)
     if eos is not None:
         run.update(eos_token_id=eos, eos_early_stop=True)
-    out = generate(model, ids, row_blocks="independent", cache="prefix", **run)
+    out = generate(model, ids, row_blocks="independent", cache=cache, **run)
     assert torch.equal(out.sequences, want) and out.nfe == want_nfe
     assert out.forward_tokens < generate(model, ids, row_blocks="independent", **run).forward_tokens
     assert eos is None or out.finished.any() and not out.finished.all()
@@ -206,7 +218,7 @@ def test_callback_and_trajectory_see_each_rows_own_block():
 
 
 @pytest.mark.parametrize("knobs", [
-    dict(cache="dual"), dict(cache="block_exact"), dict(cache="freecache"), dict(commit="saber"),
+    dict(cache="dual", dual_refresh_every=2), dict(cache="freecache"), dict(commit="saber"),
     dict(revision="rcr"), dict(verifier="freedave"), dict(stopping="prophet"), dict(stopping="dynamic_block"),
     dict(revision="editing_threshold"), dict(row_blocks="per_row"),
 ])

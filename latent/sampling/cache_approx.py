@@ -41,14 +41,20 @@ class ApproxDualCache(ApproxPrefixCache):
     def __init__(self, dual_refresh_every: int = 1):
         self.every = int(dual_refresh_every)
         self.kv = None
+        self.rows_left = False
 
     @classmethod
     def from_config(cls, config):
         return cls(dual_refresh_every=config.dual_refresh_every)
 
     def logits(self, state):
+        # With independent rows (row_blocks) the block is the span of the rows' blocks. It is refreshed when
+        # some row starts a block or a row has left (the span moves), so between refreshes every forward
+        # rewrites the same span and the K/V outside it are the refresh's.
         start, end = state.block_start, state.block_end
-        if state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
+        moved = self.rows_left and state.row_blocks is not None
+        self.rows_left = False
+        if moved or state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
             out = state.forward(0, state.canvas_len, use_cache=True)
             self.kv = out.past_key_values
             return out.logits, 0
@@ -56,3 +62,7 @@ class ApproxDualCache(ApproxPrefixCache):
         out = state.forward(lo, end, past_key_values=self.kv, cache_position=state.prefix_len + lo, use_cache=True)
         self.kv = out.past_key_values
         return out.logits, lo
+
+    def select(self, index):
+        super().select(index)
+        self.rows_left = True

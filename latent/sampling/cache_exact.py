@@ -64,7 +64,9 @@ class ExactBlockCache(ExactPrefixCache):
     layouts = ("block_causal",)
 
     def logits(self, state):
-        block_start, end = state.model_block(state.block_start)
+        # With independent rows (row_blocks) the cache ends at the earliest row's model block and the forward
+        # runs to the furthest row's; the finished blocks in between run again, exactly (block-causal).
+        block_start, end = state.model_block(state.block_start)[0], state.visible_end()
         lo = 0 if self.kv is None else self.cached_to
         grow = block_start > (-1 if self.kv is None else lo) and state.prefix_len + block_start > 0
         out = state.forward(lo, end, past_key_values=self.kv, use_cache=grow)

@@ -20,7 +20,7 @@ ROW_BLOCKS = ("shared", "independent")
 INDEPENDENT_ROW_PARTS = {
     "proposal": ("argmax", "gumbel"), "commit": ("threshold", "factor", "schedule"), "revision": ("none",),
     "stopping": ("block_full", "eos_early_stop"), "guidance": ("none", "cfg"),
-    "cache": ("none", "prefix_exact", "prefix"), "verifier": ("none",),
+    "cache": ("none", "prefix_exact", "block_exact", "prefix", "dual"), "verifier": ("none",),
 }
 
 
@@ -250,6 +250,12 @@ class SamplerConfig:
             raise ValueError(f"`row_blocks` must be one of {ROW_BLOCKS}, got {self.row_blocks!r}.")
         if self.row_blocks == "shared":
             return
+        if part_name(names["cache"]) == "dual" and self.dual_refresh_every != 1:
+            raise ValueError(
+                f"row_blocks='independent' refreshes the dual cache whenever a row starts a block, so "
+                f"dual_refresh_every={self.dual_refresh_every!r} has no meaning there; use dual_refresh_every=1 "
+                "or row_blocks='shared'."
+            )
         for slot, allowed in INDEPENDENT_ROW_PARTS.items():
             name = part_name(names[slot])
             if name not in allowed:
