@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from latent.continuous import GaussianDiffusion, check_finite, check_scheduler, sample_latents
-from latent.joint import JointLossOutput, joint_loss, joint_sample
+from latent.joint import JointLossOutput, joint_loss, joint_sample, pure_noise_timestep
 
 from .base import LocalPipelineMixin, PipelineOutput, callback_tensor_inputs, decode_texts
 
@@ -116,6 +116,7 @@ def latent_reasoning_loss(
     thought_decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     thought_ids: torch.Tensor | None = None,
     thought_ce: float = 0.0,
+    self_thought_rows: torch.Tensor | None = None,
 ) -> LatentReasoningLossOutput:
     """Training loss of the pipeline: masked-diffusion CE on the answer + ``lam`` * MSE on noisy thoughts
     (+ ``thought_ce`` * the decoder-aware term below).
@@ -135,6 +136,12 @@ def latent_reasoning_loss(
     MSE weighs every latent direction alike; this term weighs them by what the decoded step needs, so a
     latent that decodes to the wrong digit costs more than one that is off in a direction the decoder
     ignores.
+
+    ``self_thought_rows`` ``[B]`` (bool): in these rows the thoughts that the answer and the later blocks
+    read are the model's own, not the data's: each block's clean-latent estimate from pure noise (one
+    extra forward without gradient, every block beside the data's earlier blocks). Trained on clean data
+    thoughts only, the answer learns to copy the last thought and trusts a wrong sampled one; these rows
+    teach it, and each block, how far the model's own thoughts can be trusted. Targets stay the data's.
     """
     B, K, k, C = thought_latents.shape
     if thought_ce < 0:
@@ -157,9 +164,22 @@ def latent_reasoning_loss(
         timesteps = diffusion.sample_timesteps((B, K), generator, ids.device)
     timesteps = timesteps.to(ids.device).repeat_interleave(k, dim=1)
     implied_x0 = []
+    read = clean  # the thoughts that the answer and the later blocks see
+    if self_thought_rows is not None and bool(self_thought_rows.any()):
+        rows = self_thought_rows.to(ids.device).bool()
+        with torch.no_grad():
+            k_max = torch.full_like(timesteps, pure_noise_timestep(diffusion))
+            eps = latent_noise if latent_noise is not None else torch.randn(clean.shape, generator=generator)
+            x_max = diffusion.add_noise(clean, eps.reshape(B, K * k, C).to(clean.device), k_max)
+            guess = model(torch.cat([question_ids, torch.full_like(answer_ids, mask_token_id)], 1),
+                          latents=torch.cat([clean, x_max], 1),
+                          timestep=torch.cat([torch.zeros_like(k_max), diffusion.model_time(k_max)], 1).float(),
+                          attention_mask=mask, position_ids=pos).latent_pred[:, K * k :]
+            own = diffusion.predict_x0(guess.to(clean.dtype), x_max, k_max)
+        read = torch.where(rows[:, None, None], own, clean)
 
     def forward(noisy_ids, latents, timestep, attention_mask=None, **kw):
-        out = model(noisy_ids, latents=torch.cat([clean, latents], 1),
+        out = model(noisy_ids, latents=torch.cat([read, latents], 1),
                     timestep=torch.cat([torch.zeros_like(timestep), timestep], 1),
                     attention_mask=mask, position_ids=pos)
         out.latent_pred = out.latent_pred[:, K * k :]

@@ -347,6 +347,24 @@ def test_examples_are_deterministic_and_voices_held_out():
             assert e.answer == rows[words[-1]][0 if "colour" in words else 1]
 
 
+def test_wide_voice_set_changes_only_voices_and_keeps_held_out_voices_unheard():
+    six, wide = speech.make_split("train", 200), speech.make_split("train", 200, voices="wide")
+    # the same questions, answers, rates, pitches and noise: only the voice is drawn from another set
+    strip = [{**vars(e), "voice": None} for e in six]
+    assert strip == [{**vars(e), "voice": None} for e in wide]
+    assert {e.voice for e in wide} <= set(speech.VOICE_SETS["wide"]) and len({e.voice for e in wide}) > 40
+    held_accents = {v.split("+")[0] for v in speech.HELD_OUT_VOICES}
+    held_variants = {v.split("+")[1] for v in speech.HELD_OUT_VOICES}
+    for v in speech.VOICE_SETS["wide"]:
+        accent, _, variant = v.partition("+")
+        assert accent not in held_accents and variant not in held_variants, v
+    # the held-out split is the same whatever the training voice set
+    assert speech.make_split("test_heldout", 30, voices="wide") == speech.make_split("test_heldout", 30)
+    assert speech.VOICE_SETS["six"] == speech.TRAIN_VOICES
+    with pytest.raises(ValueError, match="voices must be one of"):
+        speech.make_example("train", 0, voices="many")
+
+
 def test_noise_snr():
     x = tone(1.0)
     y = speech.add_noise(x, 20.0, seed=0)

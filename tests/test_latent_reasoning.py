@@ -128,6 +128,42 @@ def test_decoded_thought_ce_matches_a_plain_computation(parts):
                               thought_ids=steps[:, :1], **kw)
 
 
+def test_self_thought_rows_read_the_models_own_one_step_thoughts(parts):
+    model, _, tok, _ = parts
+    g = torch.Generator().manual_seed(6)
+    qi = torch.randint(5, 23, (2, Q), generator=g)
+    ai = torch.randint(5, 23, (2, A), generator=g)
+    z = torch.randn(2, K, k, C, generator=g)
+    d = GaussianDiffusion("v_prediction")
+    kw = dict(lam=0.5, timesteps=torch.randint(0, 1000, (2, K), generator=g), t=torch.full((2,), 0.9),
+              noise=torch.rand(2, Q + A, generator=g), latent_noise=torch.randn(2, K, k, C, generator=g))
+    base = latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, **kw)
+    assert base.num_masked > 0
+    none = latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, self_thought_rows=torch.zeros(2, dtype=torch.bool), **kw)
+    torch.testing.assert_close(none.loss, base.loss)
+    # the plain computation: every block's x0 from pure noise (x_T = a_T z + b_T eps, beside the data's
+    # earlier blocks), then the same loss with those estimates where the data's clean thoughts were read
+    mask, pos = reasoning_layout(2, Q, A, k, K, K, range(K))
+    abar = d.alphas_cumprod[-1].float()
+    eps = kw["latent_noise"].reshape(2, K * k, C)
+    x_max = abar.sqrt() * z.reshape(2, K * k, C) + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        v = model(torch.cat([qi, torch.full_like(ai, tok.mask_token_id)], 1),
+                  latents=torch.cat([z.reshape(2, K * k, C), x_max], 1),
+                  timestep=torch.cat([torch.zeros(2, K * k), torch.full((2, K * k), 0.999)], 1),
+                  attention_mask=mask, position_ids=pos).latent_pred[:, K * k :]
+    own = abar.sqrt() * x_max - (1 - abar).sqrt() * v
+
+    def reads_own(ids, latents, **m):
+        return model(ids, latents=torch.cat([own, latents[:, K * k :]], 1), **m)
+
+    want = latent_reasoning_loss(reads_own, qi, ai, z, tok.mask_token_id, d, **kw)
+    out = latent_reasoning_loss(model, qi, ai, z, tok.mask_token_id, d, self_thought_rows=torch.ones(2, dtype=torch.bool), **kw)
+    torch.testing.assert_close(out.loss, want.loss)
+    assert not torch.allclose(out.ce, base.ce)  # the answer read other thoughts ...
+    assert not torch.allclose(out.mse, base.mse)  # ... and so did the later blocks
+
+
 def test_given_thoughts_are_kept_and_the_rest_generated_as_without_them(parts):
     pipe = make_pipe(parts)
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,9 @@ short answer (the target of stage 2), sometimes with a text instruction that the
 
 Voices: espeak-ng English voices and variants, each clip at a random rate and pitch with white noise at a
 random SNR. `HELD_OUT_VOICES` never appear in the training split: the `test_heldout` split uses only them,
-`test_seen` uses the training voices on new questions. Everything is a pure function of (split, index,
+`test_seen` uses the training voices on new questions. The training voice set is "six" (`TRAIN_VOICES`,
+the default) or "wide" (`VOICE_SETS["wide"]`: 6 accents x 12 variants, none of them held out), which only
+changes each clip's voice. Everything is a pure function of (split, index,
 seed), and the build is reproducible byte for byte (espeak-ng is deterministic; the noise comes from a
 seeded generator):
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "SPLITS", "Example", "make_example", "make_split",
+    "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "VOICE_SETS", "SPLITS", "split_voices", "Example", "make_example", "make_split",
     "espeak_available", "synthesize", "build_split", "build_dataset", "read_split", "add_noise",
     "render",
 ]
@@ -50,8 +52,20 @@ KINDS = ("arithmetic", "counting", "table")
 # (espeak-ng voice with variant, label); the held-out ones are different accents AND different variants.
 TRAIN_VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb-x-rp+m3", "en-029+m2", "en-gb-x-gbclan+f2")
 HELD_OUT_VOICES = ("en-gb-scotland+m4", "en-gb-x-gbcwmd+f4")
+# "wide": every training accent (plus New York) with every variant but the held-out ones (m4, f4): 72 voices
+# where "six" has 6, so the encoder hears many speakers; the held-out accents and variants stay unheard.
+_WIDE_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
+_WIDE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f5", "+klatt")
+VOICE_SETS = {"six": TRAIN_VOICES, "wide": tuple(a + v for a in _WIDE_ACCENTS for v in _WIDE_VARIANTS)}
 # "text": questions for training the backbone on text only (never synthesised; its voices are unused)
 SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES, "text": TRAIN_VOICES}
+
+
+def split_voices(split: str, voices: str = "six") -> tuple[str, ...]:
+    """The voices a split draws from: the held-out test split always its own, the others the voice set's."""
+    if voices not in VOICE_SETS:
+        raise ValueError(f"voices must be one of {sorted(VOICE_SETS)}, got {voices!r}.")
+    return HELD_OUT_VOICES if split == "test_heldout" else VOICE_SETS[voices]
 _SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003, "text": 3_000_017}
 RATE_RANGE = (130, 200)  # words per minute (espeak -s)
 PITCH_RANGE = (25, 75)  # espeak -p, 0..99
@@ -109,8 +123,9 @@ def _table(rng: random.Random) -> tuple[str, str, str]:
     return f"what number has {names[i]}", NUMBERS[numbers[i]], instruction
 
 
-def make_example(split: str, index: int, seed: int = 0) -> Example:
-    """The `index`-th example of a split (a pure function of split, index and seed)."""
+def make_example(split: str, index: int, seed: int = 0, voices: str = "six") -> Example:
+    """The `index`-th example of a split (a pure function of split, index, seed and voice set; only the
+    voice differs between voice sets)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
     rng = random.Random(f"{seed}-{_SPLIT_SEED[split]}-{index}")
@@ -123,14 +138,24 @@ def make_example(split: str, index: int, seed: int = 0) -> Example:
     else:
         transcript, answer, instruction = _table(rng)
     return Example(
-        transcript=transcript, answer=answer, instruction=instruction, kind=kind, voice=rng.choice(SPLITS[split]),
+        transcript=transcript, answer=answer, instruction=instruction, kind=kind, voice=_voice(rng, split, index, seed, voices),
         rate=rng.randint(*RATE_RANGE), pitch=rng.randint(*PITCH_RANGE), snr_db=round(rng.uniform(*SNR_RANGE), 2),
         seed=rng.randrange(2**31),
     )
 
 
-def make_split(split: str, n: int, seed: int = 0) -> list[Example]:
-    return [make_example(split, i, seed) for i in range(n)]
+def _voice(rng: random.Random, split: str, index: int, seed: int, voices: str) -> str:
+    """The example's voice. The example's own generator draws from the six-voice set whatever `voices` is,
+    so every other field stays the same; another set replaces that draw by one from its own generator."""
+    six = rng.choice(SPLITS[split])
+    if voices == "six" or split == "test_heldout":
+        split_voices(split, voices)  # validates `voices`
+        return six
+    return random.Random(f"voice-{seed}-{_SPLIT_SEED[split]}-{index}").choice(split_voices(split, voices))
+
+
+def make_split(split: str, n: int, seed: int = 0, voices: str = "six") -> list[Example]:
+    return [make_example(split, i, seed, voices) for i in range(n)]
 
 
 # ---- synthesis ------------------------------------------------------------------------------------------
@@ -172,20 +197,20 @@ def render(ex: Example) -> tuple[np.ndarray, int]:
 
 
 def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, workers: int = 2,
-                progress: bool = True) -> Path:
+                progress: bool = True, voices: str = "six") -> Path:
     """Synthesise `n` examples of `split` into <out>/<split>/ and write <out>/<split>.jsonl; existing
-    complete builds (same n, same seed) are kept. Returns the index path."""
+    complete builds (same n, seed and voice set) are kept. Returns the index path."""
     import soundfile as sf
     from tqdm.auto import tqdm
 
     out = Path(out)
     index = out / f"{split}.jsonl"
     stamp = out / f".{split}.built"
-    key = json.dumps({"n": n, "seed": seed})
+    key = json.dumps({"n": n, "seed": seed} | ({} if voices == "six" else {"voices": voices}))
     if index.exists() and stamp.exists() and stamp.read_text() == key:
         return index
     (out / split).mkdir(parents=True, exist_ok=True)
-    examples = make_split(split, n, seed)
+    examples = make_split(split, n, seed, voices)
 
     def one(i: int) -> dict:
         ex = examples[i]
@@ -207,9 +232,11 @@ def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, worke
 
 
 def build_dataset(out: str | os.PathLike, n_train: int = 2400, n_test: int = 200, seed: int = 0,
-                  workers: int = 2, progress: bool = True) -> dict[str, Path]:
+                  workers: int = 2, progress: bool = True, voices: str = "six") -> dict[str, Path]:
+    """All three splits; `voices` ("six" or "wide", :data:`VOICE_SETS`) is the training and seen-test
+    voice set (the held-out split is the same for both)."""
     sizes = {"train": n_train, "test_seen": n_test, "test_heldout": n_test}
-    return {s: build_split(out, s, k, seed, workers, progress) for s, k in sizes.items()}
+    return {s: build_split(out, s, k, seed, workers, progress, voices) for s, k in sizes.items()}
 
 
 def read_split(index: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -236,8 +263,9 @@ def main(argv=None) -> None:
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--voices", default="six", choices=sorted(VOICE_SETS), help="training voice set")
     a = ap.parse_args(argv)
-    for split, path in build_dataset(a.out, a.train, a.test, a.seed, a.workers).items():
+    for split, path in build_dataset(a.out, a.train, a.test, a.seed, a.workers, voices=a.voices).items():
         print(f"{split}: {path}")
 
 

@@ -63,6 +63,7 @@ class ReasoningObjective:
     p_uncond: float = 0.1  # latent: rows whose question is masked (classifier-free guidance)
     prediction_type: str = "v_prediction"
     thought_ce: float = 0.0  # latent: weight of the CE of the decoded implied clean thoughts (0 = off)
+    p_self: float = 0.0  # latent: rows whose answer and later blocks read the model's own thoughts
 
 
 @dataclass
@@ -106,6 +107,8 @@ class LatentReasoningTask(JointTask):
         o = cfg.objective
         if o.lam < 0:
             raise ConfigError(f"objective.lam must be >= 0, got {o.lam}")
+        if not 0 <= o.p_self <= 1:
+            raise ConfigError(f"objective.p_self must be in [0, 1], got {o.p_self}")
         if o.thought_ce < 0:
             raise ConfigError(f"objective.thought_ce must be >= 0, got {o.thought_ce}")
         if not 0 <= o.p_uncond < 1:
@@ -152,9 +155,11 @@ class LatentReasoningTask(JointTask):
             return super().draw(g, idx)
         B, N = len(idx), self.ids.shape[1]
         z = self.latents[idx]
-        return {"ids": self.ids[idx], "latents": z, "thought_ids": self.thought_ids[idx], "uncond_noise": torch.rand(B, generator=g),
+        return {"ids": self.ids[idx], "latents": z, "thought_ids": self.thought_ids[idx],
+                "uncond_noise": torch.rand(B, generator=g),
                 "timesteps": self.diffusion.sample_timesteps((B, z.shape[1]), g), "t": sample_times(B, g),
-                "noise": torch.rand(B, N, generator=g), "latent_noise": torch.randn(z.shape, generator=g)}
+                "noise": torch.rand(B, N, generator=g), "latent_noise": torch.randn(z.shape, generator=g),
+                "self_noise": torch.rand(B, generator=g)}  # last: the draws before it are as without it
 
     def loss(self, modules, batch, stage):
         if self.mode != "latent":
@@ -167,7 +172,8 @@ class LatentReasoningTask(JointTask):
                                     self.tokenizer.mask_token_id, self.diffusion, lam=o.lam, p_uncond=o.p_uncond,
                                     uncond_noise=b["uncond_noise"], timesteps=b["timesteps"], t=b["t"],
                                     noise=b["noise"], latent_noise=b["latent_noise"], thought_ce=o.thought_ce,
-                                    thought_decoder=self.decode_thoughts, thought_ids=b["thought_ids"])
+                                    thought_decoder=self.decode_thoughts, thought_ids=b["thought_ids"],
+                                    self_thought_rows=b["self_noise"] < o.p_self)
         return StepLoss(out.loss, {"ce": out.ce.item(), "mse": out.mse.item(), "thought_ce": out.thought_ce.item()})
 
     def decode_thoughts(self, latents: torch.Tensor) -> torch.Tensor:

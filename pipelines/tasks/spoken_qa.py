@@ -68,6 +68,7 @@ class SpokenQAData:
     n_train: int = 2400
     n_test: int = 200
     workers: int = 2
+    voices: str = "six"  # espeak: the training voice set, "six" or "wide" (72 voices; modalities.data.speech)
     # jsonl: index file(s) of {"path", "transcript", "answer", "instruction"?} lines (paths relative to the index)
     train: Any = None
     test_seen: Any = None  # jsonl: evaluation splits (experiments/audio_spoken_qa.py)
@@ -132,7 +133,8 @@ def load_rows(cfg, split: str = "train", progress: bool = True) -> list[dict]:
     if d.kind == "espeak":
         from modalities.data.speech import build_dataset
 
-        paths = build_dataset(d.dir, int(d.n_train), int(d.n_test), int(cfg.run.seed), int(d.workers), progress)
+        paths = build_dataset(d.dir, int(d.n_train), int(d.n_test), int(cfg.run.seed), int(d.workers), progress,
+                              voices=d.voices)
         return _read_index(paths[split], limit)
     files = d.get(split)
     if not files:
@@ -344,6 +346,10 @@ class SpokenQATask(Task):
         d = cfg.data
         if d.kind not in ("espeak", "jsonl"):
             raise ConfigError(f"data.kind={d.kind!r} is not one of espeak, jsonl")
+        from modalities.data.speech import VOICE_SETS
+
+        if d.voices not in VOICE_SETS:
+            raise ConfigError(f"data.voices={d.voices!r} is not one of {', '.join(sorted(VOICE_SETS))}")
         if d.kind == "jsonl" and not d.train:
             raise ConfigError('data.kind=jsonl needs data.train (index files of {"path", "transcript", "answer"} lines)')
         if cfg.adapter.get("type", "audio") != "audio":
