@@ -119,7 +119,10 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="runs/bench_decoding_sft", help="where the exported Llama peer is kept")
     ap.add_argument("--out", default="experiments/results/decoding-sft-cpu.json")
     ap.add_argument("--only", nargs="*", default=None, help="run only these decoders (names as in the table)")
+    ap.add_argument("--bd3", default=MODELS["block_causal"],
+                    help="the block diffusion pipeline folder (e.g. runs/text_tiny_sft_bd3_from_ar/pipeline)")
     args = ap.parse_args(argv)
+    MODELS["block_causal"] = args.bd3
     from latent.data.tokenizer import load_tokenizer
 
     for folder in MODELS.values():

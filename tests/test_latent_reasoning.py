@@ -82,12 +82,17 @@ def test_loss_respects_block_causality(parts):
     torch.testing.assert_close(o1.hidden_states[:, :Q], o3.hidden_states[:, :Q])
 
 
-def test_decoded_thought_ce_matches_a_plain_computation(parts):
-    model, vae, tok, _ = parts
-    g = torch.Generator().manual_seed(3)
+def random_rows(seed: int):
+    """A generator and two rows of random question ids, answer ids and thought latents drawn from it."""
+    g = torch.Generator().manual_seed(seed)
     qi = torch.randint(5, 23, (2, Q), generator=g)
     ai = torch.randint(5, 23, (2, A), generator=g)
-    z = torch.randn(2, K, k, C, generator=g)
+    return g, qi, ai, torch.randn(2, K, k, C, generator=g)
+
+
+def test_decoded_thought_ce_matches_a_plain_computation(parts):
+    model, vae, tok, _ = parts
+    g, qi, ai, z = random_rows(3)
     steps = torch.randint(5, 23, (2, K, vae.config.max_length), generator=g)
     d = GaussianDiffusion("v_prediction")
     ts, t = torch.randint(0, 1000, (2, K), generator=g), torch.rand(2, generator=g)
@@ -130,10 +135,7 @@ def test_decoded_thought_ce_matches_a_plain_computation(parts):
 
 def test_self_thought_rows_read_the_models_own_one_step_thoughts(parts):
     model, _, tok, _ = parts
-    g = torch.Generator().manual_seed(6)
-    qi = torch.randint(5, 23, (2, Q), generator=g)
-    ai = torch.randint(5, 23, (2, A), generator=g)
-    z = torch.randn(2, K, k, C, generator=g)
+    g, qi, ai, z = random_rows(6)
     d = GaussianDiffusion("v_prediction")
     kw = dict(lam=0.5, timesteps=torch.randint(0, 1000, (2, K), generator=g), t=torch.full((2,), 0.9),
               noise=torch.rand(2, Q + A, generator=g), latent_noise=torch.randn(2, K, k, C, generator=g))
