@@ -10,13 +10,15 @@ One trained ``LatentReasoningPipeline`` (``configs/latent_reasoning.yaml``) on t
   < b given as the true latents), and how often the answer equals the result the last sampled thought
   states.
 
-    python -m experiments.latent_reasoning_diagnosis runs/latent_reasoning --out /tmp/diag.json
+    python -m experiments.latent_reasoning_diagnosis runs/latent_reasoning --answer-runs runs/latent_reasoning_answer \\
+        --out experiments/results/latent_reasoning_diagnosis      # writes .json and .md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -73,22 +75,67 @@ def diagnose(pipe, problems, block_steps: int = 5, batch_size: int = 100, guidan
     }
 
 
+def answer_only_row(run: Path, problems) -> dict:
+    """The answer-only baseline's accuracy on the same problems (its JointGenerator folder)."""
+    from pipelines.tasks.joint import JointGenerator, answer_scores
+
+    gen = JointGenerator.from_pretrained(run / "pipeline")
+    acc, _ = answer_scores(gen, problems, gen.settings["target"], 200)
+    return {"run": str(run), "free": acc, "nfe": gen.settings["target_length"]}
+
+
+def trained(run: Path) -> tuple[int, float]:
+    """(steps, minutes) of a finished run, from its train.csv."""
+    from experiments.latent_tasks import read_log
+
+    last = read_log(run)[-1]
+    return int(last["step"]), last["elapsed_s"] / 60
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    from experiments.latent_tasks import markdown_table
+
+    diffs = sorted(k for k in rows[0]["free"] if k != "all")
+    table = []
+    for r in rows:
+        steps, minutes = trained(Path(r["run"]))
+        latent = "oracle" in r
+        table.append([r["name"], steps, f"{minutes:.1f}", *[r["free"][d] for d in diffs], r["free"]["all"],
+                      r["oracle"]["all"] if latent else "", r["free_block_exact"][0] if latent else "",
+                      r["teacher_forced_block_exact"][0] if latent else "",
+                      r["answer_equals_last_thought"] if latent else ""])
+    head = ["model", "steps", "train min", *[f"acc d={d}" for d in diffs], "acc all", "acc, true thoughts given",
+            "thought 1 exact", "thought 1 exact (teacher-forced)", "answer = last thought's result"]
+    return f"# Latent reasoning: where the answers are lost\n\n`{command}`\n\n{markdown_table(head, table)}\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a latent reasoning run folder (its config.yaml and pipeline/)")
+    ap.add_argument("runs", nargs="+", help="latent reasoning run folders (their config.yaml and pipeline/)")
+    ap.add_argument("--names", nargs="*", default=None, help="a row name per run (default: the folder names)")
+    ap.add_argument("--answer-runs", nargs="*", default=[], help="answer-only runs scored beside them")
     ap.add_argument("--block-steps", type=int, default=5)
     ap.add_argument("--guidance-scale", type=float, default=1.0)
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = ap.parse_args(argv)
-    run = Path(args.run)
-    cfg = OmegaConf.load(run / "config.yaml")
-    pipe = LatentReasoningPipeline.from_pretrained(run / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
-    res = diagnose(pipe, arithmetic_split(cfg)[1], args.block_steps, guidance_scale=args.guidance_scale)
-    res["run"] = str(run)
-    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
+    names = args.names or [Path(r).name for r in args.runs + args.answer_runs]
+    rows = []
+    for run in map(Path, args.runs):
+        cfg = OmegaConf.load(run / "config.yaml")
+        pipe = LatentReasoningPipeline.from_pretrained(run / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        rows.append(diagnose(pipe, arithmetic_split(cfg)[1], args.block_steps, guidance_scale=args.guidance_scale)
+                    | {"run": str(run)})
+    for run in map(Path, args.answer_runs):
+        rows.append(answer_only_row(run, arithmetic_split(OmegaConf.load(run / "config.yaml"))[1]))
+    for r, name in zip(rows, names, strict=True):
+        r["name"] = name
+        print(json.dumps({k: v for k, v in r.items() if k != "examples"}), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        command = "python -m experiments.latent_reasoning_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.out + ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+        Path(args.out + ".md").write_text(markdown(rows, command))
+        print(markdown(rows, command))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ out = pipe("23+7*2-5", num_thought_blocks=3, num_inference_steps=10, generator=t
 out.answers[0]        # "55"
 out.thoughts[0]       # ["23+7=30", "30*2=60", "60-5=55"]: each block decoded by the thought VAE
 out.thought_latents   # [B, K, k, C]
+
+# thoughts of your own, encoded by the VAE: only the blocks after them are generated (all K: just the answer)
+ids = encode_fixed(pipe.tokenizer, ["23+7=30"], pipe.thought_vae.config.max_length, pipe.tokenizer.pad_token_id, eos=True)
+out = pipe("23+7*2-5", thought_latents=pipe.thought_vae.to_diffusion(ids)[None])   # latent.data.arithmetic.encode_fixed
 ```
 
 One backbone (``latent.DiffusionTransformer`` with ``latent_dim`` = the VAE's) sees the question
