@@ -115,22 +115,25 @@ def main(argv=None):
     ap.add_argument("--names", nargs="*", default=None, help="a row name per run (default: the folder names)")
     ap.add_argument("--answer-runs", nargs="*", default=[], help="answer-only runs scored beside them")
     ap.add_argument("--block-steps", type=int, default=5)
-    ap.add_argument("--guidance-scale", type=float, default=1.0)
+    ap.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0],
+                    help="classifier-free guidance of the thoughts; a row per scale and run (1 = off)")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = ap.parse_args(argv)
     names = args.names or [Path(r).name for r in args.runs + args.answer_runs]
+    if len(names) != len(args.runs) + len(args.answer_runs):
+        ap.error(f"--names gives {len(names)} names for {len(args.runs) + len(args.answer_runs)} runs")
     rows = []
-    for run in map(Path, args.runs):
+    for run, name in zip(map(Path, args.runs), names, strict=False):
         cfg = OmegaConf.load(run / "config.yaml")
         pipe = LatentReasoningPipeline.from_pretrained(run / "pipeline")
         pipe.set_progress_bar_config(disable=True)
-        rows.append(diagnose(pipe, arithmetic_split(cfg)[1], args.block_steps, guidance_scale=args.guidance_scale)
-                    | {"run": str(run)})
-    for run in map(Path, args.answer_runs):
-        rows.append(answer_only_row(run, arithmetic_split(OmegaConf.load(run / "config.yaml"))[1]))
-    for r, name in zip(rows, names, strict=True):
-        r["name"] = name
-        print(json.dumps({k: v for k, v in r.items() if k != "examples"}), flush=True)
+        for w in args.guidance_scales:
+            row = diagnose(pipe, arithmetic_split(cfg)[1], args.block_steps, guidance_scale=w)
+            rows.append(row | {"run": str(run), "name": name + ("" if w == 1.0 else f", guidance {w:g}")})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "examples"}), flush=True)
+    for run, name in zip(map(Path, args.answer_runs), names[len(args.runs):], strict=True):
+        rows.append(answer_only_row(run, arithmetic_split(OmegaConf.load(run / "config.yaml"))[1]) | {"name": name})
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         command = "python -m experiments.latent_reasoning_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.out + ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))

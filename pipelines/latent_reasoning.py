@@ -236,8 +236,9 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
     Modules: ``model`` (``DiffusionTransformer`` with ``latent_dim`` = ``thought_vae.config.latent_dim``),
     ``thought_vae`` (:class:`autoencoders.thought_vae.ThoughtVAE`), ``tokenizer`` (with mask and EOS
     tokens), ``scheduler`` (a diffusers scheduler for the thoughts). Config (saved in model_index.json):
-    ``question_length``, ``answer_length``, ``num_thought_blocks`` (default K) and ``prediction_type``
-    (what the model was trained to predict for the latents).
+    ``question_length``, ``answer_length``, ``num_thought_blocks`` (default K), ``prediction_type``
+    (what the model was trained to predict for the latents) and ``guidance_scale`` (the default of calls;
+    a model trained with question dropout usually thinks better guided, e.g. 2).
     """
 
     model_cpu_offload_seq = "model->thought_vae"
@@ -246,12 +247,13 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "thought_latents"]
 
     def __init__(self, model, thought_vae, tokenizer, scheduler, question_length: int = 16, answer_length: int = 4,
-                 num_thought_blocks: int = 3, prediction_type: str = "v_prediction"):
+                 num_thought_blocks: int = 3, prediction_type: str = "v_prediction", guidance_scale: float = 1.0):
         super().__init__()
         self._check_modules(model, thought_vae, tokenizer)
         self.register_modules(model=model, thought_vae=thought_vae, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(question_length=question_length, answer_length=answer_length,
-                                num_thought_blocks=num_thought_blocks, prediction_type=prediction_type)
+                                num_thought_blocks=num_thought_blocks, prediction_type=prediction_type,
+                                guidance_scale=guidance_scale)
 
     @staticmethod
     def _check_modules(model, thought_vae, tokenizer):
@@ -345,7 +347,7 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
         num_thought_blocks: int | None = None,
         num_inference_steps: int = 10,
         answer_steps: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         scheduler=None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -363,7 +365,7 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
             num_inference_steps: scheduler steps per thought block.
             answer_steps: masked-diffusion steps for the answer (default: answer_length, one token a step).
             guidance_scale: classifier-free guidance of the thoughts (unconditional = question masked);
-                1.0 switches it off (one forward per step instead of a doubled batch).
+                1.0 switches it off (one forward per step instead of a doubled batch); default: the config's.
             scheduler: any diffusers scheduler whose prediction type is the model's (default: the pipeline's).
             generator: seeds the initial noise (and stochastic schedulers).
             latents: initial noise ``[B, K, k, C]`` instead of drawing it.
@@ -383,6 +385,7 @@ class LatentReasoningPipeline(LocalPipelineMixin, DiffusionPipeline):
             raise ValueError("pass exactly one of question and question_ids")
         q_ids = self.encode_question(question) if question_ids is None else question_ids.to(self.model.device)
         B = q_ids.shape[0]
+        guidance_scale = self._cfg("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         names = self.check_inputs(K, num_inference_steps, guidance_scale, scheduler, latents, B,
                                   callback_on_step_end, callback_on_step_end_tensor_inputs, thought_latents)
         vae = self.thought_vae

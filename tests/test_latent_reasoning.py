@@ -277,6 +277,15 @@ def test_save_load_round_trip(parts, tmp_path):
     assert a.answers == b.answers and a.thoughts == b.thoughts
     with pytest.raises(ValueError, match="model_index.json"):
         LatentReasoningPipeline.from_pretrained(tmp_path / "nowhere")  # never looked up on a hub
+    # a saved default guidance scale is what a call without one uses
+    guided = make_pipe(parts, guidance_scale=2.0)
+    guided.save_pretrained(tmp_path / "guided")
+    loaded = LatentReasoningPipeline.from_pretrained(tmp_path / "guided")
+    loaded.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, K, k, C, generator=torch.Generator().manual_seed(2))
+    want = pipe("3*3", num_inference_steps=2, latents=noise, guidance_scale=2.0)
+    torch.testing.assert_close(loaded("3*3", num_inference_steps=2, latents=noise).thought_latents, want.thought_latents)
+    assert not torch.allclose(pipe("3*3", num_inference_steps=2, latents=noise).thought_latents, want.thought_latents)
 
 
 def test_bad_input(parts):

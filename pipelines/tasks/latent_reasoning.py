@@ -70,13 +70,14 @@ class ReasoningObjective:
 class ReasoningEval(SamplingEval):
     batch_size: int = 100
     block_steps: int = 5  # latent: diffusion steps per thought block
-    guidance_scale: float = 1.0  # latent: 1 switches guidance off
+    guidance_scale: float = 1.0  # latent: of the thoughts, 1 switches it off; saved as the pipeline's default
 
 
 @torch.no_grad()
-def reasoning_scores(pipe, problems, block_steps: int, batch_size: int = 100, guidance_scale: float = 1.0):
+def reasoning_scores(pipe, problems, block_steps: int, batch_size: int = 100, guidance_scale: float | None = None):
     """Accuracy per difficulty of a LatentReasoningPipeline on problems, the fraction of decoded thoughts
-    equal to the true step, and the outputs ``(answers, thoughts)``; batches are seeded by their first row."""
+    equal to the true step, and the outputs ``(answers, thoughts)``; batches are seeded by their first row.
+    ``guidance_scale`` None: the pipeline's default."""
     Q = pipe.config.question_length
     tq = encode_fixed(pipe.tokenizer, [p.question for p in problems], Q, pipe.tokenizer.pad_token_id, left=True)
     answers, thoughts = [], []
@@ -189,7 +190,8 @@ class LatentReasoningTask(JointTask):
                                        self.diffusion.make_scheduler(self.cfg.eval.scheduler),
                                        question_length=d.question_length, answer_length=d.answer_length,
                                        num_thought_blocks=d.thought_blocks,
-                                       prediction_type=self.cfg.objective.prediction_type)
+                                       prediction_type=self.cfg.objective.prediction_type,
+                                       guidance_scale=self.cfg.eval.guidance_scale)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
