@@ -156,7 +156,7 @@ def run_config(spec: dict, queue) -> None:
     g = torch.Generator().manual_seed(123)
     data = make_batch(args.batch * args.rounds, args.prompt, args.gen, g)
     rss0 = peak_rss_mib()
-    correct = total = nfe = 0
+    correct = total = nfe = positions = 0
     elapsed = 0.0
     for r in range(args.rounds + 1):  # round 0 warms up and is not counted
         batch = data[(r % args.rounds) * args.batch : (r % args.rounds + 1) * args.batch]
@@ -170,6 +170,7 @@ def run_config(spec: dict, queue) -> None:
             else:
                 out = generate(model, prompts, gen_length=args.gen, block_length=args.block, **spec["knobs"])
                 seq, calls = out.sequences, out.nfe
+                positions += out.forward_tokens if r else 0
         took = time.perf_counter() - start
         if r == 0:
             continue
@@ -180,6 +181,8 @@ def run_config(spec: dict, queue) -> None:
     queue.put(dict(
         name=spec["name"], tokens_per_s=total / elapsed, nfe_per_batch=nfe / args.rounds, accuracy=correct / total,
         seconds=elapsed, peak_rss_mib=peak_rss_mib(), rss_before_decoding_mib=rss0,
+        # positions the model ran, a cost that does not depend on the machine's load (our sampler only)
+        forward_positions_per_batch=positions / args.rounds if spec["engine"] == "ours" else None,
     ))
 
 

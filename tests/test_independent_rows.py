@@ -110,14 +110,15 @@ def approx_cache_reference(model, ids, threshold, eos=None, dual=False):
     """Fast-dLLM's approximate caches for rows with blocks of their own, written plainly. A forward when some
     active row starts a block refreshes the cache (a full forward); the other forwards run against its
     stale K/V. Prefix cache: they run from the earliest active row's block at the refresh to the canvas end.
-    Dual cache (`dual`): they run only the span of the active rows' blocks, and a row leaving also forces a
-    refresh (the span moves). Each row commits its own block by the threshold rule; a row leaves after its
+    Dual cache (`dual`): the refresh runs instead when the earliest active row's block differs from the last
+    refresh's, or a row has left; the other forwards run only the span of the active rows' blocks (fresh)
+    against the refresh's K/V outside it. Each row commits its own block by the threshold rule; a row leaves after its
     last block, or, with `eos`, once its answer up to an EOS is decoded (the rest becomes EOS)."""
     batch, plen = ids.shape
     x = torch.cat([ids, torch.full((batch, GEN), MASK)], 1)
     n, keep = x.shape[1], torch.ones(batch, plen + GEN, dtype=torch.bool)
     block, step, stopped = [0] * batch, [0] * batch, [False] * batch
-    nfe, fresh_from, x_ref, was_active = 0, None, None, None
+    nfe, fresh_from, x_ref, was_active, refreshed_at = 0, None, None, None, None
     while True:
         active = [r for r in range(batch) if block[r] < GEN // BLOCK and not stopped[r]]
         if not active:
@@ -125,8 +126,9 @@ def approx_cache_reference(model, ids, threshold, eos=None, dual=False):
         left = was_active is not None and active != was_active
         was_active = active
         span = (min(plen + block[r] * BLOCK for r in active), max(plen + (block[r] + 1) * BLOCK for r in active))
-        if any(step[r] == 0 for r in active) or (dual and left):
-            logits, x_ref = model(x).logits, x.clone()
+        earliest = min(block[r] for r in active)
+        if (earliest != refreshed_at or left) if dual else any(step[r] == 0 for r in active):
+            logits, x_ref, refreshed_at = model(x).logits, x.clone(), earliest
             fresh_from = span[0]
         elif dual:
             logits = stale_forward(model, x_ref, x, span[0], span[1], None, keep, span)

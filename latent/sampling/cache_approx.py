@@ -41,25 +41,42 @@ class ApproxDualCache(ApproxPrefixCache):
     def __init__(self, dual_refresh_every: int = 1):
         self.every = int(dual_refresh_every)
         self.kv = None
-        self.rows_left = False
+        self.rows_left, self.refreshed_at = False, None
 
     @classmethod
     def from_config(cls, config):
         return cls(dual_refresh_every=config.dual_refresh_every)
 
+    def start(self, state):
+        self.kv, self.rows_left, self.refreshed_at = None, False, None
+
     def logits(self, state):
-        # With independent rows (row_blocks) the block is the span of the rows' blocks. It is refreshed when
-        # some row starts a block or a row has left (the span moves), so between refreshes every forward
-        # rewrites the same span and the K/V outside it are the refresh's.
+        if state.row_blocks is not None:
+            return self._independent_rows_logits(state)
         start, end = state.block_start, state.block_end
-        moved = self.rows_left and state.row_blocks is not None
-        self.rows_left = False
-        if moved or state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
+        if state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
             out = state.forward(0, state.canvas_len, use_cache=True)
             self.kv = out.past_key_values
             return out.logits, 0
         lo = state.block_bounds(state.block - 1)[0] if state.block_step == 0 else start
         out = state.forward(lo, end, past_key_values=self.kv, cache_position=state.prefix_len + lo, use_cache=True)
+        self.kv = out.past_key_values
+        return out.logits, lo
+
+    def _independent_rows_logits(self, state):
+        # The block is the span of the rows' blocks, from the earliest row's. A full refresh runs when the
+        # earliest row's block has changed since the last one, or a row has left; every other forward
+        # rewrites the span in place. So the K/V before the span are the refresh's, taken when the span last
+        # started there (nothing before it has changed since), and a row that starts a later block needs no
+        # refresh: its finished block is inside the span and is rewritten with its last commits.
+        if self.kv is None or self.rows_left or state.block != self.refreshed_at:
+            self.rows_left, self.refreshed_at = False, state.block
+            out = state.forward(0, state.canvas_len, use_cache=True)
+            self.kv = out.past_key_values
+            return out.logits, 0
+        lo = state.block_start
+        out = state.forward(lo, state.block_end, past_key_values=self.kv, cache_position=state.prefix_len + lo,
+                            use_cache=True)
         self.kv = out.past_key_values
         return out.logits, lo
 
