@@ -10,7 +10,7 @@ One trained ``LatentReasoningPipeline`` (``configs/latent_reasoning.yaml``) on t
   < b given as the true latents), and how often the answer equals the result the last sampled thought
   states.
 
-    python -m experiments.latent_reasoning_diagnosis runs/latent_reasoning --answer-runs runs/latent_reasoning_answer \\
+    python -m experiments.latent_reasoning_diagnosis runs/latent_reasoning --baseline-runs runs/latent_reasoning_answer \\
         --out experiments/results/latent_reasoning_diagnosis      # writes .json and .md
 """
 
@@ -65,6 +65,7 @@ def diagnose(pipe, problems, block_steps: int = 5, batch_size: int = 100, guidan
     stated = [th[-1].split("=")[-1] for th in free_thoughts]
     return {
         "n": len(problems), "block_steps": block_steps, "vae_exact": vae_exact,
+        "nfe": K * block_steps + pipe.config.answer_length, "guidance_scale": guidance_scale,
         "free": accuracy_by_difficulty(problems, free_answers),
         "oracle": accuracy_by_difficulty(problems, oracle_answers),
         "free_block_exact": [block_hits(free_thoughts, b) for b in range(K)],
@@ -75,8 +76,9 @@ def diagnose(pipe, problems, block_steps: int = 5, batch_size: int = 100, guidan
     }
 
 
-def answer_only_row(run: Path, problems) -> dict:
-    """The answer-only baseline's accuracy on the same problems (its JointGenerator folder)."""
+def baseline_row(run: Path, problems) -> dict:
+    """An answer-only or text chain-of-thought baseline's accuracy on the same problems (its JointGenerator
+    folder; a chain is scored by the answer after it)."""
     from pipelines.tasks.joint import JointGenerator, answer_scores
 
     gen = JointGenerator.from_pretrained(run / "pipeline")
@@ -92,6 +94,10 @@ def trained(run: Path) -> tuple[int, float]:
     return int(last["step"]), last["elapsed_s"] / 60
 
 
+def per_block(row: dict, key: str) -> str:
+    return " / ".join(f"{v:.2f}" for v in row[key]) if key in row else ""
+
+
 def markdown(rows: list[dict], command: str) -> str:
     from experiments.latent_tasks import markdown_table
 
@@ -100,28 +106,35 @@ def markdown(rows: list[dict], command: str) -> str:
     for r in rows:
         steps, minutes = trained(Path(r["run"]))
         latent = "oracle" in r
-        table.append([r["name"], steps, f"{minutes:.1f}", *[r["free"][d] for d in diffs], r["free"]["all"],
-                      r["oracle"]["all"] if latent else "", r["free_block_exact"][0] if latent else "",
-                      r["teacher_forced_block_exact"][0] if latent else "",
+        table.append([r["name"], steps, f"{minutes:.1f}", r["nfe"], *[r["free"][d] for d in diffs], r["free"]["all"],
+                      r["oracle"]["all"] if latent else "", per_block(r, "free_block_exact"),
+                      per_block(r, "teacher_forced_block_exact"),
                       r["answer_equals_last_thought"] if latent else ""])
-    head = ["model", "steps", "train min", *[f"acc d={d}" for d in diffs], "acc all", "acc, true thoughts given",
-            "thought 1 exact", "thought 1 exact (teacher-forced)", "answer = last thought's result"]
-    return f"# Latent reasoning: where the answers are lost\n\n`{command}`\n\n{markdown_table(head, table)}\n"
+    head = ["model", "steps", "train min", "sampling forwards", *[f"acc d={d}" for d in diffs], "acc all", "acc, true thoughts given",
+            "thoughts exact, per block", "the same, earlier blocks true", "answer = last thought's result"]
+    notes = ("Held-out problems, 100 per difficulty. `sampling forwards`: backbone calls per batch (with guidance each "
+             "call holds the conditional and the unconditional rows). `acc, true thoughts given`: the answer when "
+             "the VAE latents of the true steps are the thoughts. `thoughts exact`: block b's decoded thought is "
+             "the true step b, sampled after the model's own blocks / after the true blocks' latents. `answer = last thought's "
+             "result`: how often the answer says what the last sampled thought computed.")
+    return (f"# Latent reasoning: where the answers are lost\n\n`{command}`\n\n{markdown_table(head, table)}\n\n"
+            f"{notes}\n")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="latent reasoning run folders (their config.yaml and pipeline/)")
     ap.add_argument("--names", nargs="*", default=None, help="a row name per run (default: the folder names)")
-    ap.add_argument("--answer-runs", nargs="*", default=[], help="answer-only runs scored beside them")
+    ap.add_argument("--baseline-runs", nargs="*", default=[],
+                    help="answer-only / text chain-of-thought runs (objective.method answer / cot) scored beside them")
     ap.add_argument("--block-steps", type=int, default=5)
     ap.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0],
                     help="classifier-free guidance of the thoughts; a row per scale and run (1 = off)")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = ap.parse_args(argv)
-    names = args.names or [Path(r).name for r in args.runs + args.answer_runs]
-    if len(names) != len(args.runs) + len(args.answer_runs):
-        ap.error(f"--names gives {len(names)} names for {len(args.runs) + len(args.answer_runs)} runs")
+    names = args.names or [Path(r).name for r in args.runs + args.baseline_runs]
+    if len(names) != len(args.runs) + len(args.baseline_runs):
+        ap.error(f"--names gives {len(names)} names for {len(args.runs) + len(args.baseline_runs)} runs")
     rows = []
     for run, name in zip(map(Path, args.runs), names, strict=False):
         cfg = OmegaConf.load(run / "config.yaml")
@@ -131,8 +144,8 @@ def main(argv=None):
             row = diagnose(pipe, arithmetic_split(cfg)[1], args.block_steps, guidance_scale=w)
             rows.append(row | {"run": str(run), "name": name + ("" if w == 1.0 else f", guidance {w:g}")})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "examples"}), flush=True)
-    for run, name in zip(map(Path, args.answer_runs), names[len(args.runs):], strict=True):
-        rows.append(answer_only_row(run, arithmetic_split(OmegaConf.load(run / "config.yaml"))[1]) | {"name": name})
+    for run, name in zip(map(Path, args.baseline_runs), names[len(args.runs):], strict=True):
+        rows.append(baseline_row(run, arithmetic_split(OmegaConf.load(run / "config.yaml"))[1]) | {"name": name})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         command = "python -m experiments.latent_reasoning_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
