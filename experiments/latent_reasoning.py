@@ -11,7 +11,8 @@ three are the recipe ``configs/latent_reasoning.yaml`` (the same ``DiffusionTran
            ``configs/latent_thought_vae.yaml`` (trained first when its run folder is missing) into k latent
            thought tokens (K = 4 blocks, shorter chains repeat their last step), trained with
            ``latent_reasoning_loss`` (CE on the answer + lam * MSE on noisy thought blocks), sampled block by
-           block with a diffusers scheduler; every thought is decoded back to text by the VAE.
+           block with a diffusers scheduler (guided by the recipe's ``eval.guidance_scale``, saved as the
+           pipeline's default); every thought is decoded back to text by the VAE.
 
     python -m experiments.latent_reasoning        # ~30-60 min on one busy CPU thread
     python -m experiments.latent_reasoning --steps 4 --runs /tmp/smoke data.n_train=100 data.n_test=40   # smoke
