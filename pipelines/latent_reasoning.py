@@ -1,6 +1,7 @@
 """Latent reasoning (LaDiR style): question -> thought blocks by latent diffusion -> answer by masked diffusion.
 
 ```python
+from latent.data.arithmetic import encode_fixed
 from pipelines.latent_reasoning import LatentReasoningPipeline
 
 pipe = LatentReasoningPipeline.from_pretrained("runs/latent_reasoning/pipeline")   # configs/latent_reasoning.yaml
@@ -11,7 +12,7 @@ out.thought_latents   # [B, K, k, C]
 
 # thoughts of your own, encoded by the VAE: only the blocks after them are generated (all K: just the answer)
 ids = encode_fixed(pipe.tokenizer, ["23+7=30"], pipe.thought_vae.config.max_length, pipe.tokenizer.pad_token_id, eos=True)
-out = pipe("23+7*2-5", thought_latents=pipe.thought_vae.to_diffusion(ids)[None])   # latent.data.arithmetic.encode_fixed
+out = pipe("23+7*2-5", thought_latents=pipe.thought_vae.to_diffusion(ids)[None])
 ```
 
 One backbone (``latent.DiffusionTransformer`` with ``latent_dim`` = the VAE's) sees the question
@@ -139,13 +140,14 @@ def latent_reasoning_loss(
     VAE decoder) and scored by cross-entropy against ``thought_ids`` ``[B, K, L]``, the steps' tokens. The
     MSE weighs every latent direction alike; this term weighs them by what the decoded step needs, so a
     latent that decodes to the wrong digit costs more than one that is off in a direction the decoder
-    ignores.
+    ignores. (On the arithmetic task it bought nothing: experiments/results/latent_reasoning_diagnosis.md.)
 
     ``self_thought_rows`` ``[B]`` (bool): in these rows the thoughts that the answer and the later blocks
     read are the model's own, not the data's: each block's clean-latent estimate from pure noise (one
     extra forward without gradient, every block beside the data's earlier blocks). Trained on clean data
     thoughts only, the answer learns to copy the last thought and trusts a wrong sampled one; these rows
-    teach it, and each block, how far the model's own thoughts can be trusted. Targets stay the data's.
+    show it, and each block, the model's own thoughts. Targets stay the data's. (On the arithmetic task,
+    at 1200 steps, they made the thoughts worse; guidance at sampling is what helped.)
     """
     B, K, k, C = thought_latents.shape
     if thought_ce < 0:
