@@ -52,29 +52,27 @@ class ApproxDualCache(ApproxPrefixCache):
 
     def logits(self, state):
         if state.row_blocks is not None:
-            return self._independent_rows_logits(state)
-        start, end = state.block_start, state.block_end
+            # The block is the span of the rows' blocks, from the earliest row's. A full refresh runs when the
+            # earliest row's block has changed since the last one, or a row has left; every other forward
+            # rewrites the span in place. So the K/V before the span are the refresh's, taken when the span
+            # last started there (nothing before it has changed since), and a row that starts a later block
+            # needs no refresh: its finished block is inside the span and is rewritten with its last commits.
+            if self.kv is None or self.rows_left or state.block != self.refreshed_at:
+                self.rows_left, self.refreshed_at = False, state.block
+                return self._refresh(state)
+            return self._rewrite(state, state.block_start)
         if state.block_step == 0 and (self.kv is None or state.block % self.every == 0):
-            out = state.forward(0, state.canvas_len, use_cache=True)
-            self.kv = out.past_key_values
-            return out.logits, 0
-        lo = state.block_bounds(state.block - 1)[0] if state.block_step == 0 else start
-        out = state.forward(lo, end, past_key_values=self.kv, cache_position=state.prefix_len + lo, use_cache=True)
-        self.kv = out.past_key_values
-        return out.logits, lo
+            return self._refresh(state)
+        return self._rewrite(state, state.block_bounds(state.block - 1)[0] if state.block_step == 0 else state.block_start)
 
-    def _independent_rows_logits(self, state):
-        # The block is the span of the rows' blocks, from the earliest row's. A full refresh runs when the
-        # earliest row's block has changed since the last one, or a row has left; every other forward
-        # rewrites the span in place. So the K/V before the span are the refresh's, taken when the span last
-        # started there (nothing before it has changed since), and a row that starts a later block needs no
-        # refresh: its finished block is inside the span and is rewritten with its last commits.
-        if self.kv is None or self.rows_left or state.block != self.refreshed_at:
-            self.rows_left, self.refreshed_at = False, state.block
-            out = state.forward(0, state.canvas_len, use_cache=True)
-            self.kv = out.past_key_values
-            return out.logits, 0
-        lo = state.block_start
+    def _refresh(self, state):
+        """A full forward whose K/V become the cache."""
+        out = state.forward(0, state.canvas_len, use_cache=True)
+        self.kv = out.past_key_values
+        return out.logits, 0
+
+    def _rewrite(self, state, lo: int):
+        """Run canvas [lo, block end) against the cache, writing its fresh K/V in place."""
         out = state.forward(lo, state.block_end, past_key_values=self.kv, cache_position=state.prefix_len + lo,
                             use_cache=True)
         self.kv = out.past_key_values
