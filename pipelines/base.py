@@ -12,7 +12,8 @@ glue of prefix-conditioned masked-diffusion generation.
   the tensors named in `callback_on_step_end_tensor_inputs` (a `PipelineCallback` /
   `MultiPipelineCallbacks` brings its own `tensor_inputs`) and may return a dict; a returned "sequences"
   ([B, N] int64, the full canvas) replaces the canvas from the next forward on. For masked diffusion
-  `timestep` is the block index.
+  `timestep` is the block index; with `row_blocks="independent"` rows sit in different blocks, so it is a
+  [b] int64 tensor, one block index per row still decoding (the rows of "x0", "confidence", "transfer").
 - Inputs that cannot give a right answer are errors, never empty results: a NaN or infinite
   temperature, threshold or prefix embedding; a count (`gen_length`, `steps`, ...) that is not an int
   (a bool is refused, a numpy int is taken); `steps` above `gen_length` (the schedule rule commits at

@@ -105,6 +105,21 @@ def test_callback_sees_every_step():
     assert masks == sorted(masks, reverse=True) and masks[-1] == 0
 
 
+def test_callback_timestep_is_each_rows_block_with_independent_rows():
+    pipe = make_pipe(train=True)
+    prompts = ["the cat sat", "a dog"]
+    seen, raw = [], []
+    out = pipe(prompts, gen_length=8, threshold=0.9, row_blocks="independent", output_type="ids",
+               callback_on_step_end_tensor_inputs=["x0"], callback_on_step_end=lambda p, s, b, kw: seen.append((b.clone(), kw["x0"].shape[0])))
+    ids, mask = pipe.encode_prompt(prompts)
+    ref = generate(pipe.model, ids, mask, gen_length=8, block_length=4, commit="threshold", threshold=0.9,
+                   row_blocks="independent", callback_on_step_end=lambda s, c, info: raw.append(info["block"].clone()))
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(seen) == len(raw) > 0
+    for (block, rows), want in zip(seen, raw, strict=True):
+        assert block.dtype == torch.long and torch.equal(block, want)  # one block index per row still decoding
+        assert rows == block.numel()  # the per-row tensors cover the same rows
+
 def test_save_load_round_trip(tmp_path):
     pipe = make_pipe(layout="block_causal", commit="threshold", threshold=0.5)
     pipe.save_pretrained(tmp_path)
