@@ -16,6 +16,10 @@ one token length are drawn, so a batch has no padding and batch 8 answers equal 
 
     python train.py configs/text_tiny_sft_bd3.yaml && python train.py configs/text_tiny_sft_ar.yaml
     python benchmarks/decoding_sft.py --threads 1       # writes experiments/results/decoding-sft-cpu.json
+
+`--pairs` scores another file of pairs instead: the recall split (experiments/results/README.md,
+`decoding-sft-recall-cpu.json`) asks for the definitions of words both models were SFT'd on, closed-book
+recall of what was trained, where both models can be right and a parallel decoder can be confident.
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"block_causal": "runs/text_tiny_sft_bd3/pipeline", "causal": "runs/text_tiny_sft_ar/pipeline"}
 
 
-def sft_prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
-    """n held-out prompts of the most common token length (as SFTStream writes them: prompt + newline),
-    and their reference answers."""
+def sft_prompts(tok, n: int, pairs: Path, seed: int = 0) -> tuple[list[list[int]], list[str]]:
+    """n prompts of the pairs file of its most common token length (as SFTStream writes them: prompt +
+    newline), and their reference answers."""
     by_len = collections.defaultdict(list)
-    with open(REPO / "data" / "english" / "sft_valid.jsonl") as f:
+    with open(pairs) as f:
         for line in f:
             row = json.loads(line)
             ids = tok(row["prompt"] + "\n", add_special_tokens=False)["input_ids"]
@@ -53,7 +57,7 @@ def sft_prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(rows), generator=g)[:n].sort().values.tolist()
     if len(pick) < n:
-        sys.exit(f"only {len(pick)} held-out prompts share one length; lower --prompts")
+        sys.exit(f"only {len(pick)} prompts of {pairs} share one length; lower --prompts")
     return [rows[i][0] for i in pick], [rows[i][1] for i in pick]
 
 
@@ -113,7 +117,9 @@ def run_sft_config(spec: dict, queue) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=64, help="held-out prompts (a multiple of 8)")
+    ap.add_argument("--prompts", type=int, default=64, help="prompts drawn from --pairs (a multiple of 8)")
+    ap.add_argument("--pairs", default=str(REPO / "data" / "english" / "sft_valid.jsonl"),
+                    help="the prompt/answer pairs scored (default: the held-out words)")
     ap.add_argument("--gen", type=int, default=32, help="generated positions (a multiple of the block, 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="runs/bench_decoding_sft", help="where the exported Llama peer is kept")
@@ -121,8 +127,13 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these decoders (names as in the table)")
     ap.add_argument("--bd3", default=MODELS["block_causal"],
                     help="the block diffusion pipeline folder (e.g. runs/text_tiny_sft_bd3_from_ar/pipeline)")
+    ap.add_argument("--ar", default=MODELS["causal"], help="the autoregressive peer's pipeline folder")
     args = ap.parse_args(argv)
-    MODELS["block_causal"] = args.bd3
+    if args.prompts % 8:
+        sys.exit(f"--prompts must be a multiple of 8 (the batch-8 rows), got {args.prompts}")
+    if not Path(args.pairs).is_file():
+        sys.exit(f"--pairs {args.pairs} is not a file (the held-out pairs are built by the text recipes' first run)")
+    MODELS["block_causal"], MODELS["causal"] = args.bd3, args.ar
     from latent.data.tokenizer import load_tokenizer
 
     for folder in MODELS.values():
@@ -130,7 +141,7 @@ def main(argv=None) -> None:
             sys.exit(f"{folder} is missing: train it first (python train.py configs/{Path(folder).parent.name}.yaml)")
     tok = load_tokenizer(str(Path(MODELS["causal"]) / "tokenizer"))
     eos = tok.eos_token_id
-    prompts, refs = sft_prompts(tok, args.prompts)
+    prompts, refs = sft_prompts(tok, args.prompts, Path(args.pairs))
     llama = export_llama(str(Path(MODELS["causal"]) / "model"), Path(args.work))
     bc = "block_causal"
     eos_stop = dict(eos_early_stop=True)
@@ -187,7 +198,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
-        torch=torch.__version__, threads=args.threads, models=MODELS, prompts=len(prompts),
+        torch=torch.__version__, threads=args.threads, models=MODELS, pairs=args.pairs, prompts=len(prompts),
         prompt_tokens=len(prompts[0]), gen_positions=args.gen, rows=rows,
         load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",
     ), indent=2))

@@ -1,7 +1,7 @@
 """Decoders of the literature as sampler parts: FreeCache's K/V reuse (cache "freecache") and its
-AR-guided unmasking (commit "ar_guided"), CtrlDiff's dynamic block length (stopping "dynamic_block", a rule
-in place of its learned predictor) and classifier guidance (guidance "classifier"), EDLM's energy-reranked
-proposals (proposal "edlm").
+AR-guided unmasking (commit "ar_guided"), CtrlDiff's dynamic block length (stopping "dynamic_block", its
+rule; the learned predictor is tests/test_block_predictor.py) and classifier guidance (guidance
+"classifier"), EDLM's energy-reranked proposals (proposal "edlm").
 
 Each part is checked against a plain re-implementation of its rule written below (one row at a time,
 Python lists, plain forwards) on the tiny real backbone, then for its defining property: FreeCache

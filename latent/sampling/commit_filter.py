@@ -12,7 +12,7 @@ Features, one vector per position of the block (float64, every one in [0, 1]):
 | 4 | `block_progress` | the share of the block's positions that held a token before this step |
 
 Probabilities are those of the (guided) logits the confidence part sees. `CommitFilter` is a diffusers
-`ModelMixin`, saved as `config.json` + safetensors; `load_commit_filter(path)` loads (and remembers) one.
+`ModelMixin` (feature_mlp.py), saved as `config.json` + safetensors; `load_commit_filter(path)` loads (and remembers) one.
 The commit part that uses it is `commit_learned.LearnedCommit` (`commit="learned"`); the task that trains it is
 `commit_filter` (pipelines/tasks/commit_filter.py).
 """
@@ -20,13 +20,11 @@ The commit part that uses it is `commit_learned.LearnedCommit` (`commit="learned
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from .feature_mlp import FeatureMLP, load_feature_mlp
 
 FEATURES = ("top1_probability", "top2_margin", "normalized_entropy", "block_position", "block_progress")
 
@@ -46,46 +44,21 @@ def filter_features(logits: torch.Tensor, candidates: torch.BoolTensor, mask_tok
                         position.expand_as(entropy), progress.expand_as(entropy)], dim=-1)
 
 
-class CommitFilter(ModelMixin, ConfigMixin):
+class CommitFilter(FeatureMLP):
     """features [..., F] -> logit [...] that the position's argmax is final (sigmoid for the probability):
     `num_layers` linear layers with ReLU between them."""
+
+    feature_names = FEATURES
 
     @register_to_config
     def __init__(self, num_features: int = len(FEATURES), hidden_size: int = 32, num_layers: int = 2,
                  features: tuple = FEATURES):
         super().__init__()
-        if tuple(features) != FEATURES:
-            raise ValueError(f"this filter was trained on features {list(features)}; the sampler computes "
-                             f"{list(FEATURES)} (latent/sampling/commit_filter.py); retrain it.")
-        if num_features != len(FEATURES) or num_layers < 1 or hidden_size < 1:
-            raise ValueError(f"CommitFilter needs num_features={len(FEATURES)}, num_layers >= 1 and hidden_size >= 1, "
-                             f"got {num_features}, {num_layers}, {hidden_size}.")
-        sizes = [num_features] + [hidden_size] * (num_layers - 1) + [1]
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # The weights follow the features' dtype, so the sampler scores in float64 like its confidences.
-        x = features
-        for i, layer in enumerate(self.layers):
-            x = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x.squeeze(-1)
-
-
-@lru_cache(maxsize=8)
-def _load(folder: str, stamp: float) -> CommitFilter:
-    return CommitFilter.from_pretrained(folder).eval()
+        self.build(features, num_features, hidden_size, num_layers)
 
 
 def load_commit_filter(path) -> CommitFilter:
     """A saved `CommitFilter` folder (config.json + safetensors), or the filter itself. Loaded once per
     folder and file time, so every sampler call does not read it again."""
-    if isinstance(path, CommitFilter):
-        return path
-    folder = Path(path)
-    weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not (folder / "config.json").is_file() or not weights:
-        raise FileNotFoundError(f"commit_filter={str(path)!r} holds no saved CommitFilter (config.json + "
-                                "safetensors); train one with `python train.py configs/commit_filter_copy.yaml`.")
-    return _load(str(folder.resolve()), max(w.stat().st_mtime for w in weights))
+    return load_feature_mlp(CommitFilter, path, "commit_filter",
+                            "train one with `python train.py configs/commit_filter_copy.yaml`")

@@ -94,6 +94,8 @@ class SamplerConfig:
     ar_guided_ratio: float = 0.5  # ... with at least this share of the guide's top probability
     dynamic_block_sizes: tuple = (4, 8, 16)  # stopping dynamic_block: the sub-block lengths it chooses from
     dynamic_block_entropy: float = 0.5  # dynamic_block: the longest size whose mean entropy (nats) is <= this
+    block_predictor: Any = None  # dynamic_block: a BlockSizePredictor folder (train.py, task block_predictor) or object
+    block_predictor_threshold: float = 0.5  # dynamic_block + predictor: the longest size judged safe with p > this
     classifier: Any = None  # guidance classifier: fn(canvas [b, N], start, end) -> log p(c | x_t = v), [b, L, V]
     classifier_scale: float = 1.0  # guidance classifier: w in p(x) p(c | x)^w
     energy_model: Any = None  # proposal edlm: the autoregressive energy model (causal, returning .logits)

@@ -14,6 +14,7 @@ so one task's dependencies never slow down or break another's); a recipe selects
 | joint | joint.py | CCDD tokens + latents in one forward, or either stream alone (arithmetic) |
 | latent_reasoning | latent_reasoning.py | latent thought blocks then the answer, or the answer / CoT baselines |
 | commit_filter | commit_filter.py | Learn2PD's commit filter on a copy pipeline's decoding trajectories |
+| block_predictor | block_predictor.py | a learned sub-block size for dynamic blocks (CtrlDiff), on the same trajectories |
 | certainty_forcing | certainty_forcing.py | dParallel's certainty-forcing self-distillation of a copy pipeline |
 | rl | rl.py | RL with verifiable rewards (GRPO on ELBO or trajectory likelihoods) from a trained policy |
 
@@ -32,7 +33,7 @@ BUILTIN = {
     "text": "text", "copy": "copy", "caption": "caption", "spoken_qa": "spoken_qa", "driving": "driving",
     "compressor": "autoencoders", "thought_vae": "autoencoders", "joint": "joint",
     "latent_reasoning": "latent_reasoning", "rl": "rl",
-    "commit_filter": "commit_filter", "certainty_forcing": "certainty_forcing",
+    "commit_filter": "commit_filter", "block_predictor": "block_predictor", "certainty_forcing": "certainty_forcing",
 }
 
 for _task, _module in BUILTIN.items():
