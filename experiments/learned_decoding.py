@@ -1,5 +1,6 @@
 """Learned decoding decisions on the copy task: forwards per answer and accuracy of threshold decoding, of
-Learn2PD's learned commit filter, and of threshold decoding after dParallel's certainty-forcing distillation.
+Learn2PD's learned commit filter, of threshold decoding after dParallel's certainty-forcing distillation, and
+of threshold decoding in dynamic sub-blocks chosen by the entropy rule or by the learned size predictor.
 
 Every model is trained by a recipe of configs/ through the one trainer (each run a few CPU minutes at most):
 
@@ -8,7 +9,8 @@ Every model is trained by a recipe of configs/ through the one trainer (each run
    still has forwards to save;
 2. the commit filter: configs/commit_filter_copy.yaml on the base's one-token-per-forward trajectories;
 3. the student: configs/certainty_forcing_copy.yaml from the base, and the same run with
-   ``distill.entropy_weight=0`` (the consistency term alone) to tell the certainty term's share.
+   ``distill.entropy_weight=0`` (the consistency term alone) to tell the certainty term's share;
+4. the sub-block size predictor: configs/block_predictor_copy.yaml on the same trajectories, sizes (4, 8, 16).
 
 Then ``--rows`` held-out prompts are decoded by each configuration; forwards per sequence are the forwards each
 row took part in (``SamplerOutput.steps``; rows are decoded one at a time by default, so they are each row's
@@ -38,6 +40,7 @@ from pipelines.tasks.copy import task_rows  # noqa: E402
 from pipelines.tasks.trajectories import decode_scores, load_copy_pipeline  # noqa: E402
 
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.plot=false"]
+SIZES = (4, 8, 16)  # dynamic sub-block lengths inside the 16-token blocks
 
 
 def run_recipe(recipe: str, out: Path, overrides: list[str]) -> Path:
@@ -64,6 +67,10 @@ def measure(work: Path, base_steps: int, args) -> dict:
     consistency = run_recipe("certainty_forcing_copy.yaml", work / "consistency_only", [
         f"model.init_from={base}", f"trainer.max_steps={args.distill_steps}", "distill.entropy_weight=0"])
 
+    predictor = run_recipe("block_predictor_copy.yaml", work / "block_predictor", [
+        f"base.pipeline={base}", f"trainer.max_steps={args.predictor_steps}", f"predictor.sizes={list(SIZES)}",
+        f"predictor.commit_threshold={args.low_threshold}"])
+
     pipes = {name: load_copy_pipeline(path) for name, path in
              (("base", base), ("certainty_forcing", student), ("consistency_only", consistency))}
     d = pipes["base"].data
@@ -78,6 +85,12 @@ def measure(work: Path, base_steps: int, args) -> dict:
         ("consistency_only_threshold", "consistency_only", threshold),
         ("certainty_forcing_learned_filter", "certainty_forcing", learned),
     ]
+    for t in (args.threshold, args.low_threshold):  # sub-blocks only narrow the candidates: they buy accuracy
+        knobs = dict(commit="threshold", threshold=t, stopping="dynamic_block", dynamic_block_sizes=SIZES)
+        if t != args.threshold:
+            configs.append((f"base_threshold{t}", "base", dict(commit="threshold", threshold=t)))
+        configs += [(f"base_threshold{t}_dynamic_block_rule", "base", knobs),
+                    (f"base_threshold{t}_dynamic_block_learned", "base", dict(**knobs, block_predictor=str(predictor)))]
     results, reference = [], None
     for name, model_name, knobs in configs:
         pipe = pipes[model_name]
@@ -86,7 +99,8 @@ def measure(work: Path, base_steps: int, args) -> dict:
                                mask_token_id=pipe.mask_id, **knobs)
         answers = scores.pop("answers")
         reference = answers if reference is None else reference
-        row = dict(name=name, model=model_name, knobs={k: v for k, v in knobs.items() if k != "commit_filter"},
+        row = dict(name=name, model=model_name, knobs={k: v for k, v in knobs.items()
+                                                       if k not in ("commit_filter", "block_predictor")},
                    **scores, agreement_with_1_token_per_forward=float((answers == reference).float().mean()),
                    seconds=time.perf_counter() - start)
         results.append(row)
@@ -94,7 +108,7 @@ def measure(work: Path, base_steps: int, args) -> dict:
               f"acc {row['accuracy']:.4f}  agree {row['agreement_with_1_token_per_forward']:.4f}", flush=True)
     training = {}
     for name, path in (("base", base), ("filter", filt), ("certainty_forcing", student),
-                       ("consistency_only", consistency)):
+                       ("consistency_only", consistency), ("block_predictor", predictor)):
         training[name] = {"run": str(path.parent), "eval_csv": (path.parent / "eval.csv").read_text().splitlines()}
     return dict(base_steps=base_steps, rows=results, training=training,
                 task=dict(symbols=d.symbols, prompt_length=d.prompt_length, answer_length=d.answer_length,
@@ -108,10 +122,13 @@ def main(argv=None):
                     help="training steps of each base (a less trained base leaves threshold decoding more to save)")
     ap.add_argument("--filter-steps", type=int, default=400)
     ap.add_argument("--distill-steps", type=int, default=200)
+    ap.add_argument("--predictor-steps", type=int, default=400)
     ap.add_argument("--rows", type=int, default=64, help="held-out prompts decoded per configuration")
     ap.add_argument("--decode-batch", type=int, default=1,
                     help="rows decoded together (1: forwards per sequence are each row's own)")
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--low-threshold", type=float, default=0.5,
+                    help="a second threshold for the dynamic sub-block rows, where whole blocks commit too much")
     ap.add_argument("--out", default="experiments/results/learned_decoding.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
