@@ -6,9 +6,10 @@ CtrlDiff decides the length of each next block on the fly with a trained head. H
 When a row's sub-block is full (and at the block's start), the next one starts at the row's first masked
 position `f` of the block, and its length is the largest of `dynamic_block_sizes` whose mean predictive
 entropy over the masked positions in [f, f + size) (softmax of this step's proposal logits, mask id
-excluded; clipped to the block's end) is at most `dynamic_block_entropy` nats, else the smallest size. Only the sub-block's masked positions are candidates
-of the commit rule, so the model commits far ahead where it is sure and in small steps where it is not.
-It needs a commit rule without a fixed step count (threshold, factor, saber, ar_guided).
+excluded; clipped to the block's end) is at most `dynamic_block_entropy` nats, else the smallest size.
+Only the sub-block's masked positions are candidates of the commit rule, so the model commits far ahead
+where it is sure and in small steps where it is not. It needs a commit rule without a fixed step count
+(threshold, factor, saber, ar_guided).
 """
 
 from __future__ import annotations

@@ -34,10 +34,11 @@ class FeatureMLP(ModelMixin, ConfigMixin):
         self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # The weights follow the features' dtype, so the sampler scores in float64 like its confidences.
+        # The weights follow the features' dtype and device: the sampler scores in float64 like its
+        # confidences, on the backbone's device, while a loaded head stays where it was loaded.
         x = features
         for i, layer in enumerate(self.layers):
-            x = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+            x = F.linear(x, layer.weight.to(x.device, x.dtype), layer.bias.to(x.device, x.dtype))
             if i < len(self.layers) - 1:
                 x = torch.relu(x)
         return x.squeeze(-1)
