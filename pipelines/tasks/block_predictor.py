@@ -59,7 +59,6 @@ class BlockPredictorTask(TrajectoryLearnerTask):
     sections = {**TrajectoryLearnerTask.sections, "predictor": PredictorSection}
     head = "predictor"
     accuracy_metric = "predictor_accuracy"
-    metric_fields = ("predictor_accuracy",)
 
     @classmethod
     def check_config(cls, cfg):

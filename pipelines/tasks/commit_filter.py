@@ -52,7 +52,6 @@ class CommitFilterTask(TrajectoryLearnerTask):
     sections = {**TrajectoryLearnerTask.sections, "filter": FilterSection}
     head = "filter"
     accuracy_metric = "filter_accuracy"
-    metric_fields = ("filter_accuracy",)
 
     def make_head(self):
         return CommitFilter(hidden_size=self.cfg.filter.hidden_size, num_layers=self.cfg.filter.num_layers)

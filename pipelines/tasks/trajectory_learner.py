@@ -17,6 +17,7 @@ Specialisations set ``head`` (the module's name, also the config section of its 
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -84,16 +85,21 @@ class TrajectoryLearnerTask(Task):
     accuracy_metric: ClassVar[str] = ""  # the StepLoss metric of the head's accuracy on its batch
     eval_fields = ("val_accuracy", "val_forwards_per_sequence", "val_agreement", "val_positive_share")
 
-    def make_head(self) -> torch.nn.Module:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.metric_fields = (cls.accuracy_metric,)  # train.csv logs the head's batch accuracy
 
+    @abc.abstractmethod
+    def make_head(self) -> torch.nn.Module:
+        """The untrained head (a latent.sampling.feature_mlp.FeatureMLP)."""
+
+    @abc.abstractmethod
     def examples(self, model, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [M, F] (float32) and labels [M] (bool) of the trajectories."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode_knobs(self, head) -> dict:
         """The sampler knobs that decode with the head (besides mask_token_id)."""
-        raise NotImplementedError
 
     def export_info(self) -> dict:
         """What task.json records beyond the task name and the base pipeline."""
