@@ -230,14 +230,63 @@ def test_unsupported_parts_are_refused_naming_row_blocks(knobs):
                    **knobs})
 
 
-def test_blocks_of_unequal_length_are_refused():
-    # a block_alignment="start" model with a prompt off its grid: the first decoding block is shorter
-    torch.manual_seed(0)
+def start_aligned_backbone():
+    """tiny_backbone's block_causal model with its blocks counted from slot 0 (block_alignment="start")."""
     from latent import DiffusionTransformer
 
-    model = DiffusionTransformer(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 mask_token_id=MASK, max_position_embeddings=128, block_size=BLOCK,
-                                 attention_layout="block_causal", block_alignment="start").eval()
-    with pytest.raises(ValueError, match="row_blocks"):
-        generate(model, equal_length_prompts(length=5), gen_length=GEN, block_length=BLOCK, commit="threshold",
-                 row_blocks="independent")
+    model = DiffusionTransformer(**{**dict(tiny_backbone("block_causal").config), "block_alignment": "start"})
+    model.load_state_dict(tiny_backbone("block_causal").state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("cache, masked_logits", [("none", False), ("prefix_exact", True), ("block_exact", False),
+                                                  ("block_exact", True)],
+                         ids=["none", "prefix_exact-masked-logits", "block_exact", "block_exact-masked-logits"])
+@pytest.mark.parametrize("prompt", [5, 2], ids=["blocks_3_4_4_4_1", "blocks_2_4_4_4_2"])
+def test_blocks_of_unequal_length_decode_as_alone(rule, cache, masked_logits, prompt):
+    # a block_alignment="start" model with a prompt off its block grid: the first and last decoding blocks
+    # are shorter than block_length, and each row still decodes (and records) what it does alone
+    backbone = start_aligned_backbone()
+    model = backbone if masked_logits else MaskLogitOff(backbone)
+    ids = equal_length_prompts(batch=4, length=prompt, seed=1)
+    run = dict(gen_length=GEN, block_length=BLOCK, cache=cache, masked_logits_only=masked_logits, **RULES[rule])
+    want, want_nfe = alone(model, ids, **run)
+    blocks = []
+    out = Sampler(row_blocks="independent", **run)(model, ids, record_trajectory=True,
+                                                   callback_on_step_end=lambda s, c, info: blocks.append(info["block"]))
+    assert torch.equal(out.sequences[:, :prompt], ids)  # the prompt is never written
+    assert torch.equal(out.sequences[:, -GEN:], want)
+    first = generate(model, ids[:1], **run)
+    prefill = first.nfe - int(first.steps[0])  # the prompt's forward of a cache, when it has whole blocks to cache
+    assert torch.equal(out.steps, want_nfe - prefill) and out.nfe == int(want_nfe.max())
+    assert max(int(b.max()) for b in blocks) == 4  # five decoding blocks: 3 (2) + 4 + 4 + 4 + 1 (2)
+    if rule != "schedule":
+        assert any(len(set(b.tolist())) > 1 for b in blocks)  # rows stood in different blocks
+    for row in range(len(ids)):
+        one = generate(model, ids[row : row + 1], record_trajectory=True, **run).trajectory.events[0]
+        events = out.trajectory.events[row]
+        assert torch.equal(events[: len(one)], one)
+        assert (events[len(one) :] == NOTHING).all()
+
+
+def test_prompt_masks_outside_the_window_block_stay():
+    # a mask token in the prompt lies in the first (shorter) block's window but not in the block: the shared
+    # loop never decodes it, nor may independent rows
+    model = MaskLogitOff(start_aligned_backbone())
+    ids = equal_length_prompts(batch=3, length=5, seed=2)
+    ids[:, 3] = MASK
+    run = dict(gen_length=GEN, block_length=BLOCK, **RULES["threshold"])
+    out = generate(model, ids, row_blocks="independent", **run)
+    want, _ = alone(model, ids, **run)
+    assert (out.sequences[:, 3] == MASK).all() and torch.equal(out.sequences[:, -GEN:], want)
+
+
+def test_gumbel_noise_of_a_shorter_block_at_batch_one_is_the_shared_loops():
+    # the window draws the canvas positions' own numbers, so the short first block samples as the shared loop
+    model = MaskLogitOff(start_aligned_backbone())
+    ids = equal_length_prompts(batch=1, length=5)
+    run = dict(gen_length=GEN, block_length=BLOCK, temperature=1.0, commit="threshold", threshold=0.5)
+    out = generate(model, ids, row_blocks="independent", generator=torch.Generator().manual_seed(4), **run)
+    shared = generate(model, ids, generator=torch.Generator().manual_seed(4), **run)
+    assert torch.equal(out.sequences, shared.sequences) and out.nfe == shared.nfe

@@ -5,7 +5,9 @@ last block (as rows that a stopping part retires do).
 Each caller row has its own block (`DecodeState.row_blocks`) and step in it (`RowBlocks.step`, the commit
 rule's `rule_step`). A forward runs the cache part as the shared loop does, over the span of every row's
 block (`block_start` .. `block_end`); each row then takes the logits of its own block, so proposal,
-confidence and commit parts see [b, block_length] blocks as usual. When a row starts a block, the
+confidence and commit parts see [b, block_length] blocks as usual. A shorter block (a block_alignment="start"
+model whose prompt ends off its block grid) is seen through the block_length positions that end where it
+ends (`DecodeState.row_window`): the positions outside it are no candidates and keep their tokens. When a row starts a block, the
 commit, revision and verifier parts' `begin_block` is called for that row alone. A row's block is done
 by the shared loop's rule: when it has no mask, and, for a rule with a fixed step count (the schedule),
 after those steps.
@@ -38,14 +40,6 @@ class RowBlocks:
     """Where each row stands: its block (state.row_blocks) and its step in it, by caller row."""
 
     def __init__(self, state, parts: dict):
-        bounds = state.bounds or ()  # None: blocks of block_length after the prompt
-        lengths = {end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)}
-        if lengths - {state.block_length}:
-            raise ValueError(
-                f"row_blocks='independent' needs decoding blocks of one length, but they are {sorted(lengths)} "
-                "long here (a block_alignment='start' model with a prompt off its block grid); use "
-                "row_blocks='shared' or a prompt of whole blocks."
-            )
         self.parts = parts
         self.fixed = parts["verifier"].steps_per_block(parts["commit"])  # None: until the block is full
         self.step = torch.zeros(state.batch_size, dtype=torch.long, device=state.x.device)
@@ -54,7 +48,8 @@ class RowBlocks:
 
     def _masks(self, state) -> torch.Tensor:
         """[b] masked positions in each active row's block."""
-        return (state.x.gather(1, state.row_window()) == state.mask_token_id).sum(1)
+        window = state.row_window()
+        return ((state.x.gather(1, window) == state.mask_token_id) & state.row_in_block(window)).sum(1)
 
     def _begin(self, state, index: torch.Tensor) -> None:
         view = state.view(index)
@@ -94,12 +89,18 @@ class RowBlocks:
     def forward_step(self, state, config) -> None:
         """One forward for every active row, each committing in its own block; fills state.info."""
         window = state.row_window()
+        inside = state.row_in_block(window)
         logits = block_logits(state, self.parts)  # the span of every row's block
-        logits = logits.gather(1, (window - state.block_start)[..., None].expand(-1, -1, logits.shape[-1]))
+        # a window position outside its row's block reads any logits of the span: it is never a candidate
+        column = (window - state.block_start).clamp(0, logits.shape[1] - 1)
+        logits = logits.gather(1, column[..., None].expand(-1, -1, logits.shape[-1]))
         before = state.x.gather(1, window)
-        result = decode_step(logits, before, self.parts, state, config)
-        state.x.scatter_(1, window, result.block)
-        masked = before == state.mask_token_id
+        masked = (before == state.mask_token_id) & inside
+        # positions outside the block hold a token for the parts (a prompt's or a later block's mask is no
+        # candidate), and keep their own
+        held = before.masked_fill(~inside & (before == state.mask_token_id), int(state.mask_token_id == 0))
+        result = decode_step(logits, held, self.parts, state, config)
+        state.x.scatter_(1, window, torch.where(inside, result.block, before))
         stuck = masked.any(1) & (result.block == state.mask_token_id).sum(1).ge(masked.sum(1))
         if self.fixed is None and bool(stuck.any()):
             raise RuntimeError(f"commit rule {part_name(self.parts['commit'])!r} decoded nothing in a row's block "

@@ -89,8 +89,7 @@ class DecodeState:
     # Logits only at the block's masked positions (zeros elsewhere): the model computes no others. Set
     # when no part reads the logits of committed positions and the model takes `logits_positions`.
     masked_logits: bool = False
-    # [B] the decoding block of each caller row (row_blocks="independent", blocks of equal length); None:
-    # every row is at `block`. Indexed by the caller's row, so it survives rows leaving.
+    # [B] the decoding block of each caller row (row_blocks="independent"); None: every row is at `block`. Indexed by the caller's row, so it survives rows leaving.
     row_blocks: torch.Tensor | None = None
 
     @property
@@ -124,14 +123,27 @@ class DecodeState:
             return self.block_bounds(int(self.row_blocks[self.rows].max()))[1]
         return self.block_bounds(self.block)[1]
 
-    def row_window(self) -> torch.Tensor:
-        """[b, block_length] the canvas positions of each active row's own block (independent rows)."""
+    def row_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([b], [b]) [start, end) in canvas positions of each active row's own block (independent rows)."""
         block = self.row_blocks[self.rows]
         if self.bounds is None:
             starts = self.prompt_len + block * self.block_length
-        else:
-            starts = torch.tensor(self.bounds[:-1], device=block.device)[block]
-        return starts[:, None] + torch.arange(self.block_length, device=block.device)
+            return starts, starts + self.block_length
+        bounds = torch.tensor(self.bounds, device=block.device)
+        return bounds[block], bounds[block + 1]
+
+    def row_window(self) -> torch.Tensor:
+        """[b, block_length] canvas positions holding each active row's own block (independent rows): the
+        block itself, or, for a shorter one (a block_alignment="start" model with a prompt off its grid), the
+        block_length positions that end where it ends (start at the canvas start, if it is that close)."""
+        starts, ends = self.row_bounds()
+        starts = (ends - self.block_length).clamp(0, self.canvas_len - self.block_length)
+        return starts[:, None] + torch.arange(self.block_length, device=starts.device)
+
+    def row_in_block(self, window: torch.Tensor) -> torch.Tensor:
+        """[b, block_length] which positions of `row_window()` lie in the row's own block."""
+        starts, ends = self.row_bounds()
+        return (window >= starts[:, None]) & (window < ends[:, None])
 
     def model_block(self, position: int) -> tuple[int, int]:
         """[start, end) in canvas positions of the model block holding canvas `position` (start may lie
@@ -193,9 +205,9 @@ class DecodeState:
         start, end = max(self.block_start, lo), min(self.block_end, hi)
         masked = self.x[:, start:end] == self.mask_token_id
         if self.row_blocks is not None:  # independent rows: only each row's own block
-            window = self.row_window()
+            starts, ends = self.row_bounds()
             column = torch.arange(start, end, device=masked.device)
-            masked &= (column >= window[:, :1]) & (column <= window[:, -1:])
+            masked &= (column >= starts[:, None]) & (column < ends[:, None])
         n = max(1, int(masked.sum(1).max()))
         # masked positions first (in order), then padding that repeats real positions and is dropped
         order = masked.int().sort(dim=1, descending=True, stable=True).indices[:, :n]

@@ -79,9 +79,11 @@ class TrajectoryRecorder:
         # when rows decode blocks of their own (row_blocks="independent")
         start = info.get("block_start")
         lo = info["block"] * transfer.shape[1] if start is None else start - (canvas.shape[1] - self.gen_length)
-        columns = torch.as_tensor(lo).cpu().reshape(-1, 1) + torch.arange(transfer.shape[1])
+        rows = info["rows"].cpu()[:, None].expand(-1, transfer.shape[1])
+        columns = (torch.as_tensor(lo).cpu().reshape(-1, 1) + torch.arange(transfer.shape[1])).expand_as(rows)
+        inside = (columns >= 0) & (columns < self.gen_length)  # a shorter block's window may reach into the prompt
         events = torch.zeros(self.batch_size, self.gen_length, dtype=torch.int8)
-        events[info["rows"].cpu()[:, None], columns] = codes.cpu()
+        events[rows[inside], columns[inside]] = codes.cpu()[inside]
         self.steps.append(events)
 
     def result(self) -> Trajectory:
