@@ -263,3 +263,25 @@ def test_alignment_loss_against_direct_computation():
     assert torch.allclose(loss, ref)
     loss.backward()
     assert emb.grad[1].abs().sum() == 0 and model.embed.weight.grad is None
+
+
+def test_frequency_warp_against_a_plain_interpolation():
+    from pipelines.tasks.spoken_qa import Augment, spec_augment, warp_frequencies
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    factors = torch.tensor([1.0, 1.1, 0.85], dtype=torch.float64)
+    got = warp_frequencies(x, factors)
+    for b, a in enumerate(factors.tolist()):  # bin k takes the value at k / a, the top bin beyond the edge
+        source = np.minimum(np.arange(8) / a, 7)
+        for t in range(5):
+            want = np.interp(source, np.arange(8), x[b, t].numpy())
+            assert np.allclose(got[b, t].numpy(), want)
+    assert torch.equal(got[0], x[0])  # a factor of 1 leaves the clip as it was
+    from modalities.audio import AudioBatch
+
+    batch = AudioBatch(x.float(), torch.tensor([5, 4, 3]))
+    plain = Augment(freq_mask=0, time_mask=0, freq_warp=0.0)
+    assert spec_augment(batch, plain, torch.Generator().manual_seed(0)) is batch  # everything off: untouched
+    warped = spec_augment(batch, Augment(freq_mask=0, time_mask=0, freq_warp=0.2), torch.Generator().manual_seed(0))
+    draw = 1 + 0.2 * (2 * torch.rand(3, generator=torch.Generator().manual_seed(0)) - 1)
+    assert torch.allclose(warped.values, warp_frequencies(x.float(), draw)) and torch.equal(warped.lengths, batch.lengths)

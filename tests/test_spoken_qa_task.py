@@ -129,6 +129,7 @@ def test_config_errors_name_the_field(capsys):
         "stages.3.ctc_weight=-1": r"stages.3.ctc_weight \(asr\) must be >= 0",
         "data.kind=mp3": "data.kind='mp3'",
         "prompts.answer_length=1": "prompts.answer_length must be >= 2",
+        "augment.freq_warp=1.5": r"augment.freq_warp must be in \[0, 1\)",
     }
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):

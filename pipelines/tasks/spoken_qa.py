@@ -98,6 +98,9 @@ class Augment:  # SpecAugment-style masks on the features (0 = off)
     freq_mask: int = 6
     time_mask: int = 12
     time_masks: int = 2
+    # vocal tract length perturbation: each clip's mel axis stretched by a factor drawn in [1 - w, 1 + w],
+    # so the encoder hears other "speakers" than the training voices (0 = off)
+    freq_warp: float = 0.0
 
 
 @dataclass
@@ -187,10 +190,14 @@ def spec_augment(batch, augment, g: torch.Generator):
     from modalities.audio import AudioBatch
 
     a = augment
-    if batch.values.ndim != 3 or (not a.freq_mask and not a.time_mask):
+    warp = float(a.freq_warp)
+    if batch.values.ndim != 3 or (not a.freq_mask and not a.time_mask and not warp):
         return batch
     x = batch.values.clone()
     _, _, f = x.shape
+    if warp:
+        factors = 1 + warp * (2 * torch.rand(x.shape[0], generator=g) - 1)
+        x = warp_frequencies(x, factors.to(x.dtype))
     for i in range(x.shape[0]):
         if a.freq_mask:
             w = int(torch.randint(0, int(a.freq_mask) + 1, (1,), generator=g))
@@ -202,6 +209,18 @@ def spec_augment(batch, augment, g: torch.Generator):
             s = int(torch.randint(0, max(1, n - w + 1), (1,), generator=g))
             x[i, s : s + w] = 0
     return AudioBatch(x, batch.lengths)
+
+
+def warp_frequencies(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Features [B, T, F] with row b's frequency axis stretched by factors[b]: bin k takes the value at
+    k / factor (linear interpolation, the top bin past the edge), so a factor above 1 moves formants up."""
+    f = x.shape[-1]
+    source = (torch.arange(f, dtype=x.dtype) / factors[:, None]).clamp(max=f - 1)  # [B, F]
+    lo = source.floor().long().clamp(max=f - 2) if f > 1 else source.floor().long()
+    hi = (lo + 1).clamp(max=f - 1)
+    frac = (source - lo).clamp(0, 1)[:, None, :]
+    take = lambda index: x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))  # noqa: E731
+    return take(lo) * (1 - frac) + take(hi) * frac
 
 
 def _texts_for_tokenizer(rows: list[dict], prompts) -> list[str]:
@@ -357,6 +376,9 @@ class SpokenQATask(Task):
         for key in ("answer_length", "transcribe_length"):
             if cfg.prompts[key] < 2:
                 raise ConfigError(f"prompts.{key} must be >= 2 (a target and its EOS), got {cfg.prompts[key]}")
+        if not 0 <= float(cfg.augment.freq_warp) < 1:
+            raise ConfigError(f"augment.freq_warp must be in [0, 1) (a relative stretch of the mel axis, e.g. 0.1), "
+                              f"got {cfg.augment.freq_warp}")
         frozen = list(cfg.optim.freeze)
         for i, st in enumerate(cfg.stages):
             where = f"stages.{i}"
