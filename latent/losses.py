@@ -47,6 +47,7 @@ __all__ = [
     "annealed_attention_mask",
     "block_diffusion_attention_mask",
     "block_diffusion_loss",
+    "certainty_entropy",
     "causal_lm_loss",
     "causal_nll",
     "elbo_nll",
@@ -139,6 +140,16 @@ def corrupt(
         masked = masked & maskable
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     return noisy, masked
+
+
+def certainty_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """dParallel's certainty term: the mean entropy (nats) of softmax(logits / temperature) over the rows of
+    ``logits`` [n, V] whose argmax is already ``targets`` [n] (0 when none is). Lowering it makes a model sure
+    early of what it gets right, so a threshold rule commits more tokens per forward."""
+    z = logits.float()
+    right = z.argmax(-1) == targets
+    entropy = torch.special.entr((z / temperature).softmax(-1)).sum(-1)
+    return (entropy * right).sum() / right.sum().clamp(min=1)
 
 
 def _times(t, shape, generator, low_discrepancy, device) -> torch.Tensor:
@@ -319,6 +330,8 @@ def block_diffusion_loss(
     complementary: bool = False,
     ar_weight: float = 0.0,
     prompt_mask: torch.Tensor | None = None,
+    certainty_weight: float = 0.0,
+    certainty_temperature: float = 0.5,
     **model_kwargs,
 ) -> LossOutput:
     """Block-diffusion (BD3-LM) loss for the ``block_causal`` layout, in a single forward pass.
@@ -338,6 +351,9 @@ def block_diffusion_loss(
     under a causal mask (keeps the autoregressive ability of an adapted AR model).
     ``prompt_mask`` ``[B, N]`` (SFT on prompt/answer rows): True positions are never masked and the loss is
     averaged over the other (answer) tokens; the clean prompt still conditions every block after it.
+    ``certainty_weight``: plus that weight times :func:`certainty_entropy` over the masked positions (the
+    data's tokens as targets, temperature ``certainty_temperature``): dParallel's certainty forcing folded
+    into training, for a model that threshold decoding should run with fewer forwards.
     """
     sched = get_schedule(schedule)
     B, N = input_ids.shape
@@ -371,6 +387,8 @@ def block_diffusion_loss(
     loss = (ce * w_tok[masked]).sum() / max(copies * num_tokens, 1)
     if ar_weight:
         loss = loss + ar_weight * _autoregressive_ce(model, input_ids, real, model_kwargs)
+    if certainty_weight:
+        loss = loss + certainty_weight * certainty_entropy(logits[masked], clean[masked], certainty_temperature)
     return LossOutput(loss, num_tokens, int(masked.sum()))
 
 

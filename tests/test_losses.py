@@ -290,6 +290,42 @@ def test_auxiliary_ar_loss_is_the_next_token_loss_of_the_clean_sequence(tiny_con
     assert torch.allclose(with_ar.loss - plain.loss, 0.5 * causal_lm_loss(ar, x).loss, rtol=1e-4, atol=1e-6)
 
 
+def test_certainty_term_is_the_entropy_where_the_model_is_already_right(tiny_config):
+    """certainty_weight adds weight x the mean entropy of softmax(z / T) over the masked positions whose
+    argmax is the data's token (block-by-block logits, entropy summed in plain Python); 0 adds nothing."""
+    bs, T, w = tiny_config["block_size"], 0.5, 2.0
+    model = make_model(tiny_config, layout="block_causal")
+    x = ids(2, 2 * bs)
+    t = torch.tensor([[0.5, 0.8], [0.6, 0.9]])
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(12))
+    eps = 1e-3
+    masked = noise < ((1 - eps) * t + eps).repeat_interleave(bs, dim=1)
+    noisy = torch.where(masked, M, x)
+
+    def block_logits(data):
+        return [model(torch.cat([data[:, : b * bs], noisy[:, b * bs : (b + 1) * bs]], 1)).logits[:, b * bs :]
+                for b in range(2)]
+
+    with torch.no_grad():  # make the model right at every other masked position of the last block
+        last = block_logits(x)[1].argmax(-1)
+        right = masked[:, bs:] & (torch.arange(bs) % 2 == 0)
+        x[:, bs:] = torch.where(right, last, x[:, bs:])
+        logits = torch.cat(block_logits(x), 1)
+    entropies = []
+    for b, n in masked.nonzero().tolist():
+        z = logits[b, n].double().tolist()
+        if max(range(len(z)), key=z.__getitem__) == int(x[b, n]):
+            zt = [v / T for v in z]
+            lse = math.log(sum(math.exp(v) for v in zt))
+            entropies.append(-sum(math.exp(v - lse) * (v - lse) for v in zt))
+    assert len(entropies) >= int(right.sum())
+    kw = dict(t=t, noise=noise, eps=eps)
+    plain = block_diffusion_loss(model, x, M, bs, **kw)
+    forced = block_diffusion_loss(model, x, M, bs, certainty_weight=w, certainty_temperature=T, **kw)
+    assert (forced.loss - plain.loss).item() == pytest.approx(w * sum(entropies) / len(entropies), rel=1e-4)
+    assert block_diffusion_loss(model, x, M, bs, certainty_weight=0.0, **kw).loss.item() == plain.loss.item()
+
+
 def test_block_diffusion_sft_never_masks_the_prompt_and_scores_the_answer(tiny_config):
     """With prompt_mask, prompt tokens stay clean and out of the loss: the loss is the block-by-block
     denoising loss over the answer tokens only, averaged over them."""

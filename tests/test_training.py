@@ -316,6 +316,10 @@ def test_bad_input_fails_before_training(corpus, tmp_path):
         Trainer(tiny(corpus, out, "data.seq_len=36", "model.block_size=8", recipe="text_tiny_bd3.yaml"))
     with pytest.raises(ConfigError, match="attention_layout"):
         Trainer(tiny(corpus, out, "model.attention_layout=bidirectional", recipe="text_tiny_ar.yaml"))
+    with pytest.raises(ConfigError, match="certainty_weight are for block_diffusion"):
+        Trainer(tiny(corpus, out, "objective.certainty_weight=1.0"))
+    with pytest.raises(ConfigError, match="objective.certainty_temperature must be > 0"):
+        Trainer(tiny(corpus, out, "objective.certainty_temperature=0", recipe="text_tiny_bd3.yaml"))
     assert not (out / "train.csv").exists()
     # a checkpoint from a different model shape
     ok = tmp_path / "ok"

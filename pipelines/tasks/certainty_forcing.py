@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from latent.losses import certainty_entropy
 from latent.training.config import ConfigError
 from latent.training.task import StepLoss, Task, register_task, step_generator
 
@@ -62,12 +63,10 @@ def certainty_forcing_loss(logits: torch.Tensor, targets: torch.Tensor, region: 
         zero = logits.sum() * 0
         return StepLoss(zero, {"consistency": 0.0, "certainty": 0.0, "correct_share": 0.0})
     consistency = F.cross_entropy(z, y)
-    right = z.argmax(-1) == y
-    entropy = torch.special.entr((z / temperature).softmax(-1)).sum(-1)
-    certainty = (entropy * right).sum() / right.sum().clamp(min=1)
+    certainty = certainty_entropy(z, y, temperature)
     return StepLoss(consistency + entropy_weight * certainty,
                     {"consistency": consistency.item(), "certainty": certainty.item(),
-                     "correct_share": float(right.float().mean())})
+                     "correct_share": float((z.argmax(-1) == y).float().mean())})
 
 
 @torch.no_grad()

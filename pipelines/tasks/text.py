@@ -11,7 +11,8 @@ bound on the NLL for the diffusion objectives, the exact NLL for AR: comparable 
 autoregressive backbone (``model.init_from`` a causal run or a converted model, the section's layout keys
 switching it to ``bidirectional`` / ``block_causal`` with ``logit_shift``): ``objective.anneal_steps``
 anneals the mdm attention from causal to bidirectional (:func:`latent.losses.annealed_attention_mask`);
-``complementary``, ``ar_weight`` and ``block_curriculum`` extend block diffusion. Export:
+``complementary``, ``ar_weight``, ``block_curriculum`` and ``certainty_weight`` (dParallel's certainty term on
+the data's tokens) extend block diffusion. Export:
 ``<run>/pipeline`` holds the backbone (``model/``), the tokenizer and ``training.json``; for the diffusion
 objectives it is a ``TextDiffusionPipeline`` folder, and samples of it are written to ``samples.txt``.
 """
@@ -87,6 +88,8 @@ class Objective:
     ar_weight: float = 0.0  # block_diffusion: weight of an auxiliary next-token loss on the clean sequence
     block_curriculum: list[int] | None = None  # block_diffusion: smaller training block sizes first, ...
     curriculum_steps: int = 0  # ... each for this many steps, then model.block_size
+    certainty_weight: float = 0.0  # block_diffusion: dParallel's certainty term (entropy where already right)
+    certainty_temperature: float = 0.5  # ... of the softmax whose entropy it lowers
 
 
 @dataclass
@@ -167,12 +170,15 @@ class TextTask(Task):
             if OmegaConf.select(cfg, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
         oc = cfg.objective
-        if oc.anneal_steps < 0 or oc.curriculum_steps < 0 or oc.ar_weight < 0:
-            raise ConfigError("objective.anneal_steps, curriculum_steps and ar_weight must be >= 0")
+        if oc.anneal_steps < 0 or oc.curriculum_steps < 0 or oc.ar_weight < 0 or oc.certainty_weight < 0:
+            raise ConfigError("objective.anneal_steps, curriculum_steps, ar_weight and certainty_weight must be >= 0")
+        if oc.certainty_temperature <= 0:
+            raise ConfigError(f"objective.certainty_temperature must be > 0, got {oc.certainty_temperature}")
         if oc.anneal_steps and oc.name != "mdm":
             raise ConfigError(f"objective.anneal_steps is for objective.name='mdm', not {oc.name!r}")
-        if (oc.complementary or oc.ar_weight or oc.block_curriculum) and oc.name != "block_diffusion":
-            raise ConfigError("objective.complementary / ar_weight / block_curriculum are for block_diffusion")
+        if (oc.complementary or oc.ar_weight or oc.block_curriculum or oc.certainty_weight) and oc.name != "block_diffusion":
+            raise ConfigError("objective.complementary / ar_weight / block_curriculum / certainty_weight are for "
+                              "block_diffusion")
         if oc.block_curriculum and not oc.curriculum_steps:
             raise ConfigError("objective.block_curriculum needs objective.curriculum_steps > 0")
         for size in oc.block_curriculum or ():
@@ -307,7 +313,9 @@ class TextTask(Task):
         elif self.objective == "block_diffusion":
             out = block_diffusion_loss(model, ids, self.mask_id, self._train_block_size(batch["step"]),
                                        per_block_t=oc.per_block_t, complementary=oc.complementary,
-                                       ar_weight=oc.ar_weight, prompt_mask=_prompt_mask(batch, ids), **common)
+                                       ar_weight=oc.ar_weight, prompt_mask=_prompt_mask(batch, ids),
+                                       certainty_weight=oc.certainty_weight,
+                                       certainty_temperature=oc.certainty_temperature, **common)
         else:
             out = causal_lm_loss(model, ids, bos_token_id=self.eos, prompt_mask=_prompt_mask(batch, ids))
         return StepLoss(out.loss)
