@@ -29,7 +29,7 @@ from test_sampling import (
 )
 
 from latent.sampling import Sampler, autoregressive_generate, create_part, generate, list_parts
-from latent.sampling.diffuspec import DiffuSpec, candidate_lattice, causal_path
+from latent.sampling.diffuspec import DiffuSpec, StartTokenVerifier, candidate_lattice, causal_path
 
 INF = float("inf")
 
@@ -339,6 +339,26 @@ def test_diffuspec_matches_plain_reimplementation_and_the_verifier(name, drafter
     assert part.verifier_forwards <= want_nfe / 2  # rows share each forward (the plain loop counts them alone)
     if drafter_kind == "oracle":  # drafts are accepted: fewer verifier forwards than tokens, k reaches k_max
         assert part.verifier_forwards < 16 and all(max(s) == high for s in seen)
+
+
+def test_a_start_token_verifier_decodes_as_greedy_decoding_after_its_start_token():
+    """StartTokenVerifier puts the start token before the canvas: DiffuSpec's answer is then greedy decoding of
+    [start | prompt] (what an AR model trained with EOS as BOS sees), not of the bare prompt."""
+    causal = MaskLogitOff(tiny_backbone("causal", seed=1))
+    drafter = MaskLogitOff(tiny_backbone("bidirectional"))
+    ids, mask, _ = backbone_inputs()
+    start = 7
+    part = create_part("verifier", "diffuspec", verifier_model=StartTokenVerifier(causal, start),
+                       diffuspec_draft_lengths=(2, 4), diffuspec_candidates=3, diffuspec_weight=1.0)
+    out = generate(drafter, ids, mask, gen_length=16, block_length=16, mask_token_id=63, verifier=part)
+    rows = [[0] * (len(r) - sum(m)) + [start] + r[len(r) - sum(m):] for r, m in zip(ids.tolist(), mask.tolist(), strict=True)]
+    width = max(map(len, rows))  # left padded again, the start token right before each prompt
+    with_start = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    start_mask = torch.tensor([[0] * (width - 1 - sum(m)) + [1] * (sum(m) + 1) for m in mask.tolist()])
+    assert mask.min() == 0  # the batch has padding
+    want = greedy_answer(causal, with_start, start_mask, 16)
+    assert torch.equal(out.sequences[:, ids.shape[1]:], want)
+    assert not torch.equal(want, greedy_answer(causal, ids, mask, 16))  # the start token matters
 
 
 def test_diffuspec_draft_length_follows_acceptance():

@@ -26,6 +26,7 @@ from . import (  # noqa: F401 - register parts
 )
 from .autoregressive import AutoregressiveOutput, autoregressive_generate
 from .config import SamplerConfig
+from .diffuspec import StartTokenVerifier
 from .output import SamplerOutput
 from .registry import (
     Part,
@@ -46,8 +47,8 @@ from .step import StepResult, decode_step
 from .trajectory import Trajectory, TrajectoryRecorder, plot_trajectory
 
 __all__ = [
-    "AutoregressiveOutput", "DecodeState", "Part", "Sampler", "SamplerConfig", "SamplerOutput", "StepResult",
-    "Trajectory", "TrajectoryRecorder", "autoregressive_generate", "create_part", "decode_step", "generate",
+    "AutoregressiveOutput", "DecodeState", "Part", "Sampler", "SamplerConfig", "SamplerOutput", "StartTokenVerifier",
+    "StepResult", "Trajectory", "TrajectoryRecorder", "autoregressive_generate", "create_part", "decode_step", "generate",
     "list_parts", "plot_trajectory", "register_cache", "register_commit", "register_confidence", "register_guidance",
     "register_proposal", "register_revision", "register_stopping", "register_verifier",
 ]

@@ -100,6 +100,27 @@ def causal_path(logp, length, context, *, candidates=15, mass=0.8, beam=3, weigh
     return torch.where(take_ended[:, None], ended[1], tokens[:, 0]), torch.where(take_ended, ended[2], length)
 
 
+class StartTokenVerifier:
+    """An autoregressive verifier that was trained with a start token before every sequence (the project's AR
+    recipes use EOS as BOS): it reads [start | canvas] and returns the canvas slots' logits, so DiffuSpec's
+    answer is greedy decoding of [start | prompt] with that model."""
+
+    def __init__(self, model, start_token_id: int):
+        self.model, self.start, self.config = model, int(start_token_id), model.config
+
+    def __call__(self, input_ids, attention_mask=None):
+        x = torch.cat([torch.full_like(input_ids[:, :1], self.start), input_ids], 1)
+        if attention_mask is not None:  # left padding: the start token goes right before each row's first token
+            pads = (attention_mask == 0).sum(1)
+            rows = torch.arange(len(x), device=x.device)
+            x[rows, pads] = self.start
+            attention_mask = torch.cat([torch.zeros_like(attention_mask[:, :1]), attention_mask], 1)
+            attention_mask[rows, pads] = 1
+        out = self.model(x, attention_mask=attention_mask)
+        out.logits = out.logits[:, 1:]
+        return out
+
+
 @register_verifier("diffuspec")
 class DiffuSpec(NoVerifier):
     """DiffuSpec's draft (the sampler's model), causal-consistency path search, greedy verification by an
