@@ -7,7 +7,8 @@ text_tiny_adapt_bd3: block_causal, blocks from slot 0, logit shift) and its auto
 size on the same pairs and steps (configs/text_tiny_sft_ar.yaml, from text_tiny_ar). Every decoder stops
 at EOS. The peers: our AR backbone with its KV cache, the same weights exported to a transformers
 LlamaForCausalLM decoding with generate(use_cache=True), diffusers' LLaDA2Pipeline on the diffusion model,
-and the diffusion model at one token per forward.
+and the diffusion model at one token per forward. DiffuSpec rows draft with the diffusion model and verify
+with the AR peer (its answers are the peer's greedy answers by construction; the question is the speed).
 
 Quality, against the reference definitions: exact match and chrF (sacrebleu), and the share of answers
 equal to the AR peer's greedy answer. Speed: answers/s and answer tokens/s (up to EOS) at batch 1 and
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoding import _llada2, export_llama, in_own_process, peak_rss_mib, timed_batches  # noqa: E402 - shared bench helpers
 
 from latent import DiffusionTransformer  # noqa: E402
-from latent.sampling import autoregressive_generate, generate  # noqa: E402
+from latent.sampling import StartTokenVerifier, autoregressive_generate, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"block_causal": "runs/text_tiny_sft_bd3/pipeline", "causal": "runs/text_tiny_sft_ar/pipeline"}
@@ -102,6 +103,9 @@ def run_sft_config(spec: dict, queue) -> None:
     else:
         model = DiffusionTransformer.from_pretrained(Path(spec["model"]) / "model").eval()
     eos, prompts = spec["eos"], torch.tensor(spec["prompts"])
+    if spec["knobs"].get("verifier") == "diffuspec":  # the AR peer verifies, with the EOS-as-BOS it was trained with
+        verifier = DiffusionTransformer.from_pretrained(Path(spec["verifier"]) / "model").eval()
+        spec["knobs"] = dict(spec["knobs"], verifier_model=StartTokenVerifier(verifier, eos))
     row = dict(name=spec["name"])
     for batch in (1, 8):
         gens, nfe, elapsed = timed_batches(prompts, batch, lambda chunk: decode_batch(model, chunk, spec, a, eos))
@@ -162,6 +166,11 @@ def main(argv=None) -> None:
          dict(commit="threshold", threshold=0.5, cache="block_exact", row_blocks="independent", **eos_stop)),
         ("bd3_sub_blocks8_threshold0.9_block_cache", bc, "ours",
          dict(commit="threshold", threshold=0.9, cache="block_exact", sub_block_length=8, **eos_stop)),
+        ("bd3_diffuspec_ar_verifier_block_cache", bc, "ours",
+         dict(verifier="diffuspec", cache="block_exact", diffuspec_weight=1.0, diffuspec_draft_lengths=(8, 16), **eos_stop)),
+        ("bd3_diffuspec_argmax_draft_block_cache", bc, "ours",
+         dict(verifier="diffuspec", cache="block_exact", diffuspec_weight=1.0, diffuspec_draft_lengths=(8, 16),
+              diffuspec_beam=1, diffuspec_candidates=1, **eos_stop)),
         ("bd3_diffusers_llada2_threshold0.9", bc, "llada2", dict(threshold=0.9)),
     ]
     if args.only:
@@ -171,7 +180,7 @@ def main(argv=None) -> None:
     rows = []
     for name, layout, engine, knobs in configs:
         spec = dict(name=name, model=llama if engine == "hf" else MODELS[layout], engine=engine, knobs=knobs,
-                    args=vars(args), threads=args.threads, prompts=prompts, block=16, eos=eos)
+                    args=vars(args), threads=args.threads, prompts=prompts, block=16, eos=eos, verifier=MODELS["causal"])
         row = in_own_process(run_sft_config, spec)
         row["layout"] = layout
         texts = [tok.decode(x, skip_special_tokens=True).strip() for x in row["answers"]]
