@@ -381,14 +381,15 @@ def block_diffusion_loss(
         clean = torch.cat([input_ids, input_ids])
         pad = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
     logits = _noisy_half_logits(model, noisy, clean, block_size, pad, model_kwargs)
-    ce = _masked_ce(logits, clean, masked)
+    scored, targets = logits[masked].float(), clean[masked]  # gathered once: the CE and the certainty term read it
+    ce = F.cross_entropy(scored, targets, reduction="none")
     num_tokens = int(valid.sum())
     copies = 2 if complementary else 1
     loss = (ce * w_tok[masked]).sum() / max(copies * num_tokens, 1)
     if ar_weight:
         loss = loss + ar_weight * _autoregressive_ce(model, input_ids, real, model_kwargs)
     if certainty_weight:
-        loss = loss + certainty_weight * certainty_entropy(logits[masked], clean[masked], certainty_temperature)
+        loss = loss + certainty_weight * certainty_entropy(scored, targets, certainty_temperature)
     return LossOutput(loss, num_tokens, int(masked.sum()))
 
 

@@ -110,9 +110,8 @@ class StartTokenVerifier:
 
     def __call__(self, input_ids, attention_mask=None):
         x = torch.cat([torch.full_like(input_ids[:, :1], self.start), input_ids], 1)
-        if attention_mask is not None:  # left padding: the start token goes right before each row's first token
-            pads = (attention_mask == 0).sum(1)
-            rows = torch.arange(len(x), device=x.device)
+        if attention_mask is not None:  # left padding: the start token moves right before each row's first token
+            rows, pads = torch.arange(len(x), device=x.device), (attention_mask == 0).sum(1)
             x[rows, pads] = self.start
             attention_mask = torch.cat([torch.zeros_like(attention_mask[:, :1]), attention_mask], 1)
             attention_mask[rows, pads] = 1
