@@ -24,15 +24,16 @@ from pathlib import Path
 
 
 def _policy(path):
+    """(policy, whether its observations need the occupancy grid)."""
     from modalities.data.driving import RuleBasedDriver
 
     if path is None:
-        return RuleBasedDriver()
+        return RuleBasedDriver(), False
     from pipelines.planning import PlanningPipeline
 
     pipe = PlanningPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    return lambda env, raw: pipe.plan_action(raw)
+    return (lambda env, raw: pipe.plan_action(raw)), pipe.driving_adapter.occupancy_encoder is not None
 
 
 def _job(args):
@@ -44,7 +45,8 @@ def _job(args):
     from modalities.data.driving_closed_loop import CONDITIONS, drive, summarize
 
     t = time.perf_counter()
-    rows = drive(_policy(path), CONDITIONS[condition], episodes, seed, max_decisions)
+    policy, occupancy = _policy(path)
+    rows = drive(policy, CONDITIONS[condition], episodes, seed, max_decisions, occupancy=occupancy)
     return {"policy": name, "condition": condition, **summarize(rows), "seconds": round(time.perf_counter() - t, 1),
             "per_episode": rows}
 
@@ -69,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--target", type=float, default=1.5, help="collision rate within this factor of the demonstrator's")
     ap.add_argument("--policies", nargs="*", default=["demonstrator", "bc", "dagger", "ar"],
                     choices=["demonstrator", "bc", "dagger", "ar"])
+    ap.add_argument("--planner", nargs="*", default=[], metavar="NAME=PATH",
+                    help="more planners to evaluate beside the named ones (recipe variants), as name=pipeline folder")
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier outputs whose cells of the policies not run now "
                     "are kept (policies evaluated at different times, on the same seeds)")
     ap.add_argument("--out", default="experiments/results/driving_ood.json")
@@ -84,6 +88,11 @@ def main(argv=None):
             policies.append((name, str(path)))
         else:
             print(f"skipping {name}: no pipeline at {path}")
+    for item in args.planner:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path, "model_index.json").is_file():
+            ap.error(f"--planner {item!r}: give NAME=PATH with a pipeline folder (model_index.json) at PATH")
+        policies.append((name, path))
     jobs = [(name, path, c, args.episodes, args.seed, args.max_decisions) for c in args.conditions
             for name, path in policies]
     t = time.perf_counter()

@@ -209,3 +209,25 @@ def test_drives_the_simulator_in_closed_loop(pipe):
     finally:
         env.close()
 
+
+
+def test_closed_loop_gives_the_occupancy_grid_only_to_planners_that_read_it():
+    from modalities.data.driving_closed_loop import CONDITIONS, drive
+
+    seen = []
+
+    def spy(env, raw):
+        seen.append(raw.get("occupancy"))
+        return ACTIONS.index("IDLE")
+
+    rows = drive(spy, CONDITIONS["highway"], episodes=1, max_decisions=2)
+    assert rows[0]["decisions"] == 2 and all(o is None for o in seen)
+    seen.clear()
+    drive(spy, CONDITIONS["highway"], episodes=1, max_decisions=2, occupancy=True)
+    assert len(seen) == 2 and all(o is not None and o.ndim == 3 and o.shape[0] == 2 for o in seen)
+    # a planner built for the grid plans from such an observation
+    planner = build_planner({**ADAPTER, "occupancy_channels": 2}, model_cfg("prefix"), TOK, None, seed=0)
+    planner.set_progress_bar_config(disable=True)
+    grid_rows = drive(lambda env, raw: planner.plan_action(raw, on_error="raise"), CONDITIONS["highway"],
+                      episodes=1, max_decisions=2, occupancy=True)
+    assert grid_rows[0]["decisions"] == 2

@@ -70,17 +70,20 @@ EXCLUDED = {
 }
 
 
-def drive(policy, condition: Condition, episodes: int, seed: int = 10_000, max_decisions: int = 60) -> list[dict]:
+def drive(policy, condition: Condition, episodes: int, seed: int = 10_000, max_decisions: int = 60,
+          occupancy: bool = False) -> list[dict]:
     """``episodes`` episodes of ``policy(env, observation) -> action index`` under ``condition``; one row per
     episode: crashed, completed (no crash), decisions, mean speed [m/s], return (sum of the env's rewards),
-    distance [m] (path length of the ego)."""
+    distance [m] (path length of the ego). ``occupancy``: observations carry the ego-centred occupancy grid
+    (for planners whose adapter reads one)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
     env = make_env(condition.density, env_id=condition.env_id, **condition.config)
     rows = []
     try:
         for e in range(episodes):
-            ep = run_episode(env, seed + e, policy, max_steps=max_decisions, lane_frame=condition.lane_frame)
+            ep = run_episode(env, seed + e, policy, occupancy=occupancy, max_steps=max_decisions,
+                             lane_frame=condition.lane_frame)
             path = np.linalg.norm(np.diff(ep.poses[:, :2], axis=0), axis=1).sum() if len(ep.poses) > 1 else 0.0
             rows.append({"crashed": ep.crashed, "completed": not ep.crashed, "decisions": len(ep.actions),
                          "mean_speed": float(np.mean(ep.speeds)) if ep.speeds else 0.0,
