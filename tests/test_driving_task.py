@@ -144,6 +144,18 @@ def test_a_stage_trains_only_what_it_names_and_starts_from_an_export(data_file, 
         assert torch.equal(v, after[k]), k
 
 
+def test_full_mask_share_masks_whole_plans_of_that_share_and_keeps_the_rest(data_file, tmp_path):
+    base = Trainer(config(data_file, tmp_path / "a")).task
+    shared = Trainer(config(data_file, tmp_path / "b", "objective.full_mask_share=0.5")).task
+    stage = OmegaConf.create({"batch_size": 512})
+    plain, full = base.batch(3, stage), shared.batch(3, stage)
+    assert torch.equal(plain["plan"], full["plan"]) and torch.equal(plain["noise"], full["noise"])
+    ones = full["t"] == 1.0
+    assert 0.4 < ones.float().mean() < 0.6  # the share, up to sampling noise
+    assert torch.equal(full["t"][~ones], plain["t"][~ones])  # the other rows keep their noise level
+    assert not bool((plain["t"] == 1.0).any())
+
+
 def test_config_errors_name_the_key(data_file, tmp_path, capsys):
     bad = {
         "trainer.steps=3": r"trainer\.steps -- did you mean trainer\.max_steps",
@@ -157,12 +169,16 @@ def test_config_errors_name_the_key(data_file, tmp_path, capsys):
         "model.attention_layout=block_causal": "model.attention_layout",
         "data.train=x.npz": "data.valid",
         "data.train_episodes=0": "data.train_episodes",
+        "objective.full_mask_share=1.0": "objective.full_mask_share",
     }
     for override, match in bad.items():
         with pytest.raises(ConfigError, match=match):
             load_config(RECIPE, [override])
     with pytest.raises(ConfigError, match="model.attention_layout"):
         load_config(REPO / "configs/driving_tiny_ccdd.yaml", ["model.attention_layout=causal"])
+    for recipe in ("driving_tiny_ar", "driving_tiny_ccdd"):  # no masked plan to mask fully
+        with pytest.raises(ConfigError, match="full_mask_share"):
+            load_config(REPO / "configs" / f"{recipe}.yaml", ["objective.full_mask_share=0.5"])
     with pytest.raises(ConfigError, match="plan.horizon=2"):  # the data holds 3 decisions
         Trainer(config(data_file, tmp_path / "run", "plan.horizon=2"))
     with pytest.raises(ConfigError, match="model.max_position_embeddings"):

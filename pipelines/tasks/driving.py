@@ -92,6 +92,10 @@ class DrivingObjective:
     name: str = "plan"  # plan | ccdd
     lam: float = 1.0  # ccdd: weight of the latent MSE
     prediction: str = "v_prediction"  # ccdd: what the backbone predicts for the latents
+    # plan, diffusion layouts: share of training rows whose whole plan is masked (t = 1). Closed loop reads the
+    # first action from the sensors alone; with t ~ U(0, 1) that case is rare and the other plan tokens
+    # (future waypoints) give the action away, so the model learns less about reading the scene.
+    full_mask_share: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -290,6 +294,12 @@ class DrivingTask(Task):
         layout = cfg.model.get("attention_layout")
         if layout is not None and layout not in _LAYOUTS[name]:
             raise ConfigError(f"model.attention_layout={layout!r}; objective.name={name!r} needs one of {_LAYOUTS[name]}")
+        share = cfg.objective.full_mask_share
+        if not 0.0 <= share < 1.0:
+            raise ConfigError(f"objective.full_mask_share must be in [0, 1) (the share of fully masked plans), got {share}")
+        if share and (name != "plan" or layout == "causal"):
+            raise ConfigError("objective.full_mask_share applies to the plan objective with a diffusion layout "
+                              "(prefix / bidirectional); set it to 0 here")
         if (d.train is None) != (d.valid is None):
             raise ConfigError("give both data.train and data.valid (your own npz files), or neither (recorded into "
                               "data.dir)")
@@ -436,7 +446,11 @@ class DrivingTask(Task):
         g = step_generator(self.ctx.seed, step)
         n = self.train_rows["inputs"].batch_size
         rows = torch.randint(n, (stage.batch_size or self.cfg.trainer.batch_size,), generator=g)
-        return self._take(self.train_rows, rows, g)
+        out = self._take(self.train_rows, rows, g)
+        share = self.cfg.objective.full_mask_share
+        if share:  # drawn only when on, so recipes without it keep their noise stream
+            out["t"] = torch.where(torch.rand(len(rows), generator=g) < share, torch.ones_like(out["t"]), out["t"])
+        return out
 
     def _loss(self, modules, batch):
         dev = self.ctx.device
