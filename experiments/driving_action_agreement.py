@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main(argv=None):
                      f"{fmt(c['slower_recall'])} | {c['confusion_label_x_prediction'][s][f]} |")
     table = "\n".join(lines)
     print(table)
-    command = "python experiments/driving_action_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/driving_action_agreement.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "actions": list(ACTIONS), "episodes": args.episodes,

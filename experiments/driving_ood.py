@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -117,7 +118,7 @@ def main(argv=None):
                      f"{_fmt_ci(c, 'mean_speed', 1)} | {_fmt_ci(c, 'return', 1)} | { {True: 'yes', False: 'no', None: '-'}[c['within_target']] } |")
     table = "\n".join(lines)
     print(table)
-    results = {"command": "python experiments/driving_ood.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": "python experiments/driving_ood.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                "policies": dict(policies), "seconds": round(time.perf_counter() - t, 1),
                "conditions": {c: {"env": CONDITIONS[c].env_id, "density": CONDITIONS[c].density,
                                   "config": CONDITIONS[c].config, "lane_frame": CONDITIONS[c].lane_frame,

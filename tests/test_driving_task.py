@@ -58,7 +58,8 @@ LEARN = ["trainer.max_steps=40", "trainer.batch_size=16", "optim.lr=3e-3", "opti
 
 @pytest.mark.parametrize("layout", ["prefix", "causal"])
 def test_training_lowers_the_loss_and_the_export_plans_like_the_trained_modules(data_file, tmp_path, layout):
-    tr = Trainer(config(data_file, tmp_path / "run", *LEARN, f"model.attention_layout={layout}"))
+    share = "objective.full_mask_share=0" if layout == "causal" else "objective.full_mask_share=0.5"
+    tr = Trainer(config(data_file, tmp_path / "run", *LEARN, f"model.attention_layout={layout}", share))
     res = tr.fit()
     assert res.completed and all(np.isfinite(res.losses))
     assert np.mean(res.losses[-8:]) < np.mean(res.losses[:8])
@@ -105,7 +106,8 @@ def test_ccdd_learns_and_its_export_plans_like_the_trained_modules(data_file, tm
     torch.testing.assert_close(w, w2)
 
 
-@pytest.mark.parametrize("recipe, extra", [("driving_tiny", []), ("driving_tiny", ["model.attention_layout=causal"]),
+@pytest.mark.parametrize("recipe, extra", [("driving_tiny", []), ("driving_tiny", ["model.attention_layout=causal",
+                                                                                   "objective.full_mask_share=0"]),
                                            ("driving_tiny_ccdd", [])])
 def test_the_rows_a_process_takes_give_the_loss_of_the_whole_batch(data_file, tmp_path, recipe, extra):
     # DDP: each process takes rows of the same global batch (its noise included); the mean of their losses
@@ -145,7 +147,7 @@ def test_a_stage_trains_only_what_it_names_and_starts_from_an_export(data_file, 
 
 
 def test_full_mask_share_masks_whole_plans_of_that_share_and_keeps_the_rest(data_file, tmp_path):
-    base = Trainer(config(data_file, tmp_path / "a")).task
+    base = Trainer(config(data_file, tmp_path / "a", "objective.full_mask_share=0")).task
     shared = Trainer(config(data_file, tmp_path / "b", "objective.full_mask_share=0.5")).task
     stage = OmegaConf.create({"batch_size": 512})
     plain, full = base.batch(3, stage), shared.batch(3, stage)
