@@ -24,7 +24,8 @@ Objectives (``objective.name``):
 
 - ``plan``: the 3K plan tokens of :class:`PlanTokenizer` after the sensor prefix. Diffusion layouts
   (``prefix``, ``bidirectional``): the SFT masked-diffusion loss (nothing is a prompt: the sensors are the
-  prefix), its noise drawn for the global batch. ``causal``: next-token loss after a BOS token. Export: a
+  prefix), its noise drawn for the global batch; ``full_mask_share`` of the rows get the whole plan masked
+  (the case closed loop decodes from). ``causal``: next-token loss after a BOS token. Export: a
   :class:`pipelines.planning.PlanningPipeline` folder (decoding defaults from ``decoding``).
 - ``ccdd``: the K meta-actions as masked tokens and the K waypoint steps (dx, dy), standardised with the
   training set's mean and std, as the continuous latents of the same backbone (``latent_dim`` 2), trained with
