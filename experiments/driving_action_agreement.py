@@ -29,8 +29,7 @@ def agreement(pipe, density: float, beta: float, episodes: int, seed: int) -> di
 
     from modalities.data.driving import ACTIONS, record
 
-    occupancy = pipe.driving_adapter.occupancy_encoder is not None
-    data = record(densities=(density,), episodes=episodes, seed=seed, occupancy=occupancy, progress=False,
+    data = record(densities=(density,), episodes=episodes, seed=seed, occupancy=pipe.reads_occupancy, progress=False,
                   policy=lambda env, raw: pipe.plan_action(raw), beta=beta)
     label = torch.as_tensor(data.actions[:, 0])
     with torch.no_grad():

@@ -34,7 +34,7 @@ def _policy(path):
 
     pipe = PlanningPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    return (lambda env, raw: pipe.plan_action(raw)), pipe.driving_adapter.occupancy_encoder is not None
+    return (lambda env, raw: pipe.plan_action(raw)), pipe.reads_occupancy
 
 
 def _job(args):

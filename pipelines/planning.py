@@ -126,6 +126,11 @@ class PlanningPipeline(MaskedDiffusionPipeline):
     def decoding(self) -> str:
         return "autoregressive" if getattr(self.model.config, "attention_layout", None) == "causal" else "diffusion"
 
+    @property
+    def reads_occupancy(self) -> bool:
+        """Whether observations must carry the occupancy grid (the adapter has an occupancy encoder)."""
+        return self.driving_adapter.occupancy_encoder is not None
+
     # ---- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, observations, steps, threshold, on_error, callback, tensor_inputs) -> list[str]:
         if observations is None:

@@ -210,7 +210,6 @@ def test_drives_the_simulator_in_closed_loop(pipe):
         env.close()
 
 
-
 def test_closed_loop_gives_the_occupancy_grid_only_to_planners_that_read_it():
     from modalities.data.driving_closed_loop import CONDITIONS, drive
 

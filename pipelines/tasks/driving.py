@@ -450,7 +450,7 @@ class DrivingTask(Task):
         out = self._take(self.train_rows, rows, g)
         share = self.cfg.objective.full_mask_share
         if share:  # drawn only when on, so recipes without it keep their noise stream
-            out["t"] = torch.where(torch.rand(len(rows), generator=g) < share, torch.ones_like(out["t"]), out["t"])
+            out["t"] = out["t"].masked_fill(torch.rand(len(rows), generator=g) < share, 1.0)
         return out
 
     def _loss(self, modules, batch):
