@@ -24,8 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def _policy(path):
-    """(policy, whether its observations need the occupancy grid)."""
+def _policy(path, prior_tau=0.0):
+    """(policy, whether its observations need the occupancy grid); ``prior_tau`` > 0 decodes with the
+    planner's label-prior correction (`PlanningPipeline.prior_correction`)."""
     from modalities.data.driving import RuleBasedDriver
 
     if path is None:
@@ -34,22 +35,23 @@ def _policy(path):
 
     pipe = PlanningPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    return (lambda env, raw: pipe.plan_action(raw)), pipe.reads_occupancy
+    bias = pipe.prior_correction(prior_tau) if prior_tau else None
+    return (lambda env, raw: pipe.plan_action(raw, action_bias=bias)), pipe.reads_occupancy
 
 
 def _job(args):
     """One (policy, condition) cell, in a worker process."""
-    name, path, condition, episodes, seed, max_decisions = args
+    name, path, prior_tau, condition, episodes, seed, max_decisions = args
     import torch
 
     torch.set_num_threads(1)
     from modalities.data.driving_closed_loop import CONDITIONS, drive, summarize
 
     t = time.perf_counter()
-    policy, occupancy = _policy(path)
+    policy, occupancy = _policy(path, prior_tau)
     rows = drive(policy, CONDITIONS[condition], episodes, seed, max_decisions, occupancy=occupancy)
-    return {"policy": name, "condition": condition, **summarize(rows), "seconds": round(time.perf_counter() - t, 1),
-            "per_episode": rows}
+    return {"policy": name, "condition": condition, "prior_tau": prior_tau, **summarize(rows),
+            "seconds": round(time.perf_counter() - t, 1), "per_episode": rows}
 
 
 def _fmt_ci(r, key, digits=2):
@@ -74,6 +76,9 @@ def main(argv=None):
                     choices=["demonstrator", "bc", "dagger", "ar"])
     ap.add_argument("--planner", nargs="*", default=[], metavar="NAME=PATH",
                     help="more planners to evaluate beside the named ones (recipe variants), as name=pipeline folder")
+    ap.add_argument("--prior-tau", nargs="+", type=float, default=[0.0], metavar="TAU",
+                    help="evaluate every --planner at each of these label-prior corrections (0 = none; "
+                         "PlanningPipeline.prior_correction); a planner at TAU > 0 is named 'NAME, prior TAU'")
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier outputs whose cells of the policies not run now "
                     "are kept (policies evaluated at different times, on the same seeds)")
     ap.add_argument("--out", default="experiments/results/driving_ood.json")
@@ -81,6 +86,7 @@ def main(argv=None):
 
     demo_name = "demonstrator (IDM+MOBIL)"  # the reference of the target
     policies = [(demo_name, None)] if "demonstrator" in args.policies else []
+    taus = {}  # policy name -> prior_tau (0 for the named policies)
     for key, name, path in (("bc", "diffusion BC", args.bc), ("dagger", "diffusion DAgger", args.dagger),
                             ("ar", "autoregressive BC", args.ar)):
         if key not in args.policies:
@@ -93,9 +99,14 @@ def main(argv=None):
         name, sep, path = item.partition("=")
         if not sep or not name or not Path(path, "model_index.json").is_file():
             ap.error(f"--planner {item!r}: give NAME=PATH with a pipeline folder (model_index.json) at PATH")
-        policies.append((name, path))
-    jobs = [(name, path, c, args.episodes, args.seed, args.max_decisions) for c in args.conditions
-            for name, path in policies]
+        for tau in args.prior_tau:
+            if tau < 0:
+                ap.error(f"--prior-tau {tau:g}: must be >= 0")
+            named = f"{name}, prior {tau:g}" if tau else name
+            policies.append((named, path))
+            taus[named] = tau
+    jobs = [(name, path, taus.get(name, 0.0), c, args.episodes, args.seed, args.max_decisions)
+            for c in args.conditions for name, path in policies]
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         cells = list(pool.map(_job, jobs))

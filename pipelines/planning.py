@@ -13,6 +13,8 @@ out.confidence[0]     # [3K] probability of each plan token when it was committe
 out = pipe(obs_list, threshold=0.7)        # Fast-dLLM threshold decoding (the default rule, 0.9)
 out = pipe(obs_list, steps=9)              # LLaDA schedule: one token per forward
 out = pipe(bad_obs, on_error="record")     # rows with bad input get FALLBACK_ACTION, out.errors says why
+out = pipe(obs_list, action_bias={"SLOWER": 1.0})            # logit offsets on every action slot
+out = pipe(obs_list, action_bias=pipe.prior_correction(1.0))  # divide out the training label shares
 ```
 
 The sensors become prefix embeddings (`modalities.driving.DrivingAdapter`); the plan is a canvas of 3K masked
@@ -30,10 +32,17 @@ Bad input: `on_error="raise"` (default) raises `DrivingInputError` (a ValueError
 `on_error="record"` gives the offending rows the documented safe plan instead: ``FALLBACK_ACTION``
 ("SLOWER": keep the lane and slow down) for every decision, waypoints NaN (no trajectory is claimed),
 confidence 0, `fallback[row] = True` and the reason in `errors[row]`.
+
+**Action bias.** `action_bias` adds a logit offset per meta-action to every action slot before the commit
+rule sees the probabilities (the diffusion decoder). `prior_correction(tau)` is the offset ``-tau * log(share)``
+from the training labels' action shares that the driving task saves with the pipeline (`action_prior`):
+post-hoc logit adjustment, which lifts the rare actions (braking, in highway data) that a planner trained
+on the data's label prior under-predicts when the traffic it meets calls for them more often.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,18 +92,20 @@ class _SlotConstrained(torch.nn.Module):
     """The backbone with every plan slot's logits restricted to tokens of its kind. The sampler calls it on
     canvas positions [lo, N) (no cache, or an exact prefix cache), so the logits are the canvas tail."""
 
-    def __init__(self, model, allowed: torch.BoolTensor):
+    def __init__(self, model, allowed: torch.BoolTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.config = model.config
         self.allowed = allowed
+        self.bias = bias  # [length, vocab] added to the logits (action_bias), or None
 
     def forward(self, input_ids, **kwargs):
         out = self.model(input_ids, **kwargs)
         if out.logits is not None and out.logits.shape[1]:
             n = out.logits.shape[1]
             allowed = self.allowed[self.allowed.shape[0] - n :].to(out.logits.device)
-            out.logits = out.logits.masked_fill(~allowed, float("-inf"))
+            logits = out.logits if self.bias is None else out.logits + self.bias[-n:].to(out.logits)
+            out.logits = logits.masked_fill(~allowed, float("-inf"))
         return out
 
 
@@ -106,7 +117,8 @@ class PlanningPipeline(MaskedDiffusionPipeline):
 
     model_cpu_offload_seq = "driving_adapter->model"
 
-    def __init__(self, driving_adapter, model, scheduler: MaskedDiffusionScheduler, plan: dict | None = None):
+    def __init__(self, driving_adapter, model, scheduler: MaskedDiffusionScheduler, plan: dict | None = None,
+                 action_prior: list[float] | None = None):
         super().__init__()
         tok = PlanTokenizer(**(plan or {}))
         vocab = getattr(model.config, "vocab_size", None)
@@ -118,8 +130,13 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         d_a, d_m = getattr(driving_adapter.config, "hidden_size", None), getattr(model.config, "hidden_size", None)
         if d_a is not None and d_m is not None and d_a != d_m:
             raise ValueError(f"driving_adapter.config.hidden_size={d_a} but model.config.hidden_size={d_m}.")
+        if action_prior is not None:
+            action_prior = [float(x) for x in action_prior]
+            if len(action_prior) != len(ACTIONS) or min(action_prior) < 0 or abs(sum(action_prior) - 1) > 1e-4:
+                raise ValueError(f"`action_prior` must be {len(ACTIONS)} shares (one per action of {ACTIONS}) that "
+                                 f"sum to 1, got {action_prior}.")
         self.register_modules(driving_adapter=driving_adapter, model=model, scheduler=scheduler)
-        self.register_to_config(plan=tok.to_dict())
+        self.register_to_config(plan=tok.to_dict(), action_prior=action_prior)
         self.plan_tokenizer = tok
 
     @property
@@ -130,6 +147,41 @@ class PlanningPipeline(MaskedDiffusionPipeline):
     def reads_occupancy(self) -> bool:
         """Whether observations must carry the occupancy grid (the adapter has an occupancy encoder)."""
         return self.driving_adapter.occupancy_encoder is not None
+
+    def prior_correction(self, tau: float = 1.0) -> dict[str, float]:
+        """``action_bias`` that divides the training labels' action shares out of the planner's action
+        probabilities, raised to ``tau`` (0: no change, 1: as if every action were equally frequent)."""
+        prior = self.config.get("action_prior")
+        if prior is None:
+            raise ValueError("this pipeline holds no `action_prior` (the training labels' action shares); pass "
+                             "`action_bias` yourself, or build it from DrivingDataset.action_shares() of the data.")
+        if not tau >= 0:
+            raise ValueError(f"`tau` must be >= 0, got {tau}.")
+        # An action never seen in training gets the smallest seen share's offset, not an infinite one.
+        floor = min(p for p in prior if p > 0)
+        return {a: -float(tau) * math.log(max(p, floor)) for a, p in zip(ACTIONS, prior, strict=True)}
+
+    def _bias_table(self, action_bias) -> torch.Tensor | None:
+        """[length, vocab] logits offset from ``action_bias`` (a dict name -> offset, or one offset per action)."""
+        if action_bias is None:
+            return None
+        if isinstance(action_bias, dict):
+            unknown = sorted(set(action_bias) - set(ACTIONS))
+            if unknown:
+                raise ValueError(f"`action_bias` names unknown actions {unknown}; the actions are {ACTIONS}.")
+            values = [float(action_bias.get(a, 0.0)) for a in ACTIONS]
+        else:
+            values = [float(x) for x in torch.as_tensor(action_bias, dtype=torch.float64).flatten()]
+            if len(values) != len(ACTIONS):
+                raise ValueError(f"`action_bias` must be a dict of action names or {len(ACTIONS)} offsets in the "
+                                 f"order {ACTIONS}, got {len(values)} values.")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"`action_bias` must be finite, got {values}.")
+        tok = self.plan_tokenizer
+        table = torch.zeros(tok.length, tok.vocab_size)
+        action_slots = [i for i, kind in enumerate(tok.slot_kinds()) if kind == "action"]
+        table[action_slots, tok.action_offset : tok.action_offset + len(ACTIONS)] = torch.tensor(values)
+        return table
 
     # ---- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, observations, steps, threshold, on_error, callback, tensor_inputs) -> list[str]:
@@ -160,6 +212,7 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         temperature: float | None = None,
         remasking: str | None = None,
         cache: str | None = None,
+        action_bias: dict[str, float] | list[float] | None = None,
         on_error: str = "raise",
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], Any] | None = None,
@@ -178,6 +231,9 @@ class PlanningPipeline(MaskedDiffusionPipeline):
             temperature: 0 = argmax; > 0 = Gumbel-max sampling (reproducible with `generator`).
             remasking: the confidence rule ("low_confidence", "margin", "neg_entropy", "random").
             cache: "auto" (exact prefix cache for the prefix layout), "none" or "prefix_exact".
+            action_bias: logit offsets added to every action slot, as ``{action name: offset}`` or one offset
+                per action of `ACTIONS`; `prior_correction(tau)` gives the label-prior correction. The
+                diffusion decoder only.
             on_error: "raise" (a `DrivingInputError` naming the field) or "record" (the row gets the fallback
                 plan and its reason in `errors`; see the module doc). A batch no row of which can be read
                 (wrong feature counts, no rows) always raises.
@@ -190,6 +246,9 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         """
         names = self.check_inputs(observations, steps, threshold, on_error, callback_on_step_end,
                                   callback_on_step_end_tensor_inputs)
+        bias = self._bias_table(action_bias)
+        if bias is not None and self.decoding == "autoregressive":
+            raise ValueError("`action_bias` steers the diffusion decoder; this pipeline's model is causal.")
         errors, batch = self._row_errors(observations)
         bad = [i for i, e in enumerate(errors) if e is not None]
         if bad and on_error == "raise":
@@ -207,8 +266,8 @@ class PlanningPipeline(MaskedDiffusionPipeline):
             else:
                 obs = [observations] if isinstance(observations, dict) else list(observations)
                 inputs = self.driving_adapter.preprocess([obs[i] for i in good])
-            seq, conf, nfe, used = self._decode(inputs, steps, threshold, temperature, remasking, cache, generator,
-                                                callback_on_step_end, names, sampler_kwargs)
+            seq, conf, nfe, used = self._decode(inputs, steps, threshold, temperature, remasking, cache, bias,
+                                                generator, callback_on_step_end, names, sampler_kwargs)
             rows = torch.as_tensor(good)
             tokens[rows], confidence[rows], row_steps[rows] = seq.cpu(), conf.cpu(), used.cpu()
         action_ids, waypoints = tok.decode(tokens)
@@ -230,7 +289,7 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         return int(self(observation, **kwargs).action_ids[0, 0])
 
     # ---- decoding -------------------------------------------------------------------------------
-    def _decode(self, inputs, steps, threshold, temperature, remasking, cache, generator, callback, names,
+    def _decode(self, inputs, steps, threshold, temperature, remasking, cache, bias, generator, callback, names,
                 sampler_kwargs):
         p = next(self.driving_adapter.parameters())
         embeds, pmask = self.encode_prefix(self.driving_adapter, inputs.to(p.device, p.dtype))
@@ -259,7 +318,7 @@ class PlanningPipeline(MaskedDiffusionPipeline):
         ids = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
         # The plan is one block: every slot is decoded in parallel, and `steps` counts forwards for all of it.
         result = self._sample(
-            ids, None, gen_length=length, block_length=length, model=_SlotConstrained(self.model, allowed),
+            ids, None, gen_length=length, block_length=length, model=_SlotConstrained(self.model, allowed, bias),
             prefix_embeds=embeds, prefix_mask=pmask, steps=steps, threshold=threshold, temperature=temperature,
             remasking=remasking, cache=cache, mask_token_id=tok.mask_token_id, generator=generator,
             step_callback=on_step, **sampler_kwargs,

@@ -12,7 +12,7 @@ import pipelines.tasks  # noqa: F401 - registers the tasks
 from latent.training.config import ConfigError, load_config
 from latent.training.task import step_generator
 from latent.training.trainer import Trainer
-from modalities.data.driving import DrivingDataset, PlanTokenizer, recorded_settings
+from modalities.data.driving import ACTIONS, DrivingDataset, PlanTokenizer, recorded_settings
 from pipelines.planning import PlanningPipeline
 from pipelines.tasks.common import sft_noise
 from pipelines.tasks.driving import CCDDPlanner, plan_loss, planning_pipeline
@@ -76,6 +76,9 @@ def test_training_lowers_the_loss_and_the_export_plans_like_the_trained_modules(
     # the exported folder loads as a PlanningPipeline and plans as a pipeline of the trained modules
     loaded = PlanningPipeline.from_pretrained(res.pipeline_dir)
     trained = planning_pipeline(adapter, model, TOK, tr.cfg.decoding)
+    # with the training labels' action shares, counted here from the recorded actions
+    counts = np.bincount(data.actions.ravel(), minlength=len(ACTIONS))
+    assert loaded.config.action_prior == pytest.approx((counts / counts.sum()).tolist())
     x = data.inputs([0, 1, 2, 3])
     out, want = loaded(x), trained(x)
     assert out.decoding == ("autoregressive" if layout == "causal" else "diffusion")

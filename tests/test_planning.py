@@ -70,6 +70,74 @@ def test_confidence_is_the_committed_tokens_probability(pipe):
     torch.testing.assert_close(out.confidence, probs.max(-1).values, atol=1e-5, rtol=1e-5)
 
 
+def _masked_canvas_logits(pipe, obs):
+    """The backbone's logits on the fully masked plan, restricted to each slot's kind (no pipeline code)."""
+    inputs = pipe.driving_adapter.preprocess(obs)
+    prefix = pipe.driving_adapter(inputs)
+    ids = torch.full((len(obs), TOK.length), TOK.mask_token_id)
+    logits = pipe.model(ids, prefix_embeds=prefix.embeds, attention_mask=prefix.attention_mask(num_tokens=TOK.length),
+                        prefix_length=prefix.length).logits
+    return logits.masked_fill(~TOK.allowed_tokens(), float("-inf"))
+
+
+def test_action_bias_offsets_the_action_slots_logits_before_the_commit():
+    pipe = pipe_for()
+    obs = observations(3)
+    logits = _masked_canvas_logits(pipe, obs)
+    bias = {"SLOWER": 2.5, "LANE_LEFT": -1.0}
+    out = pipe(obs, steps=1, cache="none", action_bias=bias)
+    offset = torch.zeros(TOK.vocab_size)
+    for name, v in bias.items():
+        offset[TOK.action_offset + ACTIONS.index(name)] = v
+    action_slot = torch.tensor([k == "action" for k in TOK.slot_kinds()])
+    probs = (logits + offset * action_slot[:, None]).softmax(-1)
+    torch.testing.assert_close(out.tokens, probs.argmax(-1))
+    torch.testing.assert_close(out.confidence, probs.max(-1).values, atol=1e-5, rtol=1e-5)
+    # the dx / dy slots are untouched; a large offset forces the action everywhere, also with the prefix cache
+    plain = pipe(obs, steps=1, cache="none")
+    torch.testing.assert_close(out.tokens[:, ~action_slot], plain.tokens[:, ~action_slot])
+    forced = pipe(obs, action_bias=[0.0, 0.0, 0.0, 0.0, 1e4])
+    assert (forced.action_ids == ACTIONS.index("SLOWER")).all()
+    torch.testing.assert_close(pipe(obs, action_bias={}).tokens, pipe(obs).tokens)
+    with pytest.raises(ValueError, match="unknown actions"):
+        pipe(obs, action_bias={"BRAKE": 1.0})
+    with pytest.raises(ValueError, match="5 offsets"):
+        pipe(obs, action_bias=[1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        pipe(obs, action_bias={"SLOWER": float("inf")})
+    with pytest.raises(ValueError, match="causal"):
+        pipe_for("causal")(obs, action_bias={"SLOWER": 1.0})
+
+
+def test_prior_correction_divides_out_the_saved_label_shares(tmp_path):
+    from modalities.data.driving import DrivingDataset
+
+    pipe = pipe_for()
+    with pytest.raises(ValueError, match="action_prior"):
+        pipe.prior_correction(1.0)
+    actions = np.array([[1, 1, 4], [1, 3, 1], [0, 1, 1], [1, 1, 1]])
+    data = DrivingDataset(ego=np.zeros((4, 5), np.float32), vehicles=np.zeros((4, 1, 6), np.float32),
+                          vehicle_count=np.ones(4, np.int64), actions=actions, waypoints=np.zeros((4, 3, 2), np.float32),
+                          density=np.ones(4, np.float32), episode=np.zeros(4, np.int64), step=np.arange(4))
+    shares = data.action_shares()
+    assert shares == pytest.approx([1 / 12, 9 / 12, 0.0, 1 / 12, 1 / 12])
+    with_prior = PlanningPipeline(pipe.driving_adapter, pipe.model, pipe.scheduler, plan=TOK.to_dict(),
+                                  action_prior=shares)
+    with_prior.save_pretrained(tmp_path)
+    loaded = PlanningPipeline.from_pretrained(tmp_path)
+    assert loaded.config.action_prior == pytest.approx(shares)
+    bias = loaded.prior_correction(0.5)
+    # -tau * log(share); the unseen action gets the rarest seen action's offset instead of infinity
+    assert bias == pytest.approx({"LANE_LEFT": 0.5 * np.log(12), "IDLE": -0.5 * np.log(0.75),
+                                  "LANE_RIGHT": 0.5 * np.log(12), "FASTER": 0.5 * np.log(12),
+                                  "SLOWER": 0.5 * np.log(12)})
+    assert set(loaded.prior_correction(0.0).values()) == {0.0}
+    with pytest.raises(ValueError, match="tau"):
+        loaded.prior_correction(-1.0)
+    with pytest.raises(ValueError, match="action_prior"):
+        PlanningPipeline(pipe.driving_adapter, pipe.model, pipe.scheduler, action_prior=[0.5, 0.6, 0, 0, 0])
+
+
 def test_steps_threshold_and_exact_prefix_cache(pipe):
     obs = observations(3)
     one_per_step = pipe(obs, steps=TOK.length, cache="none")

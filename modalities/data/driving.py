@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.driving import EGO_FIELDS, VEHICLE_FEATURES, DrivingInputs
+from modalities.driving import EGO_FIELDS, LANE_WIDTH, VEHICLE_FEATURES, DrivingInputs
 
 __all__ = [
     "ACTIONS",
@@ -87,7 +87,6 @@ ACTION_INDEX = {a: i for i, a in enumerate(ACTIONS)}
 FALLBACK_ACTION = "SLOWER"
 ENV_ID = "highway-fast-v0"
 MAX_OBSERVED = 15  # Kinematics rows: the ego + 14 vehicles
-LANE_WIDTH = 4.0  # highway-env's StraightLane.DEFAULT_WIDTH
 TARGET_SPEEDS = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)  # m/s, what FASTER / SLOWER step between
 
 
@@ -421,6 +420,14 @@ class DrivingDataset:
     def plan_ids(self, tokenizer: PlanTokenizer, rows=None) -> torch.LongTensor:
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
         return tokenizer.encode(self.actions[rows], self.waypoints[rows])
+
+    def action_shares(self) -> list[float]:
+        """Share of each meta-action (in `ACTIONS` order) among every plan slot's label: the label prior a
+        planner trained on these rows learns (`PlanningPipeline.prior_correction` divides it out)."""
+        counts = np.bincount(self.actions.reshape(-1), minlength=len(ACTIONS)).astype(np.float64)
+        if counts.sum() == 0:
+            raise ValueError("the dataset holds no plan: no action shares to compute.")
+        return (counts / counts.sum()).tolist()
 
     def subset(self, rows) -> DrivingDataset:
         rows = np.asarray(rows)

@@ -182,13 +182,16 @@ def planner_modules(adapter_cfg, model_cfg, tokenizer: PlanTokenizer, canvas: in
     return adapter, model
 
 
-def planning_pipeline(adapter, model, tokenizer: PlanTokenizer, decoding: dict | None = None):
-    """A PlanningPipeline of trained (or fresh) modules; ``decoding`` overrides the scheduler's defaults."""
+def planning_pipeline(adapter, model, tokenizer: PlanTokenizer, decoding: dict | None = None,
+                      action_prior: list[float] | None = None):
+    """A PlanningPipeline of trained (or fresh) modules; ``decoding`` overrides the scheduler's defaults;
+    ``action_prior``: the training labels' action shares (`PlanningPipeline.prior_correction`)."""
     from latent.scheduler import MaskedDiffusionScheduler
     from pipelines.planning import PlanningPipeline
 
     dec = {"block_length": tokenizer.length, **asdict(Decoding()), **dict(decoding or {})}
-    return PlanningPipeline(adapter, model, MaskedDiffusionScheduler(**dec), plan=tokenizer.to_dict())
+    return PlanningPipeline(adapter, model, MaskedDiffusionScheduler(**dec), plan=tokenizer.to_dict(),
+                            action_prior=action_prior)
 
 
 def build_planner(adapter_cfg: dict, model_cfg: dict, tokenizer: PlanTokenizer, decoding: dict | None = None,
@@ -488,7 +491,8 @@ class DrivingTask(Task):
         if self.ccdd:
             self.planner.save_pretrained(folder)  # it holds the trained adapter and backbone
         else:
-            planning_pipeline(modules.adapter, modules.model, self.tok, self.cfg.decoding).save_pretrained(str(folder))
+            planning_pipeline(modules.adapter, modules.model, self.tok, self.cfg.decoding,
+                              action_prior=self.training_set().action_shares()).save_pretrained(str(folder))
         training = {"objective": self.cfg.objective.name, "config": OmegaConf.to_container(self.cfg),
                     "training_rows": len(self.training_set()), "dagger_rounds": self.dagger_log}
         (folder / "training.json").write_text(json.dumps(training, indent=2))
