@@ -21,6 +21,9 @@ Prefix layout (fixed for a given config, so the backbone's rotary positions mean
   (permutation equivariant) and pooling by learned queries (permutation invariant) give `vehicle_tokens`
   slots. A learned "no vehicle" element is always in the set, so a present sensor that sees no vehicle (an
   empty road) is a well-defined input, not a special case.
+  With ``gap_features=True`` each row also carries what a car-following rule decides from (lane overlap,
+  nearness, inverse time to collision; `vehicle_gap_features`), bounded so that denser traffic than the
+  training data stays inside their trained range.
 - **Occupancy grid** ``[C, H, W]`` (optional): a small CNN pooled to 2 x 2 tokens.
 - **Camera / top-down image** (optional): any timm backbone through `modalities.vision.VisionAdapter`.
 
@@ -59,6 +62,8 @@ __all__ = [
     "DrivingInputs",
     "DrivingAdapter",
     "SetEncoder",
+    "GAP_FEATURES",
+    "vehicle_gap_features",
     "check_observation",
 ]
 
@@ -248,6 +253,27 @@ def check_observation(obs, index: int = 0, max_lanes: int = 8, occupancy_channel
 
 
 # ------------------------------------------------------------------------------------------ encoders
+GAP_FEATURES = ("lane_overlap", "nearness", "closing_rate")
+LANE_WIDTH = 4.0  # metres, highway-env's StraightLane.DEFAULT_WIDTH
+
+
+def vehicle_gap_features(vehicles: torch.Tensor, near: float = 5.0, max_rate: float = 2.0) -> torch.Tensor:
+    """[..., 6] relative vehicle rows (`VEHICLE_FEATURES`) -> [..., 3] (`GAP_FEATURES`), each bounded:
+
+    - lane_overlap = max(0, 1 - |y| / lane width): 1 in the ego's lane, 0 one lane over;
+    - nearness = sign(x) * min(1, near / |x|): +-1 within ``near`` metres ahead / behind, 0 far away;
+    - closing_rate = min(max_rate, closing speed / |x|) [1/s], the inverse time to collision, where the
+      closing speed is -vx for a vehicle ahead and vx for one behind (0 when they draw apart).
+    """
+    x, y, vx = vehicles[..., 0], vehicles[..., 1], vehicles[..., 2]
+    dist = x.abs().clamp_min(1e-3)
+    overlap = (1 - y.abs() / LANE_WIDTH).clamp_min(0)
+    nearness = torch.sign(x) * (near / dist).clamp(max=1.0)
+    closing = torch.where(x >= 0, -vx, vx).clamp_min(0)
+    rate = (closing / dist).clamp(max=max_rate)
+    return torch.stack([overlap, nearness, rate], -1)
+
+
 class SetEncoder(nn.Module):
     """Permutation-invariant encoder of a variable-size set into `num_tokens` vectors.
 
@@ -308,6 +334,9 @@ class DrivingAdapter(ModalityAdapter):
     `VisionAdapter` config for a camera/top-down image, e.g. ``{"backbone": "resnet18", "image_size": 64,
     "pool_size": 2}`` (any timm model; weights only from a local `pretrained_path`).
     speed_scale, position_scale, velocity_scale: divisors that bring features to order 1.
+    gap_features: each vehicle also gets the three quantities a car-following rule (IDM) decides from, bounded
+    so that closer traffic than the data holds maps into their trained range instead of past it (see
+    `vehicle_gap_features`).
     """
 
     trunk_attr = None
@@ -333,6 +362,7 @@ class DrivingAdapter(ModalityAdapter):
         speed_scale: float = 30.0,
         position_scale: tuple[float, float] = (50.0, 4.0),
         velocity_scale: tuple[float, float] = (10.0, 5.0),
+        gap_features: bool = False,
     ):
         super().__init__()  # checks the config against config_rules first
         width = width or hidden_size
@@ -342,7 +372,8 @@ class DrivingAdapter(ModalityAdapter):
         self.lane_embed = nn.Embedding(max_lanes, width)  # lane index from the left
         self.right_embed = nn.Embedding(max_lanes, width)  # lanes to the right of the ego
         self.ego_proj = nn.Linear(width, hidden_size)
-        self.vehicle_encoder = SetEncoder(len(VEHICLE_FEATURES), width, vehicle_tokens, vehicle_layers, heads)
+        in_dim = len(VEHICLE_FEATURES) + (len(GAP_FEATURES) if gap_features else 0)
+        self.vehicle_encoder = SetEncoder(in_dim, width, vehicle_tokens, vehicle_layers, heads)
         self.vehicle_proj = nn.Linear(width, hidden_size)
         self.occupancy_encoder = None
         if occupancy_channels is not None:
@@ -545,7 +576,10 @@ class DrivingAdapter(ModalityAdapter):
             vmask = inputs.vehicles_mask & inputs.has_vehicles[:, None]
             # masked vehicle rows are replaced by zeros before anything sees them (their values cannot matter)
             vals = torch.where(vmask[..., None], inputs.vehicles, torch.zeros_like(inputs.vehicles))
-            tok = self.vehicle_proj(self.vehicle_encoder(vals / self.vehicle_scale.to(vals.dtype), vmask))
+            x = vals / self.vehicle_scale.to(vals.dtype)
+            if cfg.gap_features:
+                x = torch.cat([x, vehicle_gap_features(vals)], -1)
+            tok = self.vehicle_proj(self.vehicle_encoder(x, vmask))
         else:
             tok = torch.zeros(b, n_v, cfg.hidden_size, device=p.device, dtype=p.dtype)
         parts.append((tok, inputs.has_vehicles, 1))

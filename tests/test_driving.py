@@ -22,7 +22,7 @@ from modalities.data.driving import (
     occupancy_grid,
     record,
 )
-from modalities.driving import DrivingAdapter, DrivingInputs, SetEncoder
+from modalities.driving import GAP_FEATURES, DrivingAdapter, DrivingInputs, SetEncoder, vehicle_gap_features
 
 torch.set_num_threads(1)  # the shared CPU is oversubscribed; one thread per process is the fastest here
 
@@ -45,8 +45,9 @@ def adapter(**kw):
 
 
 # ------------------------------------------------------------------------------------------ set encoder
-def test_vehicle_set_encoder_is_permutation_invariant_and_ignores_padding():
-    a = adapter()
+@pytest.mark.parametrize("gap", [False, True])
+def test_vehicle_set_encoder_is_permutation_invariant_and_ignores_padding(gap):
+    a = adapter(gap_features=gap)
     v = vehicles(7)
     base = a(a.preprocess({"ego": EGO, "vehicles": v})).embeds
     perm = a(a.preprocess({"ego": EGO, "vehicles": v[np.random.default_rng(1).permutation(7)]})).embeds
@@ -59,6 +60,26 @@ def test_vehicle_set_encoder_is_permutation_invariant_and_ignores_padding():
     torch.testing.assert_close(padded, base, atol=1e-5, rtol=1e-5)
     # a different set gives a different encoding
     assert not torch.allclose(a(a.preprocess({"ego": EGO, "vehicles": v[:3]})).embeds, base)
+
+
+def test_gap_features_against_a_per_vehicle_loop():
+    v = vehicles(40, seed=3)
+    v[0, :3] = [0.0, 0.0, -5.0]   # level with the ego: nearest, the distance floor keeps it finite
+    v[1, :3] = [2.0, 1.0, -10.0]  # closing fast within 5 m: every feature at its bound but the overlap
+    v[2, :3] = [-8.0, 0.0, 3.0]   # behind and closing in
+    got = vehicle_gap_features(torch.from_numpy(v)).numpy()
+    for i, (x, y, vx, *_ ) in enumerate(v.tolist()):
+        d = max(abs(x), 1e-3)
+        closing = max(0.0, -vx if x >= 0 else vx)
+        want = [max(0.0, 1 - abs(y) / 4.0), math.copysign(min(1.0, 5.0 / d), x) if x else 0.0, min(2.0, closing / d)]
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    assert got[1].tolist() == pytest.approx([0.75, 1.0, 2.0])
+    assert (np.abs(got) <= 2).all()
+    # the adapter's vehicle encoder reads them: the same raw rows give a different prefix with them on
+    plain, gap = adapter(), adapter(gap_features=True)
+    assert gap.vehicle_encoder.embed[0].in_features == 6 + len(GAP_FEATURES)
+    x = plain.preprocess({"ego": EGO, "vehicles": v[:5]})
+    assert gap(x).embeds.shape == plain(x).embeds.shape
 
 
 def test_set_pooling_matches_direct_attention():
@@ -136,7 +157,7 @@ def test_camera_sensor_through_timm_and_its_mask():
 
 
 def test_adapter_save_load_and_registry(tmp_path):
-    a = adapter(occupancy_channels=2)
+    a = adapter(occupancy_channels=2, gap_features=True)
     x = a.preprocess([{"ego": EGO, "vehicles": vehicles(3), "occupancy": np.zeros((2, 10, 20), np.float32)}])
     a.save_pretrained(tmp_path)
     b = ModalityAdapter.load(tmp_path).eval()
