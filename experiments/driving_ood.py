@@ -11,6 +11,11 @@ into the output (``excluded``). Every policy drives the same seeds (10000 + e) i
 intervals, and whether the collision rate is within 1.5x the demonstrator's (the target; where the
 demonstrator never crashed, only 0 collisions meets it). A planner executes the first action of each plan and
 replans every decision. Writes the JSON and a markdown table beside it (.md).
+
+    python experiments/driving_ood.py --policies demonstrator --planner gap=runs/driving_gap/pipeline --prior-tau 0 1
+
+``--planner NAME=PATH`` adds recipe variants; ``--prior-tau`` decodes each of them also with the label-prior
+correction (`PlanningPipeline.prior_correction`).
 """
 
 from __future__ import annotations
