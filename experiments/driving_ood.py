@@ -89,6 +89,8 @@ def main(argv=None):
     ap.add_argument("--out", default="experiments/results/driving_ood.json")
     args = ap.parse_args(argv)
 
+    if any(tau < 0 for tau in args.prior_tau):
+        ap.error(f"--prior-tau {args.prior_tau}: every TAU must be >= 0")
     demo_name = "demonstrator (IDM+MOBIL)"  # the reference of the target
     policies = [(demo_name, None)] if "demonstrator" in args.policies else []
     taus = {}  # policy name -> prior_tau (0 for the named policies)
@@ -105,8 +107,6 @@ def main(argv=None):
         if not sep or not name or not Path(path, "model_index.json").is_file():
             ap.error(f"--planner {item!r}: give NAME=PATH with a pipeline folder (model_index.json) at PATH")
         for tau in args.prior_tau:
-            if tau < 0:
-                ap.error(f"--prior-tau {tau:g}: must be >= 0")
             named = f"{name}, prior {tau:g}" if tau else name
             policies.append((named, path))
             taus[named] = tau

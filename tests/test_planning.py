@@ -56,20 +56,6 @@ def test_plan_output_shapes_kinds_and_confidence(pipe):
     assert pipe(observations(1)[0]).action_ids.shape == (1, 3)  # one observation dict
 
 
-def test_confidence_is_the_committed_tokens_probability(pipe):
-    # steps=1 commits all tokens at the first forward: confidence = softmax over the slot's allowed tokens
-    obs = observations(2)
-    out = pipe(obs, steps=1, cache="none")
-    inputs = pipe.driving_adapter.preprocess(obs)
-    prefix = pipe.driving_adapter(inputs)
-    ids = torch.full((2, TOK.length), TOK.mask_token_id)
-    logits = pipe.model(ids, prefix_embeds=prefix.embeds, attention_mask=prefix.attention_mask(num_tokens=TOK.length),
-                        prefix_length=prefix.length).logits
-    probs = logits.masked_fill(~TOK.allowed_tokens(), float("-inf")).softmax(-1)
-    torch.testing.assert_close(out.tokens, probs.argmax(-1))
-    torch.testing.assert_close(out.confidence, probs.max(-1).values, atol=1e-5, rtol=1e-5)
-
-
 def _masked_canvas_logits(pipe, obs):
     """The backbone's logits on the fully masked plan, restricted to each slot's kind (no pipeline code)."""
     inputs = pipe.driving_adapter.preprocess(obs)
@@ -78,6 +64,15 @@ def _masked_canvas_logits(pipe, obs):
     logits = pipe.model(ids, prefix_embeds=prefix.embeds, attention_mask=prefix.attention_mask(num_tokens=TOK.length),
                         prefix_length=prefix.length).logits
     return logits.masked_fill(~TOK.allowed_tokens(), float("-inf"))
+
+
+def test_confidence_is_the_committed_tokens_probability(pipe):
+    # steps=1 commits all tokens at the first forward: confidence = softmax over the slot's allowed tokens
+    obs = observations(2)
+    out = pipe(obs, steps=1, cache="none")
+    probs = _masked_canvas_logits(pipe, obs).softmax(-1)
+    torch.testing.assert_close(out.tokens, probs.argmax(-1))
+    torch.testing.assert_close(out.confidence, probs.max(-1).values, atol=1e-5, rtol=1e-5)
 
 
 def test_action_bias_offsets_the_action_slots_logits_before_the_commit():

@@ -488,11 +488,12 @@ class DrivingTask(Task):
 
     # ---- weights from elsewhere, export ---------------------------------------------------------
     def export(self, modules, folder, stage):
+        data = self.training_set()  # concatenates the DAgger rounds: once per export
         if self.ccdd:
             self.planner.save_pretrained(folder)  # it holds the trained adapter and backbone
         else:
             planning_pipeline(modules.adapter, modules.model, self.tok, self.cfg.decoding,
-                              action_prior=self.training_set().action_shares()).save_pretrained(str(folder))
+                              action_prior=data.action_shares()).save_pretrained(str(folder))
         training = {"objective": self.cfg.objective.name, "config": OmegaConf.to_container(self.cfg),
-                    "training_rows": len(self.training_set()), "dagger_rounds": self.dagger_log}
+                    "training_rows": len(data), "dagger_rounds": self.dagger_log}
         (folder / "training.json").write_text(json.dumps(training, indent=2))
