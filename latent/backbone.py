@@ -105,6 +105,14 @@ class Rotary(nn.Module):
             inv_freq = self._llama3(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # A bf16/fp16 cast of the model must not round the frequencies: at position 255, a bf16 inv_freq
+        # is off by up to 1 radian. Moves (device) apply; dtype casts leave them float32.
+        frequencies = self.inv_freq
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = frequencies.to(self.inv_freq.device)
+        return self
+
     def frequencies(self, theta, device=None):
         return 1.0 / theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
 
@@ -496,6 +504,15 @@ class DiffusionTransformer(SafeModelMixin, ConfigMixin):
             return torch.cat([old, h], dim=1)
         old[:, cache_position : cache_position + h.shape[1]] = h
         return old
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every attention layer on `backend` (one of latent.attention.BACKENDS) from now on, e.g. to
+        compare xformers with SDPA on one loaded model; the config records it, so a save keeps it."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}.")
+        for block in self.blocks:
+            block.attn.backend = backend
+        self.register_to_config(attention_backend=backend)
 
     # ---- safe loading ---------------------------------------------------------------------------
     @classmethod

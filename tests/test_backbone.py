@@ -235,6 +235,27 @@ def test_rope_scalings_of_hugging_face_configs():
             Rotary(8, 10000.0, bad)
 
 
+def test_half_precision_casts_keep_rotary_frequencies_float32(tiny_config):
+    fp32 = _model(tiny_config, max_position_embeddings=512)
+    bf16 = _model(tiny_config, max_position_embeddings=512).to(torch.bfloat16)
+    assert bf16.rotary.inv_freq.dtype == torch.float32 and torch.equal(bf16.rotary.inv_freq, fp32.rotary.inv_freq)
+    assert bf16.embed.weight.dtype == torch.bfloat16  # the weights are cast
+    pos = torch.arange(256)[None]
+    # a bf16-rounded inv_freq puts position 255 up to a radian off: the angles must agree closely
+    assert torch.allclose(bf16.rotary(pos)[0], fp32.rotary(pos)[0], atol=1e-5)
+    assert bf16.half().rotary.inv_freq.dtype == torch.float32
+
+
+def test_set_attention_backend_switches_every_layer(tiny_config):
+    sdpa, eager = _model(tiny_config), _model(tiny_config, attention_backend="eager")
+    sdpa.set_attention_backend("eager")
+    assert {b.attn.backend for b in sdpa.blocks} == {"eager"} and sdpa.config.attention_backend == "eager"
+    x = _ids()
+    assert torch.equal(sdpa(x).logits, eager(x).logits)  # same weights, same kernel: identical
+    with pytest.raises(ValueError, match="backend='flash'"):
+        sdpa.set_attention_backend("flash")
+
+
 def test_logit_shift_scores_each_position_from_the_one_before(tiny_config):
     plain, shifted = _model(tiny_config, attention_layout="causal"), _model(tiny_config, attention_layout="causal",
                                                                              logit_shift=True)
