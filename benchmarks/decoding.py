@@ -25,6 +25,12 @@ share of tokens equal to the same model's 1 token/step decoding. Speed at batch 
 goes into the same JSON file under "text", next to the copy task's rows:
 
     python benchmarks/decoding.py --task text --threads 1
+
+On a GPU: `--device cuda` (weights in `--dtype`, bfloat16 by default there; our models' attention through
+`--attention`, auto = xformers where it imports). Timings then wait for the GPU (torch.cuda.synchronize) and
+each row also reports its peak GPU memory (torch.cuda.max_memory_allocated):
+
+    python benchmarks/decoding.py --device cuda --batch 8 --out experiments/results/decoding-copy-cuda-b8.json
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from pathlib import Path
 import torch
 
 from latent import DiffusionTransformer
+from latent.attention import BACKENDS, resolve_backend
 from latent.sampling import generate
 from pipelines.tasks.copy import copy_batch
 
@@ -119,12 +126,64 @@ def _autoregressive(model, prompts, args, engine):
     return out, args.gen
 
 
-def _load(spec):
-    if spec["engine"] == "hf":
+def add_device_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every decoder runs")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="the decoders' weights (default float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every row in this process (GPU runs: no interpreter and CUDA start per row; the "
+                    "peak GPU memory is still per row, the peak RSS is left out)")
+    ap.add_argument("--attention", default="auto", choices=BACKENDS,
+                    help="our models' attention backend (auto: xformers on CUDA in bf16/fp16 where it imports, else SDPA)")
+
+
+def check_device(args) -> None:
+    """Fill in the dtype default; refuse --device cuda without a GPU."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here; run on CPU (--device cpu) or on a GPU machine")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+
+def load_model(path, args, llama: bool = False):
+    """A model folder on args.device in args.dtype (cast by from_pretrained), ours on the attention backend
+    asked for; `llama`: a transformers LlamaForCausalLM folder."""
+    dtype = getattr(torch, args.dtype)
+    if llama:
         from transformers import LlamaForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(spec["model"]).eval()
-    return DiffusionTransformer.from_pretrained(spec["model"]).eval()
+        return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval().to(args.device)
+    model = DiffusionTransformer.from_pretrained(path, torch_dtype=dtype).eval().to(args.device)
+    if args.attention != "auto":
+        model.set_attention_backend(args.attention)
+    return model
+
+
+def attention_used(args) -> str:
+    """The attention kernel our models ran on (auto resolves per device and dtype, as the backbone does)."""
+    return resolve_backend(args.attention, torch.zeros(1, device=args.device, dtype=getattr(torch, args.dtype)))
+
+
+def machine_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+
+
+def wait(device: str) -> None:
+    """Block until the GPU's queued work is done, so a timer reads the work and not its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(args) -> dict:
+    """The row's peak RSS (in its own process only: in-process rows share one) and, on CUDA, its peak GPU
+    allocation (reset before each row)."""
+    row = {} if getattr(args, "in_process", False) else dict(peak_rss_mib=peak_rss_mib())
+    if args.device == "cuda":
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def _load(spec):
+    return load_model(spec["model"], argparse.Namespace(**spec["args"]), llama=spec["engine"] == "hf")
 
 
 def peak_rss_mib() -> float:
@@ -137,8 +196,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_text(row: dict) -> str:
+    parts = [f"peak {what} {row[key]:.0f} MiB" for key, what in (("peak_rss_mib", "RSS"), ("peak_gpu_mib", "GPU"))
+             if key in row]
+    return "  ".join(parts)
+
+
+class _Row:
+    def put(self, row):
+        self.row = row
+
+
 def in_own_process(target, spec: dict) -> dict:
-    """target(spec, queue) in a fresh (spawned) process, so that its peak memory is its own; its row."""
+    """target(spec, queue) in a fresh (spawned) process, so that its peak memory is its own; its row.
+    With args.in_process, in this process (no interpreter and CUDA start per row; GPU peaks are reset)."""
+    if spec["args"].get("in_process"):
+        if spec["args"].get("device") == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        queue = _Row()
+        target(spec, queue)
+        return queue.row
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(spec, queue))
@@ -154,7 +232,7 @@ def run_config(spec: dict, queue) -> None:
     args = argparse.Namespace(**spec["args"])
     model = _load(spec)
     g = torch.Generator().manual_seed(123)
-    data = make_batch(args.batch * args.rounds, args.prompt, args.gen, g)
+    data = make_batch(args.batch * args.rounds, args.prompt, args.gen, g).to(args.device)
     rss0 = peak_rss_mib()
     correct = total = nfe = positions = 0
     elapsed = 0.0
@@ -171,6 +249,7 @@ def run_config(spec: dict, queue) -> None:
                 out = generate(model, prompts, gen_length=args.gen, block_length=args.block, **spec["knobs"])
                 seq, calls = out.sequences, out.nfe
                 positions += out.forward_tokens if r else 0
+        wait(args.device)
         took = time.perf_counter() - start
         if r == 0:
             continue
@@ -180,7 +259,7 @@ def run_config(spec: dict, queue) -> None:
         total += batch[:, args.prompt :].numel()
     queue.put(dict(
         name=spec["name"], tokens_per_s=total / elapsed, nfe_per_batch=nfe / args.rounds, accuracy=correct / total,
-        seconds=elapsed, peak_rss_mib=peak_rss_mib(), rss_before_decoding_mib=rss0,
+        seconds=elapsed, **peak_memory(args), rss_before_decoding_mib=rss0,
         # positions the model ran, a cost that does not depend on the machine's load (our sampler only)
         forward_positions_per_batch=positions / args.rounds if spec["engine"] == "ours" else None,
     ))
@@ -208,7 +287,7 @@ def text_prompts(tokenizer_dir: str, n: int, length: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def timed_batches(prompts: torch.Tensor, batch: int, decode) -> tuple[list, int, float]:
+def timed_batches(prompts: torch.Tensor, batch: int, decode, device: str = "cpu") -> tuple[list, int, float]:
     """decode(chunk) -> (output, forwards) over the prompts in batches of `batch`, after one warm-up batch
     that is not counted: the outputs in order, the forwards and the seconds of the counted batches."""
     outputs, nfe, elapsed = [], 0, 0.0
@@ -217,6 +296,7 @@ def timed_batches(prompts: torch.Tensor, batch: int, decode) -> tuple[list, int,
         start = time.perf_counter()
         with torch.no_grad():
             out, calls = decode(chunk)
+        wait(device)
         if i >= 0:
             elapsed += time.perf_counter() - start
             nfe += calls
@@ -228,8 +308,8 @@ def run_text_config(spec: dict, queue) -> None:
     """One text decoder in a fresh process: every prompt at batch 1 and at batch 8 (after a warm-up call)."""
     torch.set_num_threads(spec["threads"])
     a = argparse.Namespace(**spec["args"])
-    model = DiffusionTransformer.from_pretrained(Path(spec["model"]) / "model").eval()
-    prompts = torch.tensor(spec["prompts"])
+    model = load_model(Path(spec["model"]) / "model", a)
+    prompts = torch.tensor(spec["prompts"], device=a.device)
     row = dict(name=spec["name"])
 
     def decode(chunk):
@@ -244,12 +324,12 @@ def run_text_config(spec: dict, queue) -> None:
         return out.sequences, out.nfe
 
     for batch in (1, 8):
-        seqs, nfe, elapsed = timed_batches(prompts, batch, decode)
+        seqs, nfe, elapsed = timed_batches(prompts, batch, decode, a.device)
         row[f"batch{batch}"] = dict(tokens_per_s=len(prompts) * a.text_gen / elapsed, seconds=elapsed,
                                     forwards_per_sequence=nfe * batch / len(prompts))
         row.setdefault("sequences", torch.cat(seqs).tolist())
         row[f"batch{batch}_equals_batch1"] = torch.cat(seqs).tolist() == row["sequences"]
-    row["peak_rss_mib"] = peak_rss_mib()
+    row.update(peak_memory(a))
     queue.put(row)
 
 
@@ -308,7 +388,7 @@ def main_text(args) -> None:
         row["layout"] = layout
         rows.append(row)
         print(f"{name:40s} b1 {row['batch1']['tokens_per_s']:8.1f} tok/s  b8 {row['batch8']['tokens_per_s']:8.1f} tok/s  "
-              f"fwd/seq {row['batch1']['forwards_per_sequence']:6.1f}  RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+              f"fwd/seq {row['batch1']['forwards_per_sequence']:6.1f}  {memory_text(row)}", flush=True)
     judge = DiffusionTransformer.from_pretrained(Path(TEXT_MODELS["causal"]) / "model").eval()
     by = {r["name"]: r for r in rows}
     reference = {bc: "bd3_1tok_no_cache", bd: "mdm_1tok_no_cache", "causal": "ar_kv_cache"}
@@ -330,7 +410,7 @@ def main_text(args) -> None:
     out = Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {}
     table["text"] = dict(
-        command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
+        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
         torch=torch.__version__, threads=args.threads, models=TEXT_MODELS, prompt_tokens=args.text_prompt,
         gen_tokens=args.text_gen, prompts=len(prompts), threshold=th, rows=rows,
         load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",
@@ -351,8 +431,8 @@ def main_text_ab(args) -> None:
     the shared machine's load hits both alike): the median time ratio and whether the tokens are equal."""
     import statistics
 
-    model = DiffusionTransformer.from_pretrained(Path(TEXT_MODELS["block_causal"]) / "model").eval()
-    prompts = text_prompts(str(Path(TEXT_MODELS["causal"]) / "tokenizer"), 8, args.text_prompt)
+    model = load_model(Path(TEXT_MODELS["block_causal"]) / "model", args)
+    prompts = text_prompts(str(Path(TEXT_MODELS["causal"]) / "tokenizer"), 8, args.text_prompt).to(args.device)
     run = dict(gen_length=args.text_gen, block_length=model.config.block_size, commit="threshold", threshold=args.threshold)
     result = {}
     for name, (base, changed) in AB_PAIRS.items():
@@ -400,7 +480,9 @@ def main(argv=None):
     ap.add_argument("--text-prompts", type=int, default=16, help="text task: prompts (a multiple of 8)")
     ap.add_argument("--text-prompt", type=int, default=20, help="text task: prompt tokens (20: not whole blocks of 16)")
     ap.add_argument("--text-gen", type=int, default=48, help="text task: generated tokens (a multiple of 16)")
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
+    check_device(args)
     if args.task != "copy":
         torch.set_num_threads(args.threads)
         return main_text(args) if args.task == "text" else main_text_ab(args)
@@ -449,14 +531,14 @@ def main(argv=None):
         row["layout"] = layout
         rows.append(row)
         print(f"{name:36s} {row['tokens_per_s']:9.1f} tok/s  nfe/batch {row['nfe_per_batch']:7.1f}  "
-              f"acc {row['accuracy']:.4f}  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+              f"acc {row['accuracy']:.4f}  {memory_text(row)}", flush=True)
     ratios = _ratios(rows)
     for k, v in ratios.items():
         print(f"{k:36s} {v:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
+        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
         torch=torch.__version__, threads=args.threads, args=vars(args), rows=rows, ratios=ratios,
     ), indent=2))
     print("wrote", out)

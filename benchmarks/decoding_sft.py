@@ -29,16 +29,25 @@ import argparse
 import collections
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import _llada2, export_llama, in_own_process, peak_rss_mib, timed_batches  # noqa: E402 - shared bench helpers
+from decoding import (  # noqa: E402 - shared bench helpers
+    _llada2,
+    add_device_arguments,
+    attention_used,
+    check_device,
+    export_llama,
+    in_own_process,
+    load_model,
+    machine_name,
+    peak_memory,
+    timed_batches,
+)
 
-from latent import DiffusionTransformer  # noqa: E402
 from latent.sampling import StartTokenVerifier, autoregressive_generate, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,26 +105,22 @@ def run_sft_config(spec: dict, queue) -> None:
     """One decoder in a fresh process: every prompt at batch 1 and at batch 8 (after a warm-up batch)."""
     torch.set_num_threads(spec["threads"])
     a = argparse.Namespace(**spec["args"])
-    if spec["engine"] == "hf":
-        from transformers import LlamaForCausalLM
-
-        model = LlamaForCausalLM.from_pretrained(spec["model"]).eval()
-    else:
-        model = DiffusionTransformer.from_pretrained(Path(spec["model"]) / "model").eval()
-    eos, prompts = spec["eos"], torch.tensor(spec["prompts"])
+    model = load_model(spec["model"] if spec["engine"] == "hf" else Path(spec["model"]) / "model", a,
+                       llama=spec["engine"] == "hf")
+    eos, prompts = spec["eos"], torch.tensor(spec["prompts"], device=a.device)
     if spec["knobs"].get("verifier") == "diffuspec":  # the AR peer verifies, with the EOS-as-BOS it was trained with
-        verifier = DiffusionTransformer.from_pretrained(Path(spec["verifier"]) / "model").eval()
+        verifier = load_model(Path(spec["verifier"]) / "model", a)
         spec["knobs"] = dict(spec["knobs"], verifier_model=StartTokenVerifier(verifier, eos))
     row = dict(name=spec["name"])
     for batch in (1, 8):
-        gens, nfe, elapsed = timed_batches(prompts, batch, lambda chunk: decode_batch(model, chunk, spec, a, eos))
+        gens, nfe, elapsed = timed_batches(prompts, batch, lambda chunk: decode_batch(model, chunk, spec, a, eos), a.device)
         answers = [x for gen in gens for x in answer_ids(gen, eos)]
         tokens = sum(len(x) + 1 for x in answers)  # the answer and its EOS
         row[f"batch{batch}"] = dict(answers_per_s=len(prompts) / elapsed, tokens_per_s=tokens / elapsed,
                                     seconds=elapsed, forwards_per_answer=nfe * batch / len(prompts))
         row.setdefault("answers", answers)
         row[f"batch{batch}_equals_batch1"] = answers == row["answers"]
-    row["peak_rss_mib"] = peak_rss_mib()
+    row.update(peak_memory(a))
     queue.put(row)
 
 
@@ -132,7 +137,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bd3", default=MODELS["block_causal"],
                     help="the block diffusion pipeline folder (e.g. runs/text_tiny_sft_bd3_from_ar/pipeline)")
     ap.add_argument("--ar", default=MODELS["causal"], help="the autoregressive peer's pipeline folder")
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
+    check_device(args)
     if args.prompts % 8:
         sys.exit(f"--prompts must be a multiple of 8 (the batch-8 rows), got {args.prompts}")
     if not Path(args.pairs).is_file():
@@ -210,7 +217,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        command="python " + " ".join(sys.argv), machine=platform.processor() or platform.machine(),
+        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
         torch=torch.__version__, threads=args.threads, models=MODELS, pairs=args.pairs, prompts=len(prompts),
         prompt_tokens=len(prompts[0]), gen_positions=args.gen, rows=rows,
         load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",
