@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The project's GPU checks in one run, on a machine with one CUDA GPU: xformers parity (the CUDA tests and
-# benchmarks/attention.py), bf16 training throughput (benchmarks/training_throughput.py) and the decoding
-# tables in bf16 with xformers on (benchmarks/decoding.py on the copy task at batch 1 and 8, and
-# benchmarks/decoding_sft.py on the recall split). Each part has its own time limit and log; one that fails
-# does not stop the others. Results land in $OUT (default runs/gpu): a JSON per table and log.txt.
+# The project's GPU checks in one run, on a machine with one CUDA GPU, in order of importance: xformers
+# parity (the CUDA tests, benchmarks/attention.py), the decoding tables in bf16 with xformers on
+# (benchmarks/decoding.py on the copy task at batch 8 and 1, benchmarks/decoding_sft.py on the recall
+# split), bf16 training throughput (benchmarks/training_throughput.py) and the text task's table. Each part
+# has its own time limit; one that fails does not stop the others. Results land in $OUT (default runs/gpu):
+# a JSON per table and log.txt with every part's output.
 #
 # It needs the models the CPU tables used, at their usual paths (runs/bench_decoding/*, the recall-split SFT
-# models and data/english/sft_recall.jsonl; experiments/results/README.md has the commands that make them):
+# AR peer and data/english/sft_recall.jsonl, the text recipes' models and data/english/valid.jsonl;
+# experiments/results/README.md has the commands that make them):
 #
 #     OUT=runs/gpu bash benchmarks/gpu_check.sh
 set -u
@@ -30,15 +32,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, xformers, diffusers, transformers; print('torch', torch.__version__, 'xformers', xformers.__version__,
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 | tee -a "$LOG"
 
-part tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_backbone.py
-part attention 90 $PY benchmarks/attention.py --device cuda --dtype bfloat16 --out "$OUT/attention-cuda.json"
-part training 150 $PY benchmarks/training_throughput.py --device cuda --out "$OUT/training-throughput-cuda.json"
-for batch in 1 8; do
-  part "copy_b$batch" 120 $PY benchmarks/decoding.py --device cuda --in-process --threads 4 --batch "$batch" --rounds 3 \
+$PY -m xformers.info >>"$LOG" 2>&1  # which of its kernels load here
+part tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_backbone.py
+part attention 45 $PY benchmarks/attention.py --device cuda --dtype bfloat16 --out "$OUT/attention-cuda.json"
+for batch in 8 1; do
+  part "copy_b$batch" 80 $PY benchmarks/decoding.py --device cuda --in-process --threads 4 --batch "$batch" --rounds 3 \
     --out "$OUT/decoding-copy-cuda-b$batch.json"
 done
-part sft_recall 150 $PY benchmarks/decoding_sft.py --device cuda --in-process --threads 4 \
+# the recall split's block diffusion model is trained here (bf16; about 50 minutes on one CPU core), from
+# the AR peer that was SFT'd on the CPU (experiments/results/README.md, decoding-sft-recall2k-cpu.json)
+if [ ! -f runs/text_tiny_sft_bd3_recall2k/pipeline/model/config.json ]; then
+  part sft_train 150 $PY train.py configs/text_tiny_sft_bd3_from_ar.yaml run.name=text_tiny_sft_bd3_recall2k \
+    model.init_from=runs/text_tiny_sft_ar_recall/pipeline 'data.train_files=[data/english/sft_recall.jsonl]' \
+    'data.valid_files=[data/english/sft_valid.jsonl]' tokenizer.path=runs/text_tiny_ar/pipeline/tokenizer \
+    trainer.max_steps=2000 trainer.threads=4 trainer.progress=false trainer.save_every=0
+fi
+part sft_recall 120 $PY benchmarks/decoding_sft.py --device cuda --in-process --threads 4 \
   --pairs data/english/sft_recall.jsonl --bd3 runs/text_tiny_sft_bd3_recall2k/pipeline \
   --ar runs/text_tiny_sft_ar_recall/pipeline --work runs/bench_decoding_sft_recall2k \
   --out "$OUT/decoding-sft-recall2k-cuda.json"
+part training 120 $PY benchmarks/training_throughput.py --device cuda --out "$OUT/training-throughput-cuda.json"
+part text 80 $PY benchmarks/decoding.py --task text --device cuda --in-process --threads 4 \
+  --out "$OUT/decoding-text-cuda.json"
 grep "^===" "$LOG"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,14 @@ def _xformers_ops():
     try:
         import xformers.ops as xops  # noqa: PLC0415 - optional
     except Exception:  # broken or missing install: the dispatcher falls back to SDPA
+        return None
+    try:  # an import is not enough: a C++ extension built for another torch leaves no kernel for a mask bias
+        q = torch.zeros(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q, attn_bias=torch.zeros(1, 1, 1, 8, device="cuda", dtype=q.dtype)[..., :1])
+    except Exception as err:  # noqa: BLE001 - any failure means: use SDPA
+        warnings.warn(f"xformers imports but cannot run a masked attention here ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); attention runs on SDPA. Install the xformers "
+                      "build that matches this torch to use it.", stacklevel=2)
         return None
     return xops
 
