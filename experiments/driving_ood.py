@@ -14,7 +14,8 @@ replans every decision. Writes the JSON and a markdown table beside it (.md).
 
     python experiments/driving_ood.py --policies demonstrator --planner gap=runs/driving_gap/pipeline --prior-tau 0 1
 
-``--planner NAME=PATH`` adds recipe variants; ``--prior-tau`` decodes each of them also with the label-prior
+``--planner NAME=PATH`` adds recipe variants, ``NAME=PATH1,PATH2,...`` an ensemble of planners that decode as
+one (`pipelines.planning_ensemble`); ``--prior-tau`` decodes each of them also with the label-prior
 correction (`PlanningPipeline.prior_correction`).
 """
 
@@ -38,7 +39,13 @@ def _policy(path, prior_tau=0.0):
         return RuleBasedDriver(), False
     from pipelines.planning import PlanningPipeline
 
-    pipe = PlanningPipeline.from_pretrained(path)
+    members = [PlanningPipeline.from_pretrained(p) for p in path.split(",")]
+    if len(members) > 1:  # NAME=PATH1,PATH2,...: the members decode as one (pipelines.planning_ensemble)
+        from pipelines.planning_ensemble import ensemble_planner
+
+        pipe = ensemble_planner(members)
+    else:
+        pipe = members[0]
     pipe.set_progress_bar_config(disable=True)
     bias = pipe.prior_correction(prior_tau) if prior_tau else None
     return (lambda env, raw: pipe.plan_action(raw, action_bias=bias)), pipe.reads_occupancy
@@ -104,8 +111,9 @@ def main(argv=None):
             print(f"skipping {name}: no pipeline at {path}")
     for item in args.planner:
         name, sep, path = item.partition("=")
-        if not sep or not name or not Path(path, "model_index.json").is_file():
-            ap.error(f"--planner {item!r}: give NAME=PATH with a pipeline folder (model_index.json) at PATH")
+        if not sep or not name or not all(Path(p, "model_index.json").is_file() for p in path.split(",")):
+            ap.error(f"--planner {item!r}: give NAME=PATH with a pipeline folder (model_index.json) at PATH, or "
+                     "NAME=PATH1,PATH2,... for an ensemble of planners")
         for tau in args.prior_tau:
             named = f"{name}, prior {tau:g}" if tau else name
             policies.append((named, path))

@@ -56,14 +56,14 @@ def test_plan_output_shapes_kinds_and_confidence(pipe):
     assert pipe(observations(1)[0]).action_ids.shape == (1, 3)  # one observation dict
 
 
-def _masked_canvas_logits(pipe, obs):
+def _masked_canvas_logits(pipe, obs, restrict=True):
     """The backbone's logits on the fully masked plan, restricted to each slot's kind (no pipeline code)."""
     inputs = pipe.driving_adapter.preprocess(obs)
     prefix = pipe.driving_adapter(inputs)
     ids = torch.full((len(obs), TOK.length), TOK.mask_token_id)
     logits = pipe.model(ids, prefix_embeds=prefix.embeds, attention_mask=prefix.attention_mask(num_tokens=TOK.length),
                         prefix_length=prefix.length).logits
-    return logits.masked_fill(~TOK.allowed_tokens(), float("-inf"))
+    return logits.masked_fill(~TOK.allowed_tokens(), float("-inf")) if restrict else logits
 
 
 def test_confidence_is_the_committed_tokens_probability(pipe):
@@ -293,3 +293,56 @@ def test_closed_loop_gives_the_occupancy_grid_only_to_planners_that_read_it():
     grid_rows = drive(lambda env, raw: planner.plan_action(raw, on_error="raise"), CONDITIONS["highway"],
                       episodes=1, max_decisions=2, occupancy=True)
     assert grid_rows[0]["decisions"] == 2
+
+
+def test_ensemble_of_one_planner_is_that_planner(pipe):
+    from pipelines.planning_ensemble import ensemble_planner
+
+    alone = ensemble_planner([pipe])
+    obs = observations(3)
+    for kw in (dict(threshold=0.5), dict(steps=3, cache="none")):
+        a, b = alone(obs, **kw), pipe(obs, **kw)
+        assert torch.equal(a.tokens, b.tokens) and a.nfe == b.nfe
+        torch.testing.assert_close(a.confidence, b.confidence, atol=1e-6, rtol=1e-6)
+
+
+def test_ensemble_commits_from_the_members_mean_probabilities():
+    from pipelines.planning_ensemble import ensemble_planner
+
+    members = [pipe_for(seed=s) for s in (0, 1, 2)]
+    obs = observations(3)
+    # steps=1 commits every slot at the first forward: the mean of the members' softmax, renormalised over
+    # the slot's allowed tokens, then argmax
+    mean = torch.stack([_masked_canvas_logits(m, obs, restrict=False).softmax(-1) for m in members]).mean(0)
+    mean = mean * TOK.allowed_tokens()
+    mean = mean / mean.sum(-1, keepdim=True)
+    out = ensemble_planner(members)(obs, steps=1, cache="none")
+    torch.testing.assert_close(out.tokens, mean.argmax(-1))
+    torch.testing.assert_close(out.confidence, mean.max(-1).values, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out.tokens, members[0](obs, steps=1, cache="none").tokens)  # the others count
+
+
+def test_ensemble_prefix_cache_is_exact_and_plans_drive():
+    from pipelines.planning_ensemble import ensemble_planner
+
+    ens = ensemble_planner([pipe_for(seed=s) for s in (0, 1)])
+    obs = observations(4, seed=3)
+    cached, plain = ens(obs, threshold=0.3, cache="prefix_exact"), ens(obs, threshold=0.3, cache="none")
+    assert torch.equal(cached.tokens, plain.tokens)
+    torch.testing.assert_close(cached.confidence, plain.confidence, atol=1e-5, rtol=1e-5)
+    assert ens.plan_action(obs[0]) in range(len(ACTIONS))
+
+
+def test_ensemble_refuses_members_that_do_not_fit():
+    from pipelines.planning_ensemble import ensemble_planner
+
+    with pytest.raises(ValueError, match="non-empty list"):
+        ensemble_planner([])
+    with pytest.raises(ValueError, match="causal"):
+        ensemble_planner([pipe_for(), pipe_for("causal")])
+    other = build_planner(ADAPTER, model_cfg("prefix"), PlanTokenizer(horizon=2), None, seed=0)
+    with pytest.raises(ValueError, match="plan tokenizer"):
+        ensemble_planner([pipe_for(), other])
+    wide = build_planner({**ADAPTER, "gap_features": True}, model_cfg("prefix"), TOK, None, seed=0)
+    with pytest.raises(ValueError, match="adapter config"):
+        ensemble_planner([pipe_for(), wide])
