@@ -11,7 +11,24 @@
 # experiments/results/README.md has the commands that make them):
 #
 #     OUT=runs/gpu bash benchmarks/gpu_check.sh
+#
+# To run it on another machine, `bash benchmarks/gpu_check.sh stage DIR` first copies what it reads (the
+# models' pipeline folders and the data files, about 40 MB) into DIR with the same relative paths; copy DIR's
+# runs/ and data/ into the repository root there.
 set -u
+INPUTS="runs/bench_decoding/bidirectional/pipeline runs/bench_decoding/block_causal/pipeline
+runs/bench_decoding/causal/pipeline runs/bench_decoding/causal_hf_llama runs/text_tiny_ar/pipeline
+runs/text_tiny_sft_ar_recall/pipeline runs/text_tiny_adapt_bd3/pipeline runs/text_tiny_eval/pipeline
+data/english/sft_recall.jsonl data/english/sft_valid.jsonl data/english/valid.jsonl"
+if [ "${1:-}" = stage ]; then
+  dir=${2:?usage: gpu_check.sh stage DIR}
+  for path in $INPUTS; do
+    [ -e "$path" ] || { echo "missing $path: make it first (experiments/results/README.md)"; exit 1; }
+    mkdir -p "$dir/$(dirname "$path")" && cp -r "$path" "$dir/$(dirname "$path")/"
+  done
+  du -sh "$dir"
+  exit 0
+fi
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
