@@ -3,7 +3,8 @@
 Each setting trains the copy task's recipe (configs/copy_<layout>.yaml: no data files to build) at the
 size given, for `--steps` steps from the same seed, through `latent.training.trainer.train`. Reported per
 setting: samples/s and tokens/s between step `--skip` and the last (kernel selection and allocator
-warm-up excluded), peak GPU memory, and the loss at the last step (bf16 and the attention kernels change
+warm-up excluded; tokens are the positions the model runs: the block_causal objective runs [noisy | clean],
+twice the sequence), peak GPU memory, and the loss at the last step (bf16 and the attention kernels change
 the numbers a little, never the trend). Writes a JSON table.
 
     python benchmarks/training_throughput.py --device cuda --out experiments/results/training-throughput-cuda.json
