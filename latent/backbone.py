@@ -106,8 +106,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
-        # A bf16/fp16 cast of the model must not round the frequencies: at position 255, a bf16 inv_freq
-        # is off by up to 1 radian. Moves (device) apply; dtype casts leave them float32.
+        # A bf16/fp16 cast of the model must not round the frequencies: at position 1000, a bf16 inv_freq
+        # puts angles up to 1.2 radians off (head_dim 128). Moves (device) apply; dtype casts leave them float32.
         frequencies = self.inv_freq
         super()._apply(fn, *args, **kwargs)
         self.inv_freq = frequencies.to(self.inv_freq.device)

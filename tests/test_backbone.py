@@ -241,7 +241,7 @@ def test_half_precision_casts_keep_rotary_frequencies_float32(tiny_config):
     assert bf16.rotary.inv_freq.dtype == torch.float32 and torch.equal(bf16.rotary.inv_freq, fp32.rotary.inv_freq)
     assert bf16.embed.weight.dtype == torch.bfloat16  # the weights are cast
     pos = torch.arange(256)[None]
-    # a bf16-rounded inv_freq puts position 255 up to a radian off: the angles must agree closely
+    # a bf16-rounded inv_freq puts the angles at position 255 up to 0.3 radian off: they must agree closely
     assert torch.allclose(bf16.rotary(pos)[0], fp32.rotary(pos)[0], atol=1e-5)
     assert bf16.half().rotary.inv_freq.dtype == torch.float32
 
