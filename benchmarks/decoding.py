@@ -28,9 +28,10 @@ goes into the same JSON file under "text", next to the copy task's rows:
 
 On a GPU: `--device cuda` (weights in `--dtype`, bfloat16 by default there; our models' attention through
 `--attention`, auto = xformers where it imports). Timings then wait for the GPU (torch.cuda.synchronize) and
-each row also reports its peak GPU memory (torch.cuda.max_memory_allocated):
+each row also reports its peak GPU memory (torch.cuda.max_memory_allocated); `--in-process` spares every row
+an interpreter and CUDA start (the GPU peak is still per row):
 
-    python benchmarks/decoding.py --device cuda --batch 8 --out experiments/results/decoding-copy-cuda-b8.json
+    python benchmarks/decoding.py --device cuda --in-process --batch 8 --out experiments/results/decoding-copy-cuda-b8.json
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def run_config(spec: dict, queue) -> None:
         total += batch[:, args.prompt :].numel()
     queue.put(dict(
         name=spec["name"], tokens_per_s=total / elapsed, nfe_per_batch=nfe / args.rounds, accuracy=correct / total,
-        seconds=elapsed, **peak_memory(args), rss_before_decoding_mib=rss0,
+        seconds=elapsed, **peak_memory(args), rss_before_decoding_mib=None if args.in_process else rss0,
         # positions the model ran, a cost that does not depend on the machine's load (our sampler only)
         forward_positions_per_batch=positions / args.rounds if spec["engine"] == "ours" else None,
     ))
