@@ -112,6 +112,12 @@ class _EnsembleBackbone(_Members):
         return out
 
 
+class _PlanningEnsemble(PlanningPipeline):
+    def save_pretrained(self, *args, **kwargs):
+        raise ValueError("a planner ensemble is not saved: save (or keep) its members and call ensemble_planner "
+                         "on them again after loading.")
+
+
 def ensemble_planner(members: list[PlanningPipeline]) -> PlanningPipeline:
     """One `PlanningPipeline` whose decoder averages the members' plan-token probabilities at every forward."""
     members = list(members)
@@ -131,8 +137,8 @@ def ensemble_planner(members: list[PlanningPipeline]) -> PlanningPipeline:
                                  f"sensors into the same plan): {differ} as (members[{i}], members[0]).")
     adapter = _EnsembleAdapter([m.driving_adapter for m in members])
     model = _EnsembleBackbone([m.model for m in members])
-    pipe = PlanningPipeline(adapter, model, first.scheduler, plan=first.config["plan"],
-                            action_prior=first.config.get("action_prior"))
+    pipe = _PlanningEnsemble(adapter, model, first.scheduler, plan=first.config["plan"],
+                             action_prior=first.config.get("action_prior"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -346,3 +346,5 @@ def test_ensemble_refuses_members_that_do_not_fit():
     wide = build_planner({**ADAPTER, "gap_features": True}, model_cfg("prefix"), TOK, None, seed=0)
     with pytest.raises(ValueError, match="adapter config"):
         ensemble_planner([pipe_for(), wide])
+    with pytest.raises(ValueError, match="not saved"):
+        ensemble_planner([pipe_for()]).save_pretrained("unused")
