@@ -164,8 +164,10 @@ def attention_used(args) -> str:
     return resolve_backend(args.attention, torch.zeros(1, device=args.device, dtype=getattr(torch, args.dtype)))
 
 
-def machine_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+def machine_fields(args) -> dict:
+    """Where a table was measured: the machine (the GPU's name on CUDA), the dtype and the attention kernel."""
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    return dict(machine=machine, dtype=args.dtype, attention=attention_used(args))
 
 
 def wait(device: str) -> None:
@@ -177,7 +179,7 @@ def wait(device: str) -> None:
 def peak_memory(args) -> dict:
     """The row's peak RSS (in its own process only: in-process rows share one) and, on CUDA, its peak GPU
     allocation (reset before each row)."""
-    row = {} if getattr(args, "in_process", False) else dict(peak_rss_mib=peak_rss_mib())
+    row = {} if args.in_process else dict(peak_rss_mib=peak_rss_mib())
     if args.device == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -411,7 +413,7 @@ def main_text(args) -> None:
     out = Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {}
     table["text"] = dict(
-        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
+        command="python " + " ".join(sys.argv), **machine_fields(args),
         torch=torch.__version__, threads=args.threads, models=TEXT_MODELS, prompt_tokens=args.text_prompt,
         gen_tokens=args.text_gen, prompts=len(prompts), threshold=th, rows=rows,
         load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",
@@ -539,7 +541,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
+        command="python " + " ".join(sys.argv), **machine_fields(args),
         torch=torch.__version__, threads=args.threads, args=vars(args), rows=rows, ratios=ratios,
     ), indent=2))
     print("wrote", out)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from latent import DiffusionTransformer
-from latent.sampling import autoregressive_generate, generate
-from pipelines.tasks.copy import copy_batch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoding import _autoregressive, load_model, make_batch  # noqa: E402 - the copy table's helpers
 
-SYMBOLS = 48
+from latent.sampling import generate  # noqa: E402
+
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 
 
@@ -37,26 +37,23 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from transformers import LlamaForCausalLM
-
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     missing = [p for p in ("block_causal/pipeline/model", "causal/pipeline/model", "causal_hf_llama") if not (work / p).is_dir()]
     if missing:
         sys.exit(f"{missing} missing under {work}: run benchmarks/decoding.py first (it trains and exports them)")
-    block = DiffusionTransformer.from_pretrained(work / "block_causal/pipeline/model").eval()
-    causal = DiffusionTransformer.from_pretrained(work / "causal/pipeline/model").eval()
-    llama = LlamaForCausalLM.from_pretrained(work / "causal_hf_llama").eval()
-    prompt, gen = 32, 256
-    prompts = copy_batch(args.batch, prompt, gen, SYMBOLS, torch.Generator().manual_seed(123))[:, :prompt]
+    on_cpu = argparse.Namespace(device="cpu", dtype="float32", attention="auto", gen=256)
+    block = load_model(work / "block_causal/pipeline/model", on_cpu)
+    causal = load_model(work / "causal/pipeline/model", on_cpu)
+    llama = load_model(work / "causal_hf_llama", on_cpu, llama=True)
+    prompt, gen = 32, on_cpu.gen
+    prompts = make_batch(args.batch, prompt, gen, torch.Generator().manual_seed(123))[:, :prompt]
     knobs = dict(gen_length=gen, block_length=block.config.block_size, commit="threshold", threshold=args.threshold,
                  cache="block_exact")
     decoders = {
         "block_causal_threshold_exact_cache": lambda: generate(block, prompts, **knobs),
-        "ar_ours_kv_cache": lambda: autoregressive_generate(causal, prompts, gen),
-        "ar_transformers_generate_kv_cache": lambda: llama.generate(
-            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=gen, min_new_tokens=gen, do_sample=False,
-            use_cache=True, pad_token_id=SYMBOLS),
+        "ar_ours_kv_cache": lambda: _autoregressive(causal, prompts, on_cpu, "ar"),
+        "ar_transformers_generate_kv_cache": lambda: _autoregressive(llama, prompts, on_cpu, "hf"),
     }
     seconds = {}
     with torch.no_grad():

@@ -38,12 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoding import (  # noqa: E402 - shared bench helpers
     _llada2,
     add_device_arguments,
-    attention_used,
     check_device,
     export_llama,
     in_own_process,
     load_model,
-    machine_name,
+    machine_fields,
     peak_memory,
     timed_batches,
 )
@@ -217,7 +216,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        command="python " + " ".join(sys.argv), machine=machine_name(args.device), dtype=args.dtype, attention=attention_used(args),
+        command="python " + " ".join(sys.argv), **machine_fields(args),
         torch=torch.__version__, threads=args.threads, models=MODELS, pairs=args.pairs, prompts=len(prompts),
         prompt_tokens=len(prompts[0]), gen_positions=args.gen, rows=rows,
         load_note=f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ratios within the run",

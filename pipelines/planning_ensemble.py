@@ -151,4 +151,5 @@ def _public(config) -> dict:
 def _shape(config) -> dict:
     """The backbone fields that must agree for the members to decode one canvas together."""
     keys = ("vocab_size", "hidden_size", "mask_token_id", "attention_layout", "block_size", "max_position_embeddings")
-    return {k: config.get(k) if hasattr(config, "get") else getattr(config, k, None) for k in keys}
+    values = dict(config)
+    return {k: values.get(k) for k in keys}
