@@ -868,6 +868,19 @@ class AudioAdapter(ModalityAdapter):
         states, mask = self.encode(batch)
         return self.semantic.ctc_best_path(states[-1].to(next(self.semantic.parameters()).dtype), mask)
 
+    @torch.no_grad()
+    def ctc_decode(self, batch: AudioBatch, decoder=None) -> list[list[int]]:
+        """The token ids of each clip under a CTC decoding rule: greedy (`ctc_best_path`) when `decoder` is None,
+        else e.g. a `modalities.ctc_decoding.CTCBeamSearch` (beam search with an n-gram LM)."""
+        if decoder is None:
+            return self.ctc_best_path(batch)
+        if self.config.semantic_pooling != "ctc":
+            raise ValueError("CTC decoding needs semantic_pooling='ctc' (a CTC head); this adapter's pooling is "
+                             f"{self.config.semantic_pooling!r}.")
+        states, mask = self.encode(batch)
+        logits = self.semantic.ctc_logits(states[-1].to(next(self.semantic.parameters()).dtype))
+        return decoder.decode(logits, mask, self.semantic.blank)
+
     def num_prefix_slots(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid prefix slots of clips with `lengths` valid feature frames (an upper bound with CTC pooling)."""
         lengths = torch.as_tensor(lengths)

@@ -19,7 +19,7 @@ layout, audio and prompt attend only among themselves, so their K/V are computed
 
 `read="ctc_text"` reads the audio through text instead (a cascade; needs an adapter with semantic_pooling="ctc"):
 the semantic adapter's CTC head transcribes each clip (`AudioAdapter.ctc_best_path`: argmax per frame, runs
-collapsed, blanks dropped), and the backbone answers from the text prompt "<transcript> <prompt>" with no audio
+collapsed, blanks dropped; or `ctc_decoder=CTCBeamSearch(...)`, a beam search with an n-gram LM), and the backbone answers from the text prompt "<transcript> <prompt>" with no audio
 prefix, under the same decoding settings. With task="transcribe" the CTC transcript is the output (no backbone).
 """
 
@@ -102,7 +102,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
 
     # ---- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, audio, features, instruction, task, gen_length, batch_size, on_error, output_type,
-                     callback, callback_on_step_end_tensor_inputs, read: str = "prefix") -> list[str]:
+                     callback, callback_on_step_end_tensor_inputs, read: str = "prefix",
+                     ctc_decoder=None) -> list[str]:
         if (audio is None) == (features is None):
             raise ValueError("Give exactly one of `audio` (path, array, tensor, (array, sr), or a list) or `features`.")
         if features is not None and not isinstance(features, AudioBatch):
@@ -113,6 +114,12 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
         if read not in READS:
             raise ValueError(f"`read` must be one of {READS}, got {read!r}.")
+        if ctc_decoder is not None and read != "ctc_text":
+            raise ValueError("`ctc_decoder` sets how read='ctc_text' transcribes; with read='prefix' the backbone "
+                             "reads the adapter's embeddings and no transcript is decoded. Pass read='ctc_text'.")
+        if ctc_decoder is not None and not callable(getattr(ctc_decoder, "decode", None)):
+            raise ValueError(f"`ctc_decoder` must have decode(logits, mask, blank) (e.g. "
+                             f"modalities.ctc_decoding.CTCBeamSearch), got {type(ctc_decoder).__name__}.")
         if read == "ctc_text":
             pooling = self.audio_adapter.config.semantic_pooling
             if pooling != "ctc":
@@ -143,6 +150,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         *,
         task: str = "answer",
         read: str = "prefix",
+        ctc_decoder=None,
         features: AudioBatch | None = None,
         sampling_rate: int | None = None,
         gen_length: int | None = None,
@@ -176,6 +184,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
                 the prompt. "ctc_text": a cascade; the CTC head's greedy transcript goes in as text,
                 "<transcript> <prompt>", with no audio prefix (task="transcribe" returns that transcript without
                 the backbone). Needs an adapter with semantic_pooling="ctc".
+            ctc_decoder: with read="ctc_text", how the transcript is decoded: None (greedy best path) or a
+                `modalities.ctc_decoding.CTCBeamSearch` (prefix beam search, optionally with an n-gram LM).
             gen_length: tokens to decode (default: the pipeline's gen_length, or transcribe_length for transcripts).
             block_length: decoding block (default: the largest divisor of gen_length up to the scheduler's;
                 a block_causal model's block_size).
@@ -198,7 +208,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         if gen_length is None:
             gen_length = self.config.gen_length if task == "answer" else self.config.transcribe_length
         names = self.check_inputs(audio, features, instruction, task, gen_length, batch_size, on_error, output_type,
-                                  callback_on_step_end, callback_on_step_end_tensor_inputs, read)
+                                  callback_on_step_end, callback_on_step_end_tensor_inputs, read, ctc_decoder)
         if features is None:
             clips = as_audio_list(audio)
             n = len(clips)
@@ -227,20 +237,21 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             error_types=(AudioError,), output_type=output_type, block_length=block_length, steps=steps,
             threshold=threshold, temperature=temperature, remasking=remasking, cache=cache,
             eos_early_stop=eos_early_stop, generator=generator, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=names, read=read, backbone=task == "answer", **sampler_kwargs,
+            callback_on_step_end_tensor_inputs=names, read=read, ctc_decoder=ctc_decoder, backbone=task == "answer",
+            **sampler_kwargs,
         )
         self.maybe_free_model_hooks()
         out = SpokenQAPipelineOutput(texts=texts, sequences=sequences, errors=errors, nfe=nfe)
         return out if return_dict else out.to_tuple()
 
     def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, read: str = "prefix",
-                      backbone: bool = True, **decode):
+                      backbone: bool = True, ctc_decoder=None, **decode):
         """read="prefix": the base class's prefix decode. read="ctc_text": the CTC transcript of each clip becomes
         text before its prompt and the backbone decodes from text alone; without `backbone` (transcribe) the
         transcript is the result."""
         if read == "prefix":
             return super()._decode_chunk(batch, prompts, gen_length, output_type, **decode)
-        ids = self.audio_adapter.ctc_best_path(batch)
+        ids = self.audio_adapter.ctc_decode(batch, ctc_decoder)
         transcripts = [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         if not backbone:
             seq = torch.full((len(ids), max(map(len, ids))), self.pad_token_id, dtype=torch.long)

@@ -247,6 +247,31 @@ def test_ctc_text_transcribe_returns_the_best_path_and_errors(ctc_pipe, pipe):
         ctc_pipe(audio=clips, task="transcribe", read="ctc_text", trajectory=True)
 
 
+def test_ctc_text_reads_the_transcript_of_a_ctc_decoder(ctc_pipe):
+    from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
+
+    pipe, tok = ctc_pipe, ctc_pipe.tokenizer
+    clips = [tone(0.4, seed=7), tone(0.7, 520, seed=8)]
+    lm = TokenNGram.fit([tok.encode(e.transcript, add_special_tokens=False) for e in speech.make_split("train", 60)],
+                        vocab_size=len(tok))
+    decoder = CTCBeamSearch(beam_width=4, lm=lm, lm_weight=1.0, length_bonus=0.5)
+    batch = pipe.audio_adapter.preprocess(clips)
+    a = pipe.audio_adapter
+    states, mask = a.encode(batch)
+    expected = decoder.decode(a.semantic.ctc_logits(states), mask, a.semantic.blank)
+    assert a.ctc_decode(batch, decoder) == expected and a.ctc_decode(batch) == a.ctc_best_path(batch)
+    out = pipe(audio=clips, task="transcribe", read="ctc_text", ctc_decoder=decoder)
+    assert out.texts == [tok.decode(x, skip_special_tokens=True).strip() for x in expected]
+    answers = pipe(audio=clips, read="ctc_text", ctc_decoder=decoder)
+    prompts = [f"{t} {pipe.prompt_text('answer')}".strip() for t in out.texts]
+    ids, pmask = pipe.encode_prompt(prompts)
+    assert torch.equal(answers.sequences[:, : ids.shape[1]], ids)
+    with pytest.raises(ValueError, match="Pass read='ctc_text'"):
+        pipe(audio=clips, ctc_decoder=decoder)
+    with pytest.raises(ValueError, match="`ctc_decoder` must have decode"):
+        pipe(audio=clips, read="ctc_text", ctc_decoder="beam")
+
+
 # ---- the task's alignment loss (pipelines/tasks/spoken_qa.py; its training tests: test_spoken_qa_task.py)
 def test_alignment_loss_against_direct_computation():
     from modalities.base import PrefixEmbeds
