@@ -361,6 +361,15 @@ def test_wide_voice_set_changes_only_voices_and_keeps_held_out_voices_unheard():
     # the held-out split is the same whatever the training voice set
     assert speech.make_split("test_heldout", 30, voices="wide") == speech.make_split("test_heldout", 30)
     assert speech.VOICE_SETS["six"] == speech.TRAIN_VOICES
+    # the dev split: trained accents, held-out variants; no voice of any training set or of the test split
+    dev = speech.make_split("dev_unseen", 60, voices="wide")
+    assert {e.voice for e in dev} == set(speech.DEV_VOICES) and dev == speech.make_split("dev_unseen", 60)
+    trained = set(speech.VOICE_SETS["wide"]) | set(speech.TRAIN_VOICES)
+    wide_accents = {v.partition("+")[0] for v in speech.VOICE_SETS["wide"]}
+    for v in speech.DEV_VOICES:
+        accent, _, variant = v.partition("+")
+        assert v not in trained and v not in speech.HELD_OUT_VOICES, v
+        assert accent in wide_accents and variant in held_variants and accent not in held_accents, v
     with pytest.raises(ValueError, match="voices must be one of"):
         speech.make_example("train", 0, voices="many")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "VOICE_SETS", "SPLITS", "split_voices", "Example", "make_example", "make_split",
+    "NUMBERS", "TRAIN_VOICES", "HELD_OUT_VOICES", "DEV_VOICES", "VOICE_SETS", "SPLITS", "split_voices", "Example", "make_example", "make_split",
     "espeak_available", "synthesize", "build_split", "build_dataset", "read_split", "add_noise",
     "render",
 ]
@@ -57,16 +57,24 @@ HELD_OUT_VOICES = ("en-gb-scotland+m4", "en-gb-x-gbcwmd+f4")
 _WIDE_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
 _WIDE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f5", "+klatt")
 VOICE_SETS = {"six": TRAIN_VOICES, "wide": tuple(a + v for a in _WIDE_ACCENTS for v in _WIDE_VARIANTS)}
+# "dev_unseen": trained accents with the held-out variants (m4, f4), for tuning decoding knobs on voices no
+# training set has, without touching the held-out test voices (their accents are never trained on either)
+DEV_VOICES = ("en-us+m4", "en-gb+f4", "en-029+m4", "en-gb-x-rp+f4", "en-us-nyc+f4", "en-gb-x-gbclan+m4")
 # "text": questions for training the backbone on text only (never synthesised; its voices are unused)
-SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES, "text": TRAIN_VOICES}
+SPLITS = {"train": TRAIN_VOICES, "test_seen": TRAIN_VOICES, "test_heldout": HELD_OUT_VOICES, "text": TRAIN_VOICES,
+          "dev_unseen": DEV_VOICES}
 
 
 def split_voices(split: str, voices: str = "six") -> tuple[str, ...]:
-    """The voices a split draws from: the held-out test split always its own, the others the voice set's."""
+    """The voices a split draws from: the held-out test and dev splits always their own, the others the voice
+    set's."""
     if voices not in VOICE_SETS:
         raise ValueError(f"voices must be one of {sorted(VOICE_SETS)}, got {voices!r}.")
-    return HELD_OUT_VOICES if split == "test_heldout" else VOICE_SETS[voices]
-_SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003, "text": 3_000_017}
+    if split in ("test_heldout", "dev_unseen"):
+        return SPLITS[split]
+    return VOICE_SETS[voices]
+_SPLIT_SEED = {"train": 0, "test_seen": 1_000_003, "test_heldout": 2_000_003, "text": 3_000_017,
+               "dev_unseen": 4_000_037}
 RATE_RANGE = (130, 200)  # words per minute (espeak -s)
 PITCH_RANGE = (25, 75)  # espeak -p, 0..99
 SNR_RANGE = (10.0, 30.0)  # dB of white noise
@@ -232,10 +240,10 @@ def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, worke
 
 
 def build_dataset(out: str | os.PathLike, n_train: int = 2400, n_test: int = 200, seed: int = 0,
-                  workers: int = 2, progress: bool = True, voices: str = "six") -> dict[str, Path]:
-    """All three splits; `voices` ("six" or "wide", :data:`VOICE_SETS`) is the training and seen-test
-    voice set (the held-out split is the same for both)."""
-    sizes = {"train": n_train, "test_seen": n_test, "test_heldout": n_test}
+                  workers: int = 2, progress: bool = True, voices: str = "six", n_dev: int = 0) -> dict[str, Path]:
+    """All three splits (and `dev_unseen` when n_dev > 0); `voices` ("six" or "wide", :data:`VOICE_SETS`) is the
+    training and seen-test voice set (the held-out and dev splits are the same for both)."""
+    sizes = {"train": n_train, "test_seen": n_test, "test_heldout": n_test} | ({"dev_unseen": n_dev} if n_dev else {})
     return {s: build_split(out, s, k, seed, workers, progress, voices) for s, k in sizes.items()}
 
 
@@ -261,11 +269,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="data/speech")
     ap.add_argument("--train", type=int, default=2400)
     ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--dev", type=int, default=0, help="clips of the dev_unseen split (tuning on unheard voices)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--voices", default="six", choices=sorted(VOICE_SETS), help="training voice set")
     a = ap.parse_args(argv)
-    for split, path in build_dataset(a.out, a.train, a.test, a.seed, a.workers, voices=a.voices).items():
+    for split, path in build_dataset(a.out, a.train, a.test, a.seed, a.workers, voices=a.voices, n_dev=a.dev).items():
         print(f"{split}: {path}")
 
 
