@@ -19,14 +19,19 @@ layout, audio and prompt attend only among themselves, so their K/V are computed
 
 `read="ctc_text"` reads the audio through text instead (a cascade; needs an adapter with semantic_pooling="ctc"):
 the semantic adapter's CTC head transcribes each clip (`AudioAdapter.ctc_best_path`: argmax per frame, runs
-collapsed, blanks dropped; or `ctc_decoder=CTCBeamSearch(...)`, a beam search with an n-gram LM), and the backbone answers from the text prompt "<transcript> <prompt>" with no audio
-prefix, under the same decoding settings. With task="transcribe" the CTC transcript is the output (no backbone).
+collapsed, blanks dropped; or a `modalities.ctc_decoding.CTCBeamSearch`, a beam search with an n-gram LM), and
+the backbone answers from the text prompt "<transcript> <prompt>" with no audio prefix, under the same decoding
+settings. With task="transcribe" the CTC transcript is the output (no backbone). The pipeline's own decoder,
+`pipe.ctc_decoder` (None: greedy), is saved with it in `ctc_decoder/` (the speech recipe writes one with
+`ctc_decoder.beam_width > 0`) and used unless a call gives `ctc_decoder=` (a decoder, or "greedy").
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +45,7 @@ __all__ = ["SpokenQAPipeline", "SpokenQAPipelineOutput", "TASKS", "format_prompt
 
 TASKS = ("answer", "transcribe")
 READS = ("prefix", "ctc_text")  # how the backbone reads a clip: prefix embeddings, or its CTC transcript as text
+DECODER_FOLDER = "ctc_decoder"  # beside model_index.json: the pipeline's CTC transcript decoder, when it has one
 
 
 @dataclass
@@ -82,6 +88,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
 
     model_cpu_offload_seq = "audio_adapter->model"
     adapter_name = "audio_adapter"
+    # read="ctc_text"'s transcript decoder (e.g. a CTCBeamSearch with an LM); None: greedy. Saved in ctc_decoder/.
+    ctc_decoder = None
 
     def __init__(self, audio_adapter, model, tokenizer, scheduler: MaskedDiffusionScheduler, gen_length: int = 8,
                  transcribe_length: int = 24, answer_prompt: str = "answer:", transcribe_prompt: str = "transcribe:"):
@@ -91,6 +99,24 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         self.register_modules(audio_adapter=audio_adapter, model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(gen_length=gen_length, transcribe_length=transcribe_length,
                                 answer_prompt=answer_prompt, transcribe_prompt=transcribe_prompt)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path) / DECODER_FOLDER
+        if folder.is_dir():
+            from modalities.ctc_decoding import CTCBeamSearch
+
+            pipe.ctc_decoder = CTCBeamSearch.from_pretrained(folder)
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory) / DECODER_FOLDER
+        if folder.exists():  # a folder saved over keeps no decoder this pipeline does not have
+            shutil.rmtree(folder)
+        if self.ctc_decoder is not None:
+            self.ctc_decoder.save_pretrained(folder)
 
     @property
     def preprocessor(self):
@@ -117,9 +143,9 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         if ctc_decoder is not None and read != "ctc_text":
             raise ValueError("`ctc_decoder` sets how read='ctc_text' transcribes; with read='prefix' the backbone "
                              "reads the adapter's embeddings and no transcript is decoded. Pass read='ctc_text'.")
-        if ctc_decoder is not None and not callable(getattr(ctc_decoder, "decode", None)):
+        if ctc_decoder is not None and ctc_decoder != "greedy" and not callable(getattr(ctc_decoder, "decode", None)):
             raise ValueError(f"`ctc_decoder` must have decode(logits, mask, blank) (e.g. "
-                             f"modalities.ctc_decoding.CTCBeamSearch), got {type(ctc_decoder).__name__}.")
+                             f"modalities.ctc_decoding.CTCBeamSearch) or be 'greedy', got {ctc_decoder!r}.")
         if read == "ctc_text":
             pooling = self.audio_adapter.config.semantic_pooling
             if pooling != "ctc":
@@ -181,10 +207,11 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
                 the question is about.
             task: "answer" (default) or "transcribe".
             read: how the backbone reads the audio. "prefix" (default): the adapter's prefix embeddings before
-                the prompt. "ctc_text": a cascade; the CTC head's greedy transcript goes in as text,
+                the prompt. "ctc_text": a cascade; the CTC transcript (see `ctc_decoder`) goes in as text,
                 "<transcript> <prompt>", with no audio prefix (task="transcribe" returns that transcript without
                 the backbone). Needs an adapter with semantic_pooling="ctc".
-            ctc_decoder: with read="ctc_text", how the transcript is decoded: None (greedy best path) or a
+            ctc_decoder: with read="ctc_text", how the transcript is decoded: None (default) uses the pipeline's
+                `ctc_decoder` (greedy best path when it has none), "greedy" the greedy best path, or a
                 `modalities.ctc_decoding.CTCBeamSearch` (prefix beam search, optionally with an n-gram LM).
             gen_length: tokens to decode (default: the pipeline's gen_length, or transcribe_length for transcripts).
             block_length: decoding block (default: the largest divisor of gen_length up to the scheduler's;
@@ -237,7 +264,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             error_types=(AudioError,), output_type=output_type, block_length=block_length, steps=steps,
             threshold=threshold, temperature=temperature, remasking=remasking, cache=cache,
             eos_early_stop=eos_early_stop, generator=generator, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=names, read=read, ctc_decoder=ctc_decoder, backbone=task == "answer",
+            callback_on_step_end_tensor_inputs=names, read=read, backbone=task == "answer",
+            ctc_decoder=self.ctc_decoder if ctc_decoder is None else None if ctc_decoder == "greedy" else ctc_decoder,
             **sampler_kwargs,
         )
         self.maybe_free_model_hooks()

@@ -272,6 +272,31 @@ def test_ctc_text_reads_the_transcript_of_a_ctc_decoder(ctc_pipe):
         pipe(audio=clips, read="ctc_text", ctc_decoder="beam")
 
 
+def test_the_pipeline_ctc_decoder_is_saved_loaded_and_the_default(ctc_pipe, tmp_path):
+    from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
+
+    tok = ctc_pipe.tokenizer
+    lm = TokenNGram.fit([tok.encode(e.transcript, add_special_tokens=False) for e in speech.make_split("train", 40)],
+                        vocab_size=len(tok), order=2)
+    decoder = CTCBeamSearch(beam_width=3, lm=lm, lm_weight=2.0, length_bonus=-0.5)
+    clips = [tone(0.5, seed=3), tone(0.6, 440, seed=4)]
+    explicit = ctc_pipe(audio=clips, task="transcribe", read="ctc_text", ctc_decoder=decoder).sequences
+    greedy = ctc_pipe(audio=clips, task="transcribe", read="ctc_text").sequences  # this pipeline has none
+    assert not torch.equal(explicit, greedy)  # so the default below is not greedy by chance
+    try:
+        ctc_pipe.ctc_decoder = decoder
+        ctc_pipe.save_pretrained(tmp_path / "p")
+    finally:
+        ctc_pipe.ctc_decoder = None
+    loaded = SpokenQAPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.ctc_decoder.lm.counts == lm.counts and loaded.ctc_decoder.length_bonus == -0.5
+    assert torch.equal(loaded(audio=clips, task="transcribe", read="ctc_text").sequences, explicit)
+    assert torch.equal(loaded(audio=clips, task="transcribe", read="ctc_text", ctc_decoder="greedy").sequences, greedy)
+    ctc_pipe.save_pretrained(tmp_path / "p")  # saved over by a pipeline without one: greedy again
+    assert SpokenQAPipeline.from_pretrained(tmp_path / "p").ctc_decoder is None
+
+
 # ---- the task's alignment loss (pipelines/tasks/spoken_qa.py; its training tests: test_spoken_qa_task.py)
 def test_alignment_loss_against_direct_computation():
     from modalities.base import PrefixEmbeds

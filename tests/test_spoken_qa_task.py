@@ -115,6 +115,29 @@ def test_stages_train_only_their_parts_and_the_export_is_the_trained_model(clips
         assert torch.equal(a.sequences, b.sequences) and a.texts == b.texts and a.errors == [None]
 
 
+def test_the_export_carries_a_beam_search_with_an_lm_of_the_training_transcripts(clips, tmp_path):
+    from modalities.ctc_decoding import TokenNGram
+    from pipelines.tasks.spoken_qa import _token_ids
+
+    over = tiny(clips, tmp_path / "a", steps=(0, 0, 1, 0, 0)) + [
+        "ctc_decoder.beam_width=4", "ctc_decoder.lm_order=2", "ctc_decoder.lm_weight=0.5",
+        "ctc_decoder.length_bonus=0.25"]
+    res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", over))
+    pipe = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    dec = pipe.ctc_decoder
+    assert (dec.beam_width, dec.lm_weight, dec.length_bonus) == (4, 0.5, 0.25)
+    transcripts = [json.loads(line)["transcript"] for line in clips.read_text().splitlines()]
+    lm = TokenNGram.fit(_token_ids(pipe.tokenizer, transcripts), vocab_size=len(pipe.tokenizer), order=2)
+    assert dec.lm.order == 2 and dec.lm.counts == lm.counts
+    clip = [str(clips.parent / f"{i}.wav") for i in range(3)]
+    out = pipe(audio=clip, task="transcribe", read="ctc_text")
+    assert out.texts == pipe(audio=clip, task="transcribe", read="ctc_text", ctc_decoder=dec).texts
+    # the default recipe exports none: greedy
+    res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", tiny(clips, tmp_path / "b", steps=(0, 0, 1, 0, 0))))
+    assert SpokenQAPipeline.from_pretrained(res.pipeline_dir).ctc_decoder is None
+
+
 def test_config_errors_name_the_field(capsys):
     recipe = REPO / "configs/audio_spoken_qa.yaml"
     bad = {
@@ -130,6 +153,8 @@ def test_config_errors_name_the_field(capsys):
         "data.kind=mp3": "data.kind='mp3'",
         "prompts.answer_length=1": "prompts.answer_length must be >= 2",
         "augment.freq_warp=1.5": r"augment.freq_warp must be in \[0, 1\)",
+        "ctc_decoder.beam_width=-1": "ctc_decoder.beam_width must be >= 0",
+        "ctc_decoder.lm_weight=-0.5": "ctc_decoder.lm_weight must be >= 0",
     }
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):

@@ -104,6 +104,18 @@ class Augment:  # SpecAugment-style masks on the features (0 = off)
 
 
 @dataclass
+class CTCDecoderSettings:
+    """The transcript decoder exported with the pipelines of an adapter with a CTC head (read="ctc_text"):
+    a prefix beam search with a token n-gram LM fitted on the training transcripts
+    (`modalities.ctc_decoding`). beam_width 0 exports none (greedy); lm_order 0 a beam without LM."""
+
+    beam_width: int = 0
+    lm_order: int = 3
+    lm_weight: float = 1.0
+    length_bonus: float = 1.0
+
+
+@dataclass
 class SpokenQAStage(Stage):
     tasks: dict[str, float] = field(default_factory=dict)  # task kind -> sampling weight
     parts: list[str] = field(default_factory=list)  # prefix adapters; empty: the adapter's own prefix_parts
@@ -329,7 +341,7 @@ def _matches(aliases: dict, patterns, name: str) -> bool:
 @register_task("spoken_qa")
 class SpokenQATask(Task):
     sections = {"data": SpokenQAData, "tokenizer": SpokenQATokenizer, "prompts": Prompts, "augment": Augment,
-                "decoding": Decoding}
+                "decoding": Decoding, "ctc_decoder": CTCDecoderSettings}
     free_sections = ("model", "adapter")
     stage_class = SpokenQAStage
     # The CTC head belongs to the encoder: it trains with it (a stage without CTC gives it no gradient).
@@ -379,6 +391,10 @@ class SpokenQATask(Task):
         if not 0 <= float(cfg.augment.freq_warp) < 1:
             raise ConfigError(f"augment.freq_warp must be in [0, 1) (a relative stretch of the mel axis, e.g. 0.1), "
                               f"got {cfg.augment.freq_warp}")
+        dec = cfg.ctc_decoder
+        for key, low in (("beam_width", 0), ("lm_order", 0), ("lm_weight", 0), ("length_bonus", None)):
+            if low is not None and dec[key] < low:
+                raise ConfigError(f"ctc_decoder.{key} must be >= {low}, got {dec[key]}")
         frozen = list(cfg.optim.freeze)
         for i, st in enumerate(cfg.stages):
             where = f"stages.{i}"
@@ -545,8 +561,27 @@ class SpokenQATask(Task):
             metrics["align_loss"] = float(align.detach())
         return StepLoss(loss, metrics)
 
+    def ctc_decoder(self, adapter):
+        """The ``ctc_decoder`` section's beam search for an adapter with a CTC head (None: greedy). Its LM is
+        fitted on the training transcripts, tokenized as the CTC targets are."""
+        from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
+
+        c = self.cfg.ctc_decoder
+        if c.beam_width == 0 or adapter.config.semantic_pooling != "ctc":
+            return None
+        lm = None
+        if c.lm_order > 0:
+            if getattr(self, "_transcript_lm", None) is None:
+                self._transcript_lm = TokenNGram.fit(_token_ids(self.tokenizer, [r["transcript"] for r in self.rows]),
+                                                     vocab_size=int(adapter.config.ctc_vocab_size),
+                                                     order=int(c.lm_order))
+            lm = self._transcript_lm
+        return CTCBeamSearch(beam_width=int(c.beam_width), lm=lm, lm_weight=float(c.lm_weight),
+                             length_bonus=float(c.length_bonus))
+
     def export(self, modules, folder, stage):
-        """A SpokenQAPipeline with the stage's prefix parts; the CTC head is training-only and stays out."""
+        """A SpokenQAPipeline with the stage's prefix parts and the ``ctc_decoder`` section's transcript decoder;
+        the CTC head is training-only and stays out."""
         from pipelines.spoken_qa import SpokenQAPipeline
 
         p, adapter = self.cfg.prompts, modules.adapter
@@ -556,6 +591,7 @@ class SpokenQATask(Task):
             pipe = SpokenQAPipeline(adapter, modules.model, self.tokenizer, self.scheduler,
                                     gen_length=int(p.answer_length), transcribe_length=int(p.transcribe_length),
                                     answer_prompt=p.answer, transcribe_prompt=p.transcribe)
+            pipe.ctc_decoder = self.ctc_decoder(adapter)
             pipe.save_pretrained(str(folder))
         finally:
             adapter.set_prefix_parts(before)
