@@ -54,7 +54,7 @@ from .base import ModalityAdapter, PrefixEmbeds, register_adapter
 __all__ = [
     "SAMPLE_RATE", "AUDIO_EXTENSIONS", "AudioError", "AudioBatch", "AudioPreprocessor", "load_audio",
     "as_audio_list", "SpeechEncoder", "HFSpeechEncoder", "SemanticAdapter", "AcousticAdapter", "AudioAdapter",
-    "left_align", "ctc_best_path",
+    "left_align", "ctc_best_path", "warp_frequencies",
 ]
 
 SAMPLE_RATE = 16_000
@@ -124,6 +124,18 @@ def as_audio_list(audio) -> list:
     if not items:
         raise AudioError("audio is empty; give at least one clip.")
     return items
+
+
+def warp_frequencies(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Features [B, T, F] with row b's frequency axis stretched by factors[b]: bin k takes the value at
+    k / factor (linear interpolation, the top bin past the edge), so a factor above 1 moves formants up."""
+    f = x.shape[-1]
+    source = (torch.arange(f, dtype=x.dtype, device=x.device) / factors.to(x)[:, None]).clamp(max=f - 1)
+    lo = source.floor().long().clamp(max=f - 2) if f > 1 else source.floor().long()
+    hi = (lo + 1).clamp(max=f - 1)
+    frac = (source - lo).clamp(0, 1)[:, None, :]
+    take = lambda index: x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))  # noqa: E731
+    return take(lo) * (1 - frac) + take(hi) * frac
 
 
 @dataclass
@@ -871,15 +883,35 @@ class AudioAdapter(ModalityAdapter):
     @torch.no_grad()
     def ctc_decode(self, batch: AudioBatch, decoder=None) -> list[list[int]]:
         """The token ids of each clip under a CTC decoding rule: greedy (`ctc_best_path`) when `decoder` is None,
-        else e.g. a `modalities.ctc_decoding.CTCBeamSearch` (beam search with an n-gram LM)."""
+        else e.g. a `modalities.ctc_decoding.CTCBeamSearch` (beam search with an n-gram LM). A decoder with
+        `warps` (frequency-warp factors) also decodes each clip's features stretched by every factor and keeps,
+        per clip, the hypothesis with the highest score (`decode_scored`), unwarped included."""
         if decoder is None:
             return self.ctc_best_path(batch)
         if self.config.semantic_pooling != "ctc":
             raise ValueError("CTC decoding needs semantic_pooling='ctc' (a CTC head); this adapter's pooling is "
                              f"{self.config.semantic_pooling!r}.")
-        states, mask = self.encode(batch)
-        logits = self.semantic.ctc_logits(states[-1].to(next(self.semantic.parameters()).dtype))
-        return decoder.decode(logits, mask, self.semantic.blank)
+        dtype = next(self.semantic.parameters()).dtype
+
+        def logits(b: AudioBatch):
+            states, mask = self.encode(b)
+            return self.semantic.ctc_logits(states[-1].to(dtype)), mask
+
+        warps = tuple(getattr(decoder, "warps", ()) or ())
+        if not warps:
+            return decoder.decode(*logits(batch), self.semantic.blank)
+        # maximum-likelihood warp selection (as in VTLN): each clip keeps the hypothesis of its best-scoring warp
+        if batch.values.ndim != 3:
+            raise ValueError("test-time frequency warps (decoder.warps) stretch the features' frequency axis "
+                             f"[B, T, F]; these inputs are {list(batch.values.shape)} (a waveform). Use a decoder "
+                             "with warps=().")
+        best = decoder.decode_scored(*logits(batch), self.semantic.blank)
+        for factor in warps:
+            warped = AudioBatch(warp_frequencies(batch.values, torch.full((len(batch),), float(factor))), batch.lengths)
+            for i, cand in enumerate(decoder.decode_scored(*logits(warped), self.semantic.blank)):
+                if cand[1] > best[i][1]:
+                    best[i] = cand
+        return [ids for ids, _ in best]
 
     def num_prefix_slots(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid prefix slots of clips with `lengths` valid feature frames (an upper bound with CTC pooling)."""

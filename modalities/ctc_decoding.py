@@ -213,8 +213,14 @@ class CTCBeamSearch:
     lm_weight: float = 0.0
     length_bonus: float = 0.0
     token_top_k: int | None = 8
+    # test-time frequency warps (`AudioAdapter.ctc_decode`): each clip is also decoded with its mel axis
+    # stretched by these factors and the best-scoring hypothesis wins; () decodes the features as they are
+    warps: tuple[float, ...] = ()
 
     def __post_init__(self):
+        self.warps = tuple(float(w) for w in self.warps)
+        if any(not 0 < w < 2 for w in self.warps):
+            raise ValueError(f"`warps` are frequency stretch factors in (0, 2), e.g. (0.9, 1.1); got {self.warps}.")
         if self.beam_width < 1:
             raise ValueError(f"`beam_width` must be >= 1, got {self.beam_width}.")
         if self.lm_weight < 0:
@@ -226,10 +232,14 @@ class CTCBeamSearch:
 
     def decode(self, logits: torch.Tensor, mask: torch.Tensor, blank: int) -> list[list[int]]:
         """Token ids of every clip from frame logits [B, T, V] and the valid-frame mask [B, T]."""
+        return [ids for ids, _ in self.decode_scored(logits, mask, blank)]
+
+    def decode_scored(self, logits: torch.Tensor, mask: torch.Tensor, blank: int) -> list[tuple[list[int], float]]:
+        """(token ids, score) of every clip: the score is the search's objective of those ids."""
         log_probs = torch.log_softmax(logits.detach().float(), -1).cpu()
         mask = mask.bool().cpu()
         return [ctc_prefix_beam_search(row[valid], blank, self.beam_width, self.lm, self.lm_weight,
-                                       self.length_bonus, self.token_top_k)[0]
+                                       self.length_bonus, self.token_top_k)
                 for row, valid in zip(log_probs, mask, strict=True)]
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -237,7 +247,8 @@ class CTCBeamSearch:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ctc_decoder.json").write_text(json.dumps(
             {"beam_width": self.beam_width, "lm_weight": self.lm_weight, "length_bonus": self.length_bonus,
-             "token_top_k": self.token_top_k, "lm": "lm.json" if self.lm is not None else None}, indent=2))
+             "token_top_k": self.token_top_k, "warps": list(self.warps),
+             "lm": "lm.json" if self.lm is not None else None}, indent=2))
         if self.lm is not None:
             self.lm.save(folder / "lm.json")
 

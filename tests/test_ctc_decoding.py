@@ -100,10 +100,11 @@ def test_kneser_ney_bigram_against_the_formula():
 
 def test_save_load_round_trip_and_decode(tmp_path):
     lm = TokenNGram.fit([[0, 1, 2], [2, 1]], vocab_size=3, order=3, discount=0.6)
-    decoder = CTCBeamSearch(beam_width=5, lm=lm, lm_weight=0.5, length_bonus=0.2, token_top_k=3)
+    decoder = CTCBeamSearch(beam_width=5, lm=lm, lm_weight=0.5, length_bonus=0.2, token_top_k=3, warps=[0.9, 1.1])
     decoder.save_pretrained(tmp_path / "dec")
     again = CTCBeamSearch.from_pretrained(tmp_path / "dec")
     assert (again.beam_width, again.lm_weight, again.length_bonus, again.token_top_k) == (5, 0.5, 0.2, 3)
+    assert again.warps == (0.9, 1.1)
     for h, w in (([], 0), ([0, 1], 2), ([2], lm.end), ([1, 1, 1], 1)):
         assert again.lm.log_prob(h, w) == lm.log_prob(h, w)
     g = torch.Generator().manual_seed(0)
@@ -111,6 +112,9 @@ def test_save_load_round_trip_and_decode(tmp_path):
     mask[1, 7:] = False
     ids = decoder.decode(logits, mask, blank=3)
     assert ids == again.decode(logits, mask, blank=3)
+    scored = decoder.decode_scored(logits, mask, blank=3)
+    assert [x for x, _ in scored] == ids
+    assert scored[2] == ctc_prefix_beam_search(torch.log_softmax(logits[2], -1), 3, 5, lm, 0.5, 0.2, 3)
     # padded frames are not read: row 1 decodes as its first 7 frames alone
     assert ids[1] == decoder.decode(logits[1:2, :7], mask[1:2, :7], blank=3)[0]
     plain = CTCBeamSearch(beam_width=2, token_top_k=None)
@@ -123,6 +127,8 @@ def test_errors_name_the_argument(tmp_path):
         CTCBeamSearch(lm_weight=0.5)
     with pytest.raises(ValueError, match="beam_width"):
         CTCBeamSearch(beam_width=0)
+    with pytest.raises(ValueError, match="`warps` are frequency stretch factors"):
+        CTCBeamSearch(warps=(0.9, 0.0))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 3\)"):
         TokenNGram.fit([[0, 5]], vocab_size=3)
     with pytest.raises(ValueError, match="at least one sequence"):

@@ -272,6 +272,27 @@ def test_ctc_text_reads_the_transcript_of_a_ctc_decoder(ctc_pipe):
         pipe(audio=clips, read="ctc_text", ctc_decoder="beam")
 
 
+def test_test_time_warps_keep_each_clips_best_scoring_hypothesis(ctc_pipe):
+    from modalities.audio import AudioBatch, warp_frequencies
+    from modalities.ctc_decoding import CTCBeamSearch
+
+    a = ctc_pipe.audio_adapter
+    batch = a.preprocess([tone(0.5, seed=11), tone(0.8, 600, seed=12), tone(0.6, 250, seed=13)])
+    plain = CTCBeamSearch(beam_width=4)
+    warps = (0.8, 0.9, 1.1, 1.25)
+    candidates = []  # per factor: what the decoder reads in the stretched features, one (ids, score) per clip
+    for factor in (1.0, *warps):
+        x = torch.stack([warp_frequencies(row[None], torch.tensor([factor]))[0] for row in batch.values])
+        states, mask = a.encode(AudioBatch(x, batch.lengths))
+        candidates.append(plain.decode_scored(a.semantic.ctc_logits(states[-1]), mask, a.semantic.blank))
+    best = [max((c[i] for c in candidates), key=lambda c: c[1])[0] for i in range(len(batch))]
+    assert a.ctc_decode(batch, CTCBeamSearch(beam_width=4, warps=warps)) == best
+    assert best != [c[0] for c in candidates[0]]  # some clip reads better stretched, so the selection is seen
+    assert a.ctc_decode(batch, CTCBeamSearch(beam_width=4, warps=(1.0,))) == a.ctc_decode(batch, plain)
+    with pytest.raises(ValueError, match=r"frequency axis \[B, T, F\]; these inputs are \[1, 800\]"):
+        a.ctc_decode(AudioBatch(torch.zeros(1, 800), torch.tensor([800])), CTCBeamSearch(warps=(0.9,)))
+
+
 def test_the_pipeline_ctc_decoder_is_saved_loaded_and_the_default(ctc_pipe, tmp_path):
     from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
 
@@ -316,7 +337,8 @@ def test_alignment_loss_against_direct_computation():
 
 
 def test_frequency_warp_against_a_plain_interpolation():
-    from pipelines.tasks.spoken_qa import Augment, spec_augment, warp_frequencies
+    from modalities.audio import warp_frequencies
+    from pipelines.tasks.spoken_qa import Augment, spec_augment
 
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     factors = torch.tensor([1.0, 1.1, 0.85], dtype=torch.float64)

@@ -121,12 +121,12 @@ def test_the_export_carries_a_beam_search_with_an_lm_of_the_training_transcripts
 
     over = tiny(clips, tmp_path / "a", steps=(0, 0, 1, 0, 0)) + [
         "ctc_decoder.beam_width=4", "ctc_decoder.lm_order=2", "ctc_decoder.lm_weight=0.5",
-        "ctc_decoder.length_bonus=0.25"]
+        "ctc_decoder.length_bonus=0.25", "ctc_decoder.warps=[0.9,1.1]"]
     res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", over))
     pipe = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     dec = pipe.ctc_decoder
-    assert (dec.beam_width, dec.lm_weight, dec.length_bonus) == (4, 0.5, 0.25)
+    assert (dec.beam_width, dec.lm_weight, dec.length_bonus, dec.warps) == (4, 0.5, 0.25, (0.9, 1.1))
     transcripts = [json.loads(line)["transcript"] for line in clips.read_text().splitlines()]
     lm = TokenNGram.fit(_token_ids(pipe.tokenizer, transcripts), vocab_size=len(pipe.tokenizer), order=2)
     assert dec.lm.order == 2 and dec.lm.counts == lm.counts
@@ -155,6 +155,7 @@ def test_config_errors_name_the_field(capsys):
         "augment.freq_warp=1.5": r"augment.freq_warp must be in \[0, 1\)",
         "ctc_decoder.beam_width=-1": "ctc_decoder.beam_width must be >= 0",
         "ctc_decoder.lm_weight=-0.5": "ctc_decoder.lm_weight must be >= 0",
+        "ctc_decoder.warps=[0.9,3]": r"ctc_decoder.warps are frequency stretch factors in \(0, 2\)",
     }
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):

@@ -113,6 +113,7 @@ class CTCDecoderSettings:
     lm_order: int = 3
     lm_weight: float = 1.0
     length_bonus: float = 1.0
+    warps: list[float] = field(default_factory=list)  # test-time frequency warps (CTCBeamSearch.warps)
 
 
 @dataclass
@@ -198,8 +199,9 @@ def make_examples(task: str, rows: list[dict], prompts) -> tuple[list[str], list
 
 
 def spec_augment(batch, augment, g: torch.Generator):
-    """Frequency and time masks (zeros, i.e. the normalised mean) on a copy of the features."""
-    from modalities.audio import AudioBatch
+    """Frequency and time masks (zeros, i.e. the normalised mean) on a copy of the features, after the
+    frequency warp (`modalities.audio.warp_frequencies`) of ``augment.freq_warp``."""
+    from modalities.audio import AudioBatch, warp_frequencies
 
     a = augment
     warp = float(a.freq_warp)
@@ -221,18 +223,6 @@ def spec_augment(batch, augment, g: torch.Generator):
             s = int(torch.randint(0, max(1, n - w + 1), (1,), generator=g))
             x[i, s : s + w] = 0
     return AudioBatch(x, batch.lengths)
-
-
-def warp_frequencies(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Features [B, T, F] with row b's frequency axis stretched by factors[b]: bin k takes the value at
-    k / factor (linear interpolation, the top bin past the edge), so a factor above 1 moves formants up."""
-    f = x.shape[-1]
-    source = (torch.arange(f, dtype=x.dtype) / factors[:, None]).clamp(max=f - 1)  # [B, F]
-    lo = source.floor().long().clamp(max=f - 2) if f > 1 else source.floor().long()
-    hi = (lo + 1).clamp(max=f - 1)
-    frac = (source - lo).clamp(0, 1)[:, None, :]
-    take = lambda index: x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))  # noqa: E731
-    return take(lo) * (1 - frac) + take(hi) * frac
 
 
 def _texts_for_tokenizer(rows: list[dict], prompts) -> list[str]:
@@ -395,6 +385,9 @@ class SpokenQATask(Task):
         for key, low in (("beam_width", 0), ("lm_order", 0), ("lm_weight", 0), ("length_bonus", None)):
             if low is not None and dec[key] < low:
                 raise ConfigError(f"ctc_decoder.{key} must be >= {low}, got {dec[key]}")
+        if any(not 0 < float(w) < 2 for w in dec.warps):
+            raise ConfigError(f"ctc_decoder.warps are frequency stretch factors in (0, 2), e.g. [0.9, 1.1]; got "
+                              f"{list(dec.warps)}")
         frozen = list(cfg.optim.freeze)
         for i, st in enumerate(cfg.stages):
             where = f"stages.{i}"
@@ -577,7 +570,7 @@ class SpokenQATask(Task):
                                                      order=int(c.lm_order))
             lm = self._transcript_lm
         return CTCBeamSearch(beam_width=int(c.beam_width), lm=lm, lm_weight=float(c.lm_weight),
-                             length_bonus=float(c.length_bonus))
+                             length_bonus=float(c.length_bonus), warps=tuple(c.warps))
 
     def export(self, modules, folder, stage):
         """A SpokenQAPipeline with the stage's prefix parts and the ``ctc_decoder`` section's transcript decoder;
