@@ -104,21 +104,23 @@ def main(argv=None) -> int:
         print(f"dev  lm_weight {w:.2f} length_bonus {b:.1f}  WER {grid[-1]['dev_wer']:.3f}", flush=True)
     best = min(grid, key=lambda g: g["dev_wer"])
     tuned = dict(beam_width=a.beam, lm=lm, lm_weight=best["lm_weight"], length_bonus=best["length_bonus"])
-    warp_grid = []
+    warp_grid = [{"warps": (), "dev_wer": best["dev_wer"]}]  # no warps first: it wins a tie
     for spec in a.warp_sets:
         warps = tuple(float(w) for w in spec.split(","))
         warp_grid.append({"warps": warps, "dev_wer": wer(dev, transcribe_clips(pipe, dev, CTCBeamSearch(
             **tuned, warps=warps)))})
         print(f"dev  warps {spec}  WER {warp_grid[-1]['dev_wer']:.3f}", flush=True)
-    best_warps = min(warp_grid, key=lambda g: g["dev_wer"])["warps"] if warp_grid else ()
+    chosen_warps = min(warp_grid, key=lambda g: g["dev_wer"])["warps"]
+    # the test splits also show the best warp set on dev even when dev prefers none, to say what warps do there
+    shown_warps = chosen_warps or min(warp_grid[1:], key=lambda g: g["dev_wer"], default={"warps": ()})["warps"]
     result["dev_unseen"] = {"clips": len(dev), "greedy_wer": wer(dev, transcribe(pipe, dev_logits, None)),
-                            "grid": grid, "chosen": best, "warp_grid": warp_grid, "chosen_warps": best_warps}
-    decoders = {"greedy": None, "beam": CTCBeamSearch(beam_width=a.beam), "beam_lm": CTCBeamSearch(**tuned),
-                "beam_warps": CTCBeamSearch(beam_width=a.beam, warps=best_warps),
-                "beam_lm_warps": CTCBeamSearch(**tuned, warps=best_warps)}
-    if not best_warps:
-        del decoders["beam_warps"], decoders["beam_lm_warps"]
-    final = "beam_lm_warps" if best_warps else "beam_lm"
+                            "grid": grid, "chosen": best, "warp_grid": warp_grid, "chosen_warps": chosen_warps,
+                            "warps_shown_on_test": shown_warps}
+    decoders = {"greedy": None, "beam": CTCBeamSearch(beam_width=a.beam), "beam_lm": CTCBeamSearch(**tuned)}
+    if shown_warps:
+        decoders["beam_warps"] = CTCBeamSearch(beam_width=a.beam, warps=shown_warps)
+        decoders["beam_lm_warps"] = CTCBeamSearch(**tuned, warps=shown_warps)
+    final = "beam_lm_warps" if chosen_warps else "beam_lm"  # dev's choice: saved, and run through the pipeline
     decoders[final].save_pretrained(Path(a.run) / "ctc_decoder")
     for split in ("test_seen", "test_heldout"):
         rows = read_split(data / f"{split}.jsonl", limit=a.test)
@@ -134,6 +136,11 @@ def main(argv=None) -> int:
             print(f"{split:13s} {name:8s} WER {res[name]['wer']:.3f}  cascade accuracy "
                   f"{res[name]['cascade']['accuracy']:.3f}  ({res[name]['decode_ms_per_clip']:.1f} ms/clip)", flush=True)
         print(f"{split:13s} true transcript accuracy {res['true_transcript_as_text']['accuracy']:.3f}", flush=True)
+        # what the two weights do on these voices: shown, never used to choose them
+        res["weights_sensitivity_not_used_for_choice"] = [
+            {"lm_weight": w, "length_bonus": b, "wer": wer(rows, transcribe(pipe, logits, CTCBeamSearch(
+                beam_width=a.beam, lm=lm, lm_weight=w, length_bonus=b)))}
+            for w, b in itertools.product(a.lm_weights, a.length_bonuses)]
         # the pipeline's own cascade with the tuned decoder gives the same answers as the hand-built prompts
         preds = pipe(audio=[r["path"] for r in rows], instruction=[r.get("instruction") for r in rows],
                      read="ctc_text", ctc_decoder=decoders[final], block_length=pipe.config.gen_length,

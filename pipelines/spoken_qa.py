@@ -83,7 +83,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
     Modules: `audio_adapter` (`modalities.audio.AudioAdapter`), `model` (`latent.DiffusionTransformer`, best with
     attention_layout="prefix"), `tokenizer` (with mask and EOS tokens), `scheduler` (`MaskedDiffusionScheduler`:
     decoding defaults). Saved with them in model_index.json: `gen_length` (answer tokens), `transcribe_length`
-    (transcript tokens), and the two task prompts.
+    (transcript tokens), the two task prompts, and `read`, how calls read the audio unless they say.
     """
 
     model_cpu_offload_seq = "audio_adapter->model"
@@ -92,13 +92,19 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
     ctc_decoder = None
 
     def __init__(self, audio_adapter, model, tokenizer, scheduler: MaskedDiffusionScheduler, gen_length: int = 8,
-                 transcribe_length: int = 24, answer_prompt: str = "answer:", transcribe_prompt: str = "transcribe:"):
+                 transcribe_length: int = 24, answer_prompt: str = "answer:", transcribe_prompt: str = "transcribe:",
+                 read: str = "prefix"):
         super().__init__()
         check_tokenizer(tokenizer)
         self._check_adapter_width(audio_adapter, model)
+        if read not in READS:
+            raise ValueError(f"`read` (the calls' default) must be one of {READS}, got {read!r}.")
+        if read == "ctc_text" and audio_adapter.config.semantic_pooling != "ctc":
+            raise ValueError("read='ctc_text' as the default needs an audio_adapter with semantic_pooling='ctc' (a "
+                             f"CTC head); this one has {audio_adapter.config.semantic_pooling!r}. Use read='prefix'.")
         self.register_modules(audio_adapter=audio_adapter, model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(gen_length=gen_length, transcribe_length=transcribe_length,
-                                answer_prompt=answer_prompt, transcribe_prompt=transcribe_prompt)
+                                answer_prompt=answer_prompt, transcribe_prompt=transcribe_prompt, read=read)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -175,7 +181,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         instruction: str | list[str | None] | None = None,
         *,
         task: str = "answer",
-        read: str = "prefix",
+        read: str | None = None,
         ctc_decoder=None,
         features: AudioBatch | None = None,
         sampling_rate: int | None = None,
@@ -206,7 +212,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             instruction: optional text before the task prompt (one for all clips, or one per clip), e.g. a table
                 the question is about.
             task: "answer" (default) or "transcribe".
-            read: how the backbone reads the audio. "prefix" (default): the adapter's prefix embeddings before
+            read: how the backbone reads the audio (default: the pipeline's `read`, saved with it; "prefix" unless
+                it was built with another). "prefix": the adapter's prefix embeddings before
                 the prompt. "ctc_text": a cascade; the CTC transcript (see `ctc_decoder`) goes in as text,
                 "<transcript> <prompt>", with no audio prefix (task="transcribe" returns that transcript without
                 the backbone). Needs an adapter with semantic_pooling="ctc".
@@ -234,6 +241,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         """
         if gen_length is None:
             gen_length = self.config.gen_length if task == "answer" else self.config.transcribe_length
+        read = self.config.read if read is None else read
         names = self.check_inputs(audio, features, instruction, task, gen_length, batch_size, on_error, output_type,
                                   callback_on_step_end, callback_on_step_end_tensor_inputs, read, ctc_decoder)
         if features is None:

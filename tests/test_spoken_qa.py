@@ -318,6 +318,25 @@ def test_the_pipeline_ctc_decoder_is_saved_loaded_and_the_default(ctc_pipe, tmp_
     assert SpokenQAPipeline.from_pretrained(tmp_path / "p").ctc_decoder is None
 
 
+def test_the_pipelines_default_read_is_saved_and_checked(ctc_pipe, pipe, tmp_path):
+    m = ctc_pipe.components
+    cascade = SpokenQAPipeline(m["audio_adapter"], m["model"], m["tokenizer"], m["scheduler"],
+                               gen_length=ctc_pipe.config.gen_length, read="ctc_text")
+    cascade.save_pretrained(tmp_path / "c")
+    loaded = SpokenQAPipeline.from_pretrained(tmp_path / "c")
+    loaded.set_progress_bar_config(disable=True)
+    clips = [tone(0.5, seed=21), tone(0.4, 300, seed=22)]
+    want = ctc_pipe(audio=clips, read="ctc_text")
+    got = loaded(audio=clips)
+    assert loaded.config.read == "ctc_text" and torch.equal(got.sequences, want.sequences) and got.texts == want.texts
+    assert torch.equal(loaded(audio=clips, read="prefix").sequences, ctc_pipe(audio=clips).sequences)
+    with pytest.raises(ValueError, match="`read` .* must be one of"):
+        SpokenQAPipeline(m["audio_adapter"], m["model"], m["tokenizer"], m["scheduler"], read="text")
+    p = pipe.components
+    with pytest.raises(ValueError, match="read='ctc_text' as the default needs .*semantic_pooling='ctc'"):
+        SpokenQAPipeline(p["audio_adapter"], p["model"], p["tokenizer"], p["scheduler"], read="ctc_text")
+
+
 # ---- the task's alignment loss (pipelines/tasks/spoken_qa.py; its training tests: test_spoken_qa_task.py)
 def test_alignment_loss_against_direct_computation():
     from modalities.base import PrefixEmbeds

@@ -121,7 +121,7 @@ def test_the_export_carries_a_beam_search_with_an_lm_of_the_training_transcripts
 
     over = tiny(clips, tmp_path / "a", steps=(0, 0, 1, 0, 0)) + [
         "ctc_decoder.beam_width=4", "ctc_decoder.lm_order=2", "ctc_decoder.lm_weight=0.5",
-        "ctc_decoder.length_bonus=0.25", "ctc_decoder.warps=[0.9,1.1]"]
+        "ctc_decoder.length_bonus=0.25", "ctc_decoder.warps=[0.9,1.1]", "ctc_decoder.read=ctc_text"]
     res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", over))
     pipe = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -131,11 +131,13 @@ def test_the_export_carries_a_beam_search_with_an_lm_of_the_training_transcripts
     lm = TokenNGram.fit(_token_ids(pipe.tokenizer, transcripts), vocab_size=len(pipe.tokenizer), order=2)
     assert dec.lm.order == 2 and dec.lm.counts == lm.counts
     clip = [str(clips.parent / f"{i}.wav") for i in range(3)]
-    out = pipe(audio=clip, task="transcribe", read="ctc_text")
+    out = pipe(audio=clip, task="transcribe")  # the cascade is this pipeline's default reading
     assert out.texts == pipe(audio=clip, task="transcribe", read="ctc_text", ctc_decoder=dec).texts
+    assert out.nfe == 0 and pipe(audio=clip, task="transcribe", read="prefix").nfe > 0
     # the default recipe exports none: greedy
     res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", tiny(clips, tmp_path / "b", steps=(0, 0, 1, 0, 0))))
-    assert SpokenQAPipeline.from_pretrained(res.pipeline_dir).ctc_decoder is None
+    plain = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
+    assert plain.ctc_decoder is None and plain.config.read == "prefix"
 
 
 def test_config_errors_name_the_field(capsys):
@@ -155,6 +157,7 @@ def test_config_errors_name_the_field(capsys):
         "augment.freq_warp=1.5": r"augment.freq_warp must be in \[0, 1\)",
         "ctc_decoder.beam_width=-1": "ctc_decoder.beam_width must be >= 0",
         "ctc_decoder.lm_weight=-0.5": "ctc_decoder.lm_weight must be >= 0",
+        "ctc_decoder.read=text": "ctc_decoder.read must be 'prefix' or 'ctc_text'",
         "ctc_decoder.warps=[0.9,3]": r"ctc_decoder.warps are frequency stretch factors in \(0, 2\)",
     }
     for override, message in bad.items():

@@ -114,6 +114,7 @@ class CTCDecoderSettings:
     lm_weight: float = 1.0
     length_bonus: float = 1.0
     warps: list[float] = field(default_factory=list)  # test-time frequency warps (CTCBeamSearch.warps)
+    read: str = "prefix"  # the exported pipelines' default `read`: "ctc_text" makes the cascade their default
 
 
 @dataclass
@@ -385,6 +386,8 @@ class SpokenQATask(Task):
         for key, low in (("beam_width", 0), ("lm_order", 0), ("lm_weight", 0), ("length_bonus", None)):
             if low is not None and dec[key] < low:
                 raise ConfigError(f"ctc_decoder.{key} must be >= {low}, got {dec[key]}")
+        if dec.read not in ("prefix", "ctc_text"):
+            raise ConfigError(f"ctc_decoder.read must be 'prefix' or 'ctc_text', got {dec.read!r}")
         if any(not 0 < float(w) < 2 for w in dec.warps):
             raise ConfigError(f"ctc_decoder.warps are frequency stretch factors in (0, 2), e.g. [0.9, 1.1]; got "
                               f"{list(dec.warps)}")
@@ -434,6 +437,9 @@ class SpokenQATask(Task):
         modules = {"model": model, "adapter": adapter}
         if any(_uses_ctc(st) for st in cfg.stages) and adapter.config.semantic_pooling != "ctc":
             modules["ctc_head"] = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
+        if cfg.ctc_decoder.read == "ctc_text" and adapter.config.semantic_pooling != "ctc":
+            raise ConfigError("ctc_decoder.read=ctc_text exports pipelines that read the CTC transcript, but "
+                              f"adapter.semantic_pooling is {adapter.config.semantic_pooling!r}; set it to ctc")
         self.default_parts = list(adapter.config.prefix_parts)
         self.mask_id = int(model.config.mask_token_id)
         dec, p = cfg.decoding, cfg.prompts
@@ -583,7 +589,8 @@ class SpokenQATask(Task):
         try:
             pipe = SpokenQAPipeline(adapter, modules.model, self.tokenizer, self.scheduler,
                                     gen_length=int(p.answer_length), transcribe_length=int(p.transcribe_length),
-                                    answer_prompt=p.answer, transcribe_prompt=p.transcribe)
+                                    answer_prompt=p.answer, transcribe_prompt=p.transcribe,
+                                    read=self.cfg.ctc_decoder.read)
             pipe.ctc_decoder = self.ctc_decoder(adapter)
             pipe.save_pretrained(str(folder))
         finally:
