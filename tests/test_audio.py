@@ -370,6 +370,14 @@ def test_wide_voice_set_changes_only_voices_and_keeps_held_out_voices_unheard():
         accent, _, variant = v.partition("+")
         assert v not in trained and v not in speech.HELD_OUT_VOICES, v
         assert accent in wide_accents and variant in held_variants and accent not in held_accents, v
+    # the accent dev split: held-out accents, variants the wide set trains with; no trained or test voice
+    dev = speech.make_split("dev_accents", 60, voices="wide")
+    assert {e.voice for e in dev} == set(speech.DEV_ACCENT_VOICES) and dev == speech.make_split("dev_accents", 60)
+    wide_variants = {v.partition("+")[2] for v in speech.VOICE_SETS["wide"]}
+    for v in speech.DEV_ACCENT_VOICES:
+        accent, _, variant = v.partition("+")
+        assert v not in trained and v not in speech.HELD_OUT_VOICES, v
+        assert accent in held_accents and variant in wide_variants and variant not in held_variants, v
     with pytest.raises(ValueError, match="voices must be one of"):
         speech.make_example("train", 0, voices="many")
 
