@@ -9,6 +9,8 @@ Reports, on the training voices (test_seen: new questions) and on voices never t
 - stage 1: word error rate of the ASR pipeline (speech -> transcript, backbone frozen);
 - stage 2: answer accuracy of the spoken-QA pipeline, overall and per question kind;
 - the text oracle: the same frozen backbone given the TRUE transcript as text (the ceiling of stage 2);
+- with a CTC head, the same through the cascade (`read="ctc_text"`: the pipeline's saved transcript decoder,
+  greedy without one; the transcript read as text);
 - decoding cost: one token per step (LLaDA schedule, steps = gen_length) vs threshold decoding (0.9), as model
   forwards and wall-clock latency per answer (median of single-clip calls) and per clip in batches.
 Writes experiments/results/audio_spoken_qa.json. CPU-sized: the figures are small-scale.
@@ -97,14 +99,17 @@ def main(argv=None) -> int:
         "train_seconds": round(seconds, 1), "threads": a.threads, "machine": platform.processor() or "cpu",
         "test_clips_per_split": a.test,
     }
-    decodings = {
-        "threshold_0.9": {"threshold": 0.9},
-        "one_token_per_step": {"steps": None, "threshold": None, "commit": "schedule"},
+    decodings = {  # the audio prefix read by the backbone, and (with a CTC head) the cascade through the transcript
+        "threshold_0.9": {"threshold": 0.9, "read": "prefix"},
+        "one_token_per_step": {"steps": None, "threshold": None, "commit": "schedule", "read": "prefix"},
+        "ctc_text_threshold_0.9": {"threshold": 0.9, "read": "ctc_text"},
     }
 
     def run_eval(pipe, task, rows, latency):
         res = {}
         for name, kw in decodings.items():
+            if kw["read"] == "ctc_text" and pipe.audio_adapter.config.semantic_pooling != "ctc":
+                continue
             kw = dict(kw)
             if name == "one_token_per_step":
                 kw["steps"] = pipe.config.gen_length if task == "answer" else pipe.config.transcribe_length
@@ -138,7 +143,7 @@ def summary(r: dict) -> str:
             for dec, v in res.items():
                 extra = f" latency {v['latency_median_s'] * 1000:.0f} ms ({v['forwards_per_clip_single']:.1f} fwd)" \
                     if "latency_median_s" in v else ""
-                lines.append(f"{key:14s} {split:13s} {dec:19s} {metric} {v[metric]:.3f}  batched "
+                lines.append(f"{key:14s} {split:13s} {dec:22s} {metric} {v[metric]:.3f}  batched "
                              f"{v['seconds_per_clip_batched'] * 1000:.1f} ms/clip, {v['forwards_per_batch']:.1f} "
                              f"fwd/batch{extra}")
     for split, v in r.get("text_oracle", {}).items():

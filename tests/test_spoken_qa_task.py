@@ -1,6 +1,7 @@
 """The spoken-QA task on the one trainer: what each stage trains, config errors, exact resume, and stage 2
 starting from a stage-1 pipeline (tiny models on a few generated clips; espeak-ng is not needed)."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -109,9 +110,11 @@ def test_stages_train_only_their_parts_and_the_export_is_the_trained_model(clips
     clip = str(clips.parent / "3.wav")
     for p in (final, live):
         p.set_progress_bar_config(disable=True)
-    for task in ("answer", "transcribe"):
-        a = final(audio=clip, instruction="table: a b.", task=task)
-        b = live(audio=clip, instruction="table: a b.", task=task)
+    live.ctc_decoder = final.ctc_decoder
+    assert final.config.read == "ctc_text" and final.ctc_decoder.beam_width == 16  # the recipe's cascade
+    for task, read in itertools.product(("answer", "transcribe"), ("prefix", "ctc_text")):
+        a = final(audio=clip, instruction="table: a b.", task=task, read=read)
+        b = live(audio=clip, instruction="table: a b.", task=task, read=read)
         assert torch.equal(a.sequences, b.sequences) and a.texts == b.texts and a.errors == [None]
 
 
@@ -134,9 +137,9 @@ def test_the_export_carries_a_beam_search_with_an_lm_of_the_training_transcripts
     out = pipe(audio=clip, task="transcribe")  # the cascade is this pipeline's default reading
     assert out.texts == pipe(audio=clip, task="transcribe", read="ctc_text", ctc_decoder=dec).texts
     assert out.nfe == 0 and pipe(audio=clip, task="transcribe", read="prefix").nfe > 0
-    # the default recipe exports none: greedy
-    res = train(load_config(REPO / "configs/audio_spoken_qa.yaml", tiny(clips, tmp_path / "b", steps=(0, 0, 1, 0, 0))))
-    plain = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
+    # beam_width 0 exports none: greedy
+    over = tiny(clips, tmp_path / "b", steps=(0, 0, 1, 0, 0)) + ["ctc_decoder.beam_width=0", "ctc_decoder.read=prefix"]
+    plain = SpokenQAPipeline.from_pretrained(train(load_config(REPO / "configs/audio_spoken_qa.yaml", over)).pipeline_dir)
     assert plain.ctc_decoder is None and plain.config.read == "prefix"
 
 
@@ -179,7 +182,8 @@ def test_config_errors_name_the_field(capsys):
 def test_exact_resume_across_a_stage_boundary(clips, tmp_path):
     """4 steps: text, then two ASR steps with a CTC head of its own (killed while checkpoint 3 is written,
     resumed mid-stage from checkpoint 2) and one SQA step after the stage boundary."""
-    over = tiny(clips, steps=(1, 0, 0, 2, 1)) + ["adapter.semantic_pooling=stack", "stages.3.ctc_weight=0.5",
+    over = tiny(clips, steps=(1, 0, 0, 2, 1)) + ["adapter.semantic_pooling=stack", "ctc_decoder.read=prefix",
+                                                 "stages.3.ctc_weight=0.5",
                                                  "stages.3.train=[encoder,semantic]"]
     losses = check_exact_resume(REPO / "configs/audio_spoken_qa.yaml", over, tmp_path, n=2)
     assert all(np.isfinite(v) for _, v in losses)

@@ -439,7 +439,8 @@ class SpokenQATask(Task):
             modules["ctc_head"] = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
         if cfg.ctc_decoder.read == "ctc_text" and adapter.config.semantic_pooling != "ctc":
             raise ConfigError("ctc_decoder.read=ctc_text exports pipelines that read the CTC transcript, but "
-                              f"adapter.semantic_pooling is {adapter.config.semantic_pooling!r}; set it to ctc")
+                              f"adapter.semantic_pooling is {adapter.config.semantic_pooling!r}; set it to ctc, or "
+                              "ctc_decoder.read=prefix")
         self.default_parts = list(adapter.config.prefix_parts)
         self.mask_id = int(model.config.mask_token_id)
         dec, p = cfg.decoding, cfg.prompts
