@@ -9,8 +9,12 @@ out = pipe(audio=[clip_a, (array, 22050)], instruction="table: anna red four.")
 out = pipe(audio=clips, task="transcribe")                          # transcripts
 out = pipe(audio=clips, on_error="record")                          # bad clips -> out.errors, the rest decode
 out = pipe(audio=clips, read="ctc_text")                            # cascade: CTC transcript as text
-print(out.texts)
+out = pipe(audio=clips, read="prefix")                              # the adapters' embeddings as a prefix
+print(out.texts, pipe.config.read)                                  # a call without read= uses pipe.config.read
 ```
+
+The spoken-QA recipe (configs/audio_spoken_qa.yaml) exports pipelines whose default reading is the cascade, with
+a beam search and n-gram LM as their `ctc_decoder`; `read="prefix"` is the default of a pipeline built by hand.
 
 Each clip becomes prefix embeddings (`modalities.audio.AudioAdapter`: semantic + acoustic adapters, padding on
 the left); the task's text prompt follows (the optional instruction, then "answer:" or "transcribe:"); then
