@@ -12,7 +12,7 @@ exact prefix cache and EOS early stop, and reports BLEU-4, CIDEr, attribute accu
 and images/s. Then it measures the batch job (`mmdlm caption`) on the split's images written as PNG
 files against the model's pure forward time: one adapter + backbone forward over prefix + canvas per
 batch, with no sampler, loading or writing (the images/s the job would reach if captioning cost one
-forward). Results go to experiments/results/captioning_<recipe>.json.
+forward). Results go to experiments/results/captioning_<recipe>.json, or to --out.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--minutes", type=float, default=10.0, help="training time limit")
     ap.add_argument("--pipeline", default=None, help="evaluate this pipeline folder instead of training")
     ap.add_argument("--out-dir", default=None, help="run folder (default runs/<recipe name>_experiment)")
+    ap.add_argument("--out", default=None, help="results file (default experiments/results/captioning_<recipe>.json)")
     ap.add_argument("--eval-n", type=int, default=400, help="images per evaluation split (at most)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -129,8 +130,8 @@ def main(argv=None) -> dict:
         **{f"ratio_job_to_pure_forward_{k}": v / fwd for k, v in jobs.items()},
     }
     print("throughput", json.dumps(report["throughput"]), flush=True)
-    os.makedirs("experiments/results", exist_ok=True)
-    path = f"experiments/results/captioning_{name}.json"
+    path = a.out or f"experiments/results/captioning_{name}.json"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {path}")
