@@ -63,9 +63,11 @@ def main(argv=None) -> int:
     import jiwer
 
     from experiments.audio_spoken_qa import text_oracle
-    from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
+    from modalities.ctc_decoding import CTCBeamSearch
+    from modalities.data.metrics import answer_accuracy
     from modalities.data.speech import read_split
     from pipelines.spoken_qa import SpokenQAPipeline
+    from pipelines.tasks.spoken_qa import fit_transcript_lm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/sqa_w9600")
@@ -87,11 +89,9 @@ def main(argv=None) -> int:
     data = Path(a.data)
     pipe = SpokenQAPipeline.from_pretrained(str(Path(a.run) / "pipelines" / "sqa"))
     pipe.set_progress_bar_config(disable=True)
-    tok = pipe.tokenizer
     train = read_split(data / "train.jsonl")
-    # tokenized as the CTC targets are: a leading space, so every word is one token
-    seqs = tok([" " + r["transcript"].strip() for r in train], add_special_tokens=False)["input_ids"]
-    lm = TokenNGram.fit(seqs, vocab_size=pipe.audio_adapter.config.ctc_vocab_size, order=a.order)
+    lm = fit_transcript_lm(pipe.tokenizer, [r["transcript"] for r in train], pipe.audio_adapter.config.ctc_vocab_size,
+                           a.order)
     result = {"command": "python " + " ".join(sys.argv), "run": a.run, "lm": {
         "order": a.order, "fitted_on": f"{len(train)} training transcripts", "ngrams": len(lm.counts)},
         "beam_width": a.beam}
@@ -99,13 +99,18 @@ def main(argv=None) -> int:
     def wer(rows, hyps):
         return jiwer.wer([r["transcript"] for r in rows], [h or "<empty>" for h in hyps])
 
+    def weight_grid(rows, logits):
+        """(lm_weight, length_bonus, WER) of the beam + LM over the grid of the two weights."""
+        for w, b in itertools.product(a.lm_weights, a.length_bonuses):
+            dec = CTCBeamSearch(beam_width=a.beam, lm=lm, lm_weight=w, length_bonus=b)
+            yield w, b, wer(rows, transcribe(pipe, logits, dec))
+
     dev = read_split(data / f"{a.dev_split}.jsonl", limit=a.test)
     dev_logits = frame_logits(pipe, dev)
     grid = []
-    for w, b in itertools.product(a.lm_weights, a.length_bonuses):
-        dec = CTCBeamSearch(beam_width=a.beam, lm=lm, lm_weight=w, length_bonus=b)
-        grid.append({"lm_weight": w, "length_bonus": b, "dev_wer": wer(dev, transcribe(pipe, dev_logits, dec))})
-        print(f"dev  lm_weight {w:.2f} length_bonus {b:.1f}  WER {grid[-1]['dev_wer']:.3f}", flush=True)
+    for w, b, e in weight_grid(dev, dev_logits):
+        grid.append({"lm_weight": w, "length_bonus": b, "dev_wer": e})
+        print(f"dev  lm_weight {w:.2f} length_bonus {b:.1f}  WER {e:.3f}", flush=True)
     best = min(grid, key=lambda g: g["dev_wer"])
     tuned = dict(beam_width=a.beam, lm=lm, lm_weight=best["lm_weight"], length_bonus=best["length_bonus"])
     warp_grid = [{"warps": (), "dev_wer": best["dev_wer"]}]  # no warps first: it wins a tie
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
     # the test splits also show the best warp set on dev even when dev prefers none, to say what warps do there
     shown_warps = chosen_warps or min(warp_grid[1:], key=lambda g: g["dev_wer"], default={"warps": ()})["warps"]
     result["dev"] = {"split": a.dev_split, "clips": len(dev), "greedy_wer": wer(dev, transcribe(pipe, dev_logits, None)),
-                            "grid": grid, "chosen": best, "warp_grid": warp_grid, "chosen_warps": chosen_warps,
-                            "warps_shown_on_test": shown_warps}
+                     "grid": grid, "chosen": best, "warp_grid": warp_grid, "chosen_warps": chosen_warps,
+                     "warps_shown_on_test": shown_warps}
     decoders = {"greedy": None, "beam": CTCBeamSearch(beam_width=a.beam), "beam_lm": CTCBeamSearch(**tuned)}
     if shown_warps:
         decoders["beam_warps"] = CTCBeamSearch(beam_width=a.beam, warps=shown_warps)
@@ -142,15 +147,11 @@ def main(argv=None) -> int:
         print(f"{split:13s} true transcript accuracy {res['true_transcript_as_text']['accuracy']:.3f}", flush=True)
         # what the two weights do on these voices: shown, never used to choose them
         res["weights_sensitivity_not_used_for_choice"] = [
-            {"lm_weight": w, "length_bonus": b, "wer": wer(rows, transcribe(pipe, logits, CTCBeamSearch(
-                beam_width=a.beam, lm=lm, lm_weight=w, length_bonus=b)))}
-            for w, b in itertools.product(a.lm_weights, a.length_bonuses)]
+            {"lm_weight": w, "length_bonus": b, "wer": e} for w, b, e in weight_grid(rows, logits)]
         # the pipeline's own cascade with the tuned decoder gives the same answers as the hand-built prompts
         preds = pipe(audio=[r["path"] for r in rows], instruction=[r.get("instruction") for r in rows],
                      read="ctc_text", ctc_decoder=decoders[final], block_length=pipe.config.gen_length,
                      batch_size=50).texts
-        from modalities.data.metrics import answer_accuracy
-
         res["pipeline_read_ctc_text_" + final] = {"accuracy": answer_accuracy([r["answer"] for r in rows], preds)}
         result[split] = res
     Path(a.out).write_text(json.dumps(result, indent=2))

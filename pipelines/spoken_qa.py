@@ -277,12 +277,17 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             threshold=threshold, temperature=temperature, remasking=remasking, cache=cache,
             eos_early_stop=eos_early_stop, generator=generator, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=names, read=read, backbone=task == "answer",
-            ctc_decoder=self.ctc_decoder if ctc_decoder is None else None if ctc_decoder == "greedy" else ctc_decoder,
-            **sampler_kwargs,
+            ctc_decoder=self._transcript_decoder(ctc_decoder), **sampler_kwargs,
         )
         self.maybe_free_model_hooks()
         out = SpokenQAPipelineOutput(texts=texts, sequences=sequences, errors=errors, nfe=nfe)
         return out if return_dict else out.to_tuple()
+
+    def _transcript_decoder(self, ctc_decoder):
+        """The decoder a call transcribes with: the pipeline's own for None, greedy (None) for "greedy"."""
+        if ctc_decoder is None:
+            return self.ctc_decoder
+        return None if ctc_decoder == "greedy" else ctc_decoder
 
     def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, read: str = "prefix",
                       backbone: bool = True, ctc_decoder=None, **decode):

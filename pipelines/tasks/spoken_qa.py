@@ -53,7 +53,7 @@ from pipelines.tasks.common import (
 )
 
 __all__ = ["SpokenQATask", "SpokenQAStage", "CTCHead", "ctc_loss", "alignment_loss", "sequence_loss", "load_rows",
-           "load_text_rows", "encode_targets", "make_examples", "spec_augment", "evaluate_spoken_qa"]
+           "load_text_rows", "encode_targets", "fit_transcript_lm", "make_examples", "spec_augment", "evaluate_spoken_qa"]
 
 TASK_KINDS = ("text_answer", "text_transcribe", "answer", "transcribe", "ctc")
 PARTS = ("semantic", "acoustic")
@@ -184,6 +184,13 @@ def encode_targets(tok, texts: list[str], length: int) -> tuple[torch.LongTensor
 def _token_ids(tok, texts: list[str]) -> list[list[int]]:
     # a leading space: the text follows a prompt or the audio, and words after a space are single tokens
     return tok([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
+
+
+def fit_transcript_lm(tok, transcripts: list[str], vocab_size: int, order: int = 3):
+    """A token n-gram (`modalities.ctc_decoding.TokenNGram`) of transcripts, tokenized as the CTC targets are."""
+    from modalities.ctc_decoding import TokenNGram
+
+    return TokenNGram.fit(_token_ids(tok, transcripts), vocab_size=vocab_size, order=order)
 
 
 def make_examples(task: str, rows: list[dict], prompts) -> tuple[list[str], list[str], int]:
@@ -356,6 +363,7 @@ class SpokenQATask(Task):
     may_skip_parameters = True  # a text step leaves the adapter unused, a ctc step the backbone
     pipeline_components = {"model": "model", "adapter": "audio_adapter"}
     init_partial = True  # a run without the CTC head leaves this one as it is
+    _transcript_lm = None  # the ctc_decoder section's LM, fitted at the first export that needs it
 
     @classmethod
     def section_keys(cls, section, user):
@@ -382,12 +390,14 @@ class SpokenQATask(Task):
         if not 0 <= float(cfg.augment.freq_warp) < 1:
             raise ConfigError(f"augment.freq_warp must be in [0, 1) (a relative stretch of the mel axis, e.g. 0.1), "
                               f"got {cfg.augment.freq_warp}")
+        from pipelines.spoken_qa import READS
+
         dec = cfg.ctc_decoder
-        for key, low in (("beam_width", 0), ("lm_order", 0), ("lm_weight", 0), ("length_bonus", None)):
-            if low is not None and dec[key] < low:
-                raise ConfigError(f"ctc_decoder.{key} must be >= {low}, got {dec[key]}")
-        if dec.read not in ("prefix", "ctc_text"):
-            raise ConfigError(f"ctc_decoder.read must be 'prefix' or 'ctc_text', got {dec.read!r}")
+        for key in ("beam_width", "lm_order", "lm_weight"):
+            if dec[key] < 0:
+                raise ConfigError(f"ctc_decoder.{key} must be >= 0, got {dec[key]}")
+        if dec.read not in READS:
+            raise ConfigError(f"ctc_decoder.read must be {' or '.join(map(repr, READS))}, got {dec.read!r}")
         if any(not 0 < float(w) < 2 for w in dec.warps):
             raise ConfigError(f"ctc_decoder.warps are frequency stretch factors in (0, 2), e.g. [0.9, 1.1]; got "
                               f"{list(dec.warps)}")
@@ -564,20 +574,16 @@ class SpokenQATask(Task):
     def ctc_decoder(self, adapter):
         """The ``ctc_decoder`` section's beam search for an adapter with a CTC head (None: greedy). Its LM is
         fitted on the training transcripts, tokenized as the CTC targets are."""
-        from modalities.ctc_decoding import CTCBeamSearch, TokenNGram
+        from modalities.ctc_decoding import CTCBeamSearch
 
         c = self.cfg.ctc_decoder
         if c.beam_width == 0 or adapter.config.semantic_pooling != "ctc":
             return None
-        lm = None
-        if c.lm_order > 0:
-            if getattr(self, "_transcript_lm", None) is None:
-                self._transcript_lm = TokenNGram.fit(_token_ids(self.tokenizer, [r["transcript"] for r in self.rows]),
-                                                     vocab_size=int(adapter.config.ctc_vocab_size),
-                                                     order=int(c.lm_order))
-            lm = self._transcript_lm
-        return CTCBeamSearch(beam_width=int(c.beam_width), lm=lm, lm_weight=float(c.lm_weight),
-                             length_bonus=float(c.length_bonus), warps=tuple(c.warps))
+        if c.lm_order > 0 and self._transcript_lm is None:  # the same for every stage's export
+            self._transcript_lm = fit_transcript_lm(self.tokenizer, [r["transcript"] for r in self.rows],
+                                                    int(adapter.config.ctc_vocab_size), int(c.lm_order))
+        return CTCBeamSearch(beam_width=int(c.beam_width), lm=self._transcript_lm if c.lm_order > 0 else None,
+                             lm_weight=float(c.lm_weight), length_bonus=float(c.length_bonus), warps=tuple(c.warps))
 
     def export(self, modules, folder, stage):
         """A SpokenQAPipeline with the stage's prefix parts and the ``ctc_decoder`` section's transcript decoder;
