@@ -34,12 +34,14 @@ sys.path.insert(0, str(ROOT))
 def text_oracle(pipe, rows, batch_size=50) -> dict:
     """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be."""
     from modalities.data.metrics import answer_accuracy
+    from pipelines.spoken_qa import text_after_audio
 
     preds = []
     tok = pipe.tokenizer
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        prompts = [f"{r['transcript']} {pipe.prompt_text('answer', r.get('instruction'))}" for r in chunk]
+        prompts = [text_after_audio(pipe.prompt_text("answer", r.get("instruction")), r["transcript"],
+                                    pipe.config.spaced_text) for r in chunk]
         ids, mask = pipe.encode_prompt(prompts)
         sampler = pipe.scheduler.sampler(pipe.model, gen_length=pipe.config.gen_length,
                                          block_length=pipe.config.gen_length, eos_early_stop=True,

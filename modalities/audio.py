@@ -49,7 +49,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from latent.config_checks import FINITE_NON_NEGATIVE, FINITE_POSITIVE, POSITIVE
 from latent.loading import SafeModelMixin, load_hf_model
 
-from .base import ModalityAdapter, PrefixEmbeds, register_adapter
+from .base import ModalityAdapter, PrefixEmbeds, left_align, register_adapter
 
 __all__ = [
     "SAMPLE_RATE", "AUDIO_EXTENSIONS", "AudioError", "AudioBatch", "AudioPreprocessor", "load_audio",
@@ -588,13 +588,20 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
     with the same non-blank label are averaged into one slot and blank frames are dropped, so the prefix holds about
     one slot per recognised token, in order, like the text the backbone was trained on. The head is trained with a
     CTC loss (`ctc_logits`); the LM loss reaches the encoder through the averaged frames.
+
+    token_embeddings (pooling="ctc"): each slot also carries the backbone's input embedding of the tokens the CTC
+    head hears there, weighted by its posteriors (the mean over the slot's frames, blank left out and the rest
+    renormalised): slot = posteriors @ E + MLP(frames). A frozen backbone then starts from text it already reads,
+    and the MLP (its last layer starts at zero) learns what the text misses. E is the `token_embedding` buffer
+    [vocab_size, hidden_size], saved with the adapter; `set_token_embeddings` copies it from the backbone. The
+    posteriors carry no gradient, so the LM loss never moves the CTC head that a transcript decoder reads.
     """
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, in_dim: int, hidden_size: int, downsample: int = 2, hidden: int | None = None,
-                 pooling: str = "stack", vocab_size: int | None = None):
+                 pooling: str = "stack", vocab_size: int | None = None, token_embeddings: bool = False):
         super().__init__()
         if pooling not in ("stack", "ctc"):
             raise ValueError(f"semantic pooling must be 'stack' or 'ctc', got {pooling!r}.")
@@ -602,11 +609,38 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
             raise ValueError(f"semantic downsample must be >= 1, got {downsample}.")
         if pooling == "ctc" and not vocab_size:
             raise ValueError("semantic pooling='ctc' needs vocab_size (the tokenizer's size) for its CTC head.")
+        if token_embeddings and pooling != "ctc":
+            raise ValueError("semantic token_embeddings need pooling='ctc': the slots' tokens come from the CTC head.")
         width = hidden or hidden_size
         d_in = in_dim * downsample if pooling == "stack" else in_dim
         self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, hidden_size))
         if pooling == "ctc":
             self.ctc = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, vocab_size + 1))
+        if token_embeddings:
+            self._add_token_part()
+
+    def set_token_embeddings(self, weight: torch.Tensor) -> SemanticAdapter:
+        """Copy the backbone's input embeddings (`[>= vocab_size, hidden_size]`; rows past the CTC vocabulary
+        are ignored) into the slots' token part, turning it on if it was off (the MLP's last layer then
+        restarts at zero, so the slots start as the posterior-weighted embeddings alone)."""
+        cfg = self.config
+        if cfg.pooling != "ctc":
+            raise ValueError("semantic token embeddings need pooling='ctc': the slots' tokens come from the CTC head.")
+        weight = weight.detach()
+        if weight.ndim != 2 or weight.shape[0] < cfg.vocab_size or weight.shape[1] != cfg.hidden_size:
+            raise ValueError(f"token embeddings must be [>= vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}]"
+                             f", got {list(weight.shape)}: pass the backbone's input embedding weight.")
+        if not cfg.token_embeddings:
+            self._add_token_part()
+            self.register_to_config(token_embeddings=True)
+        self.token_embedding.copy_(weight[: cfg.vocab_size])
+        return self
+
+    def _add_token_part(self) -> None:
+        last = self.net[-1]
+        self.register_buffer("token_embedding", last.weight.new_zeros(self.config.vocab_size, self.config.hidden_size))
+        nn.init.zeros_(last.weight)  # the slots start as the embeddings alone
+        nn.init.zeros_(last.bias)
 
     @property
     def blank(self) -> int:
@@ -642,7 +676,8 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
 
     def _ctc_pool(self, h: torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
         with torch.no_grad():
-            label = self.ctc_logits(h).argmax(-1)  # [B, T]
+            logits = self.ctc_logits(h)
+            label = logits.argmax(-1)  # [B, T]
         b, t, c = h.shape
         prev = F.pad(label, (1, 0), value=-1)[:, :-1]
         start = (label != prev) & mask  # a new run of one label
@@ -664,7 +699,19 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         counts = h.new_zeros(b, width + 1).scatter_add_(1, index, keep.to(h.dtype))
         pooled = sums[:, :width] / counts[:, :width].clamp(min=1)[..., None]
         out_mask = torch.arange(width, device=h.device)[None] < n[:, None]
-        return PrefixEmbeds(self.net(pooled) * out_mask[..., None].to(h.dtype), out_mask)
+        slots = self.net(pooled)
+        if self.config.token_embeddings:
+            slots = slots + self._slot_tokens(logits, index, keep, width) @ self.token_embedding.to(slots.dtype)
+        return PrefixEmbeds(slots * out_mask[..., None].to(h.dtype), out_mask)
+
+    @torch.no_grad()
+    def _slot_tokens(self, logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width, vocab_size] token posteriors of each slot: the mean of its frames', blank left out."""
+        post = logits.float().softmax(-1)[..., : self.config.vocab_size] * keep[..., None]
+        sums = post.new_zeros(post.shape[0], width + 1, post.shape[-1])
+        sums.scatter_add_(1, index[..., None].expand(-1, -1, post.shape[-1]), post)
+        sums = sums[:, :width]
+        return sums / sums.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 class AcousticAdapter(SafeModelMixin, ConfigMixin):
@@ -722,23 +769,6 @@ class AcousticAdapter(SafeModelMixin, ConfigMixin):
         return PrefixEmbeds(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
 
 
-def left_align(prefix: PrefixEmbeds) -> PrefixEmbeds:
-    """Move every row's valid slots to the end, in order (padding on the left, zeros in padded slots).
-
-    With rotary positions the distance from each valid slot to the text after the prefix is then the same
-    for a clip alone and for the same clip in a batch with longer ones."""
-    mask = prefix.mask
-    p = mask.shape[1]
-    n = mask.sum(1, keepdim=True)
-    # valid slot j of a row goes to p - n + (its rank among the valid slots)
-    rank = torch.cumsum(mask.long(), 1) - 1
-    dest = torch.where(mask, p - n + rank, torch.full_like(rank, p))  # padding -> a dropped column
-    embeds = prefix.embeds.new_zeros(prefix.embeds.shape[0], p + 1, prefix.embeds.shape[2])
-    embeds.scatter_(1, dest[..., None].expand_as(prefix.embeds), prefix.embeds)
-    new_mask = torch.arange(p, device=mask.device)[None] >= (p - n)
-    return PrefixEmbeds(embeds[:, :p], new_mask)
-
-
 PARTS = ("semantic", "acoustic")
 
 
@@ -754,6 +784,9 @@ class AudioAdapter(ModalityAdapter):
     max_seconds: the longest clip accepted; min_peak: silence threshold.
     semantic_downsample: frames per semantic slot (semantic_pooling="stack"); semantic_pooling="ctc": one slot per
         run of frames with the same non-blank label of a CTC head over `ctc_vocab_size` tokens (CTC compression).
+    semantic_token_embeddings (CTC pooling): each semantic slot adds the backbone's input embeddings of the tokens
+        the CTC head hears there, weighted by its posteriors (`set_token_embeddings` copies them from the backbone;
+        see `SemanticAdapter`).
     acoustic_queries: acoustic slots; acoustic_layers: which
         encoder hidden states the acoustic adapter mixes (default: all).
     prefix_parts: the adapters whose outputs form the prefix, in order (e.g. ["semantic"] for an ASR stage).
@@ -789,6 +822,7 @@ class AudioAdapter(ModalityAdapter):
         semantic_hidden: int | None = None,
         semantic_pooling: str = "stack",
         ctc_vocab_size: int | None = None,
+        semantic_token_embeddings: bool = False,
         acoustic_queries: int = 16,
         acoustic_layers: list[int] | None = None,
         acoustic_depth: int = 1,
@@ -833,7 +867,7 @@ class AudioAdapter(ModalityAdapter):
         if any(not -n_states <= i < n_states for i in layers):
             raise ValueError(f"acoustic_layers {layers} out of range: the encoder has {n_states} hidden states.")
         self.semantic = SemanticAdapter(dim, hidden_size, semantic_downsample, semantic_hidden, semantic_pooling,
-                                        ctc_vocab_size)
+                                        ctc_vocab_size, semantic_token_embeddings)
         self.acoustic = AcousticAdapter(dim, hidden_size, layers, acoustic_queries, acoustic_depth, acoustic_heads)
         if freeze_encoder:
             self.freeze_trunk()
@@ -935,6 +969,13 @@ class AudioAdapter(ModalityAdapter):
         return int(self.num_prefix_slots(torch.tensor([pre.num_frames(pre.max_samples)]))[0])
 
     # ---- stages -----------------------------------------------------------------------------------
+    def set_token_embeddings(self, weight: torch.Tensor) -> AudioAdapter:
+        """Give the semantic slots the backbone's input embeddings (`weight`, e.g. `model.embed.weight`), turning
+        `semantic_token_embeddings` on if it was off (see `SemanticAdapter.set_token_embeddings`)."""
+        self.semantic.set_token_embeddings(weight)
+        self.register_to_config(semantic_token_embeddings=True)
+        return self
+
     def set_prefix_parts(self, parts) -> AudioAdapter:
         parts = list(parts)
         if not parts or any(p not in PARTS for p in parts):

@@ -104,6 +104,23 @@ class PrefixEmbeds:
         return torch.cat([self.mask, token_mask.to(self.mask.device).bool()], dim=1)
 
 
+def left_align(prefix: PrefixEmbeds) -> PrefixEmbeds:
+    """Move every row's valid slots to the end, in order (padding on the left, zeros in padded slots).
+
+    With rotary positions the distance from each valid slot to the text after the prefix is then the same
+    for an input alone and for the same input in a batch with longer ones."""
+    mask = prefix.mask
+    p = mask.shape[1]
+    n = mask.sum(1, keepdim=True)
+    # valid slot j of a row goes to p - n + (its rank among the valid slots)
+    rank = torch.cumsum(mask.long(), 1) - 1
+    dest = torch.where(mask, p - n + rank, torch.full_like(rank, p))  # padding -> a dropped column
+    embeds = prefix.embeds.new_zeros(prefix.embeds.shape[0], p + 1, prefix.embeds.shape[2])
+    embeds.scatter_(1, dest[..., None].expand_as(prefix.embeds), prefix.embeds)
+    new_mask = torch.arange(p, device=mask.device)[None] >= (p - n)
+    return PrefixEmbeds(embeds[:, :p], new_mask)
+
+
 # ---- registry -------------------------------------------------------------------------------------
 def _import_builtin() -> None:
     # Adapters register on import; the built-in ones are imported lazily so `modalities.base` stays light.

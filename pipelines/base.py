@@ -55,7 +55,7 @@ from latent.folders import is_unfinished
 from latent.sampling import Trajectory
 
 __all__ = [
-    "LocalPipelineMixin", "PipelineOutput", "MaskedDiffusionPipeline", "PrefixDiffusionPipeline",
+    "LocalPipelineMixin", "PipelineOutput", "MaskedDiffusionPipeline", "PrefixDiffusionPipeline", "join_prompt",
     "encode_prompts", "decode_texts", "check_tokenizer", "resolve_decoding", "callback_tensor_inputs", "check_on_error",
     "ON_ERROR", "as_count", "check_finite",
 ]
@@ -359,8 +359,29 @@ class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
             )
 
 
+def join_prompt(embed: torch.nn.Module, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor | None,
+                input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prefix of embeddings from [adapter prefix | left-padded prompt]: each row's prompt tokens (embedded
+    by `embed`, the backbone's input embedding) follow its last valid prefix slot, and all padding moves to the
+    left. Kept apart, prompts of different lengths would leave padding between a row's prefix and its prompt,
+    so the rotary distance from the prefix to the text would depend on the other rows of the batch, and the
+    backbone never read text with such gaps. Training and decoding both join this way.
+    Returns (embeds [B, P + L, D], mask [B, P + L] long)."""
+    from modalities.base import PrefixEmbeds, left_align
+
+    device = prefix_embeds.device
+    tokens = embed(input_ids.to(device)).to(prefix_embeds.dtype)
+    pm = torch.ones(prefix_embeds.shape[:2], dtype=torch.bool, device=device) if prefix_mask is None else prefix_mask
+    am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+    joined = left_align(PrefixEmbeds(torch.cat([prefix_embeds, tokens], 1),
+                                     torch.cat([pm.to(device).bool(), am.to(device).bool()], 1)))
+    return joined.embeds, joined.mask.long()
+
+
 class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
-    """[adapter prefix | left-padded text prompt | gen_length masked positions] -> decoded text.
+    """[adapter prefix | text prompt | gen_length masked positions] -> decoded text. The prompt joins the prefix
+    (`join_prompt`), so the sampler's canvas, which callbacks see, is the generated part; `sequences` in the
+    output are [prompt | generated], left padded.
 
     A subclass names its adapter module (`adapter_name`, None for text only) and keeps its own `__call__`,
     `check_inputs` and output dataclass; the rest is here."""
@@ -420,11 +441,16 @@ class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
         then `gen_length` masked positions. Returns (sequences on the CPU, texts or None, nfe)."""
         prefix_embeds, prefix_mask = self._prefix(batch)
         input_ids, attention_mask = self.encode_prompt(prompts)
-        result = self._sample(input_ids, attention_mask, gen_length=gen_length, prefix_embeds=prefix_embeds,
+        canvas, canvas_mask = input_ids, attention_mask
+        if prefix_embeds is not None and input_ids.shape[1]:  # the prompt joins the prefix: no gap between them
+            prefix_embeds, prefix_mask = join_prompt(self.model.embed, prefix_embeds, prefix_mask, input_ids,
+                                                     attention_mask)
+            canvas, canvas_mask = input_ids[:, :0], attention_mask[:, :0]
+        result = self._sample(canvas, canvas_mask, gen_length=gen_length, prefix_embeds=prefix_embeds,
                               prefix_mask=prefix_mask, **self._token_ids(), **decode)
-        seq = result.sequences
-        texts = self.decode(seq[:, input_ids.shape[1] :]) if output_type == "text" else None
-        return seq.cpu(), texts, result.nfe
+        generated = result.sequences[:, canvas.shape[1] :]
+        texts = self.decode(generated) if output_type == "text" else None
+        return torch.cat([input_ids.cpu(), generated.cpu()], 1), texts, result.nfe
 
     def _decode_rows(self, n: int, prompts: list[str], gen_length: int, *, prepare: Callable | None = None,
                      collate: Callable, batch_size: int | None = None, on_error: str = "raise",

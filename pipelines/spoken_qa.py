@@ -45,7 +45,7 @@ from modalities.audio import AudioBatch, AudioError, as_audio_list
 
 from .base import PipelineOutput, PrefixDiffusionPipeline, check_tokenizer
 
-__all__ = ["SpokenQAPipeline", "SpokenQAPipelineOutput", "TASKS", "format_prompt"]
+__all__ = ["SpokenQAPipeline", "SpokenQAPipelineOutput", "TASKS", "format_prompt", "text_after_audio"]
 
 TASKS = ("answer", "transcribe")
 READS = ("prefix", "ctc_text")  # how the backbone reads a clip: prefix embeddings, or its CTC transcript as text
@@ -81,13 +81,26 @@ def format_prompt(task: str, instruction: str | None, answer_prompt: str, transc
     return f"{instruction.strip()} {tag}".strip() if instruction and instruction.strip() else tag
 
 
+def text_after_audio(prompt: str, transcript: str | None = None, spaced: bool = False) -> str:
+    """The text the backbone reads after the audio prefix (`transcript` None), or in its place: the transcript,
+    then the prompt (the cascade, and the text stages that teach the backbone the task).
+
+    spaced: the text starts with a space, so that with a byte-level BPE every word is the token it is inside a
+    sentence ("Ġwhat", "Ġanswer"), which is how the CTC head writes the words it hears (its targets are
+    tokenized that way). A backbone trained on one form reads the other form far worse, so a recipe picks one
+    for its text stages, its audio stages and its pipelines (`SpokenQAPipeline(spaced_text=...)`)."""
+    text = prompt if transcript is None else f"{transcript.strip()} {prompt}".strip()
+    return f" {text}" if spaced else text
+
+
 class SpokenQAPipeline(PrefixDiffusionPipeline):
     """audio (+ optional text instruction) -> answers, or transcripts with task="transcribe".
 
     Modules: `audio_adapter` (`modalities.audio.AudioAdapter`), `model` (`latent.DiffusionTransformer`, best with
     attention_layout="prefix"), `tokenizer` (with mask and EOS tokens), `scheduler` (`MaskedDiffusionScheduler`:
     decoding defaults). Saved with them in model_index.json: `gen_length` (answer tokens), `transcribe_length`
-    (transcript tokens), the two task prompts, and `read`, how calls read the audio unless they say.
+    (transcript tokens), the two task prompts, `read`, how calls read the audio unless they say, and
+    `spaced_text`, the form of the text after the audio (`text_after_audio`; False for pipelines saved before it).
     """
 
     model_cpu_offload_seq = "audio_adapter->model"
@@ -97,7 +110,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
 
     def __init__(self, audio_adapter, model, tokenizer, scheduler: MaskedDiffusionScheduler, gen_length: int = 8,
                  transcribe_length: int = 24, answer_prompt: str = "answer:", transcribe_prompt: str = "transcribe:",
-                 read: str = "prefix"):
+                 read: str = "prefix", spaced_text: bool = False):
         super().__init__()
         check_tokenizer(tokenizer)
         self._check_adapter_width(audio_adapter, model)
@@ -108,7 +121,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
                              f"CTC head); this one has {audio_adapter.config.semantic_pooling!r}. Use read='prefix'.")
         self.register_modules(audio_adapter=audio_adapter, model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(gen_length=gen_length, transcribe_length=transcribe_length,
-                                answer_prompt=answer_prompt, transcribe_prompt=transcribe_prompt, read=read)
+                                answer_prompt=answer_prompt, transcribe_prompt=transcribe_prompt, read=read,
+                                spaced_text=bool(spaced_text))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -294,8 +308,10 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         """read="prefix": the base class's prefix decode. read="ctc_text": the CTC transcript of each clip becomes
         text before its prompt and the backbone decodes from text alone; without `backbone` (transcribe) the
         transcript is the result."""
+        spaced = bool(self.config.get("spaced_text", False))
         if read == "prefix":
-            return super()._decode_chunk(batch, prompts, gen_length, output_type, **decode)
+            return super()._decode_chunk(batch, [text_after_audio(p, spaced=spaced) for p in prompts], gen_length,
+                                         output_type, **decode)
         ids = self.audio_adapter.ctc_decode(batch, ctc_decoder)
         transcripts = [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         if not backbone:
@@ -303,5 +319,5 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             for row, x in zip(seq, ids, strict=True):
                 row[row.shape[0] - len(x) :] = torch.tensor(x, dtype=torch.long)
             return seq, (transcripts if output_type == "text" else None), 0
-        return super()._decode_chunk(None, [f"{t} {p}".strip() for t, p in zip(transcripts, prompts, strict=True)],
-                                     gen_length, output_type, **decode)
+        texts = [text_after_audio(p, t, spaced) for t, p in zip(transcripts, prompts, strict=True)]
+        return super()._decode_chunk(None, texts, gen_length, output_type, **decode)

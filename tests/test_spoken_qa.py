@@ -376,3 +376,35 @@ def test_frequency_warp_against_a_plain_interpolation():
     warped = spec_augment(batch, Augment(freq_mask=0, time_mask=0, freq_warp=0.2), torch.Generator().manual_seed(0))
     draw = 1 + 0.2 * (2 * torch.rand(3, generator=torch.Generator().manual_seed(0)) - 1)
     assert torch.allclose(warped.values, warp_frequencies(x.float(), draw)) and torch.equal(warped.lengths, batch.lengths)
+
+
+def test_spaced_text_reads_words_as_the_ctc_head_writes_them(ctc_pipe, tmp_path):
+    from pipelines.spoken_qa import text_after_audio
+    from pipelines.tasks.spoken_qa import _token_ids
+
+    assert text_after_audio("answer:") == "answer:" and text_after_audio("answer:", spaced=True) == " answer:"
+    assert text_after_audio("answer:", " what is two ", True) == " what is two answer:"
+    tok = ctc_pipe.tokenizer
+    spaced = SpokenQAPipeline(ctc_pipe.audio_adapter, ctc_pipe.model, tok, ctc_pipe.scheduler, gen_length=4,
+                              transcribe_length=8, spaced_text=True)
+    spaced.set_progress_bar_config(disable=True)
+    clips = [tone(0.3, seed=1), tone(0.6, 500, seed=2)]
+    instructions = [None, "table: anna red four."]
+    # after the audio: the prompt as it is inside a sentence ("Ġanswer"), not at the start of a text
+    out = spaced(audio=clips, instruction=instructions, read="prefix")
+    prompt = [t for t in out.sequences[0, :-4].tolist() if t != tok.pad_token_id]
+    assert prompt == tok(" answer:", add_special_tokens=False)["input_ids"] != tok("answer:")["input_ids"]
+    # in the audio's place: the transcript, then the prompt, both spaced
+    _, texts, _ = ctc_prompts(spaced, clips, instructions)
+    prompts = [text_after_audio(spaced.prompt_text("answer", i), t, True) for t, i in zip(texts, instructions, strict=True)]
+    pids, mask = spaced.encode_prompt(prompts)
+    ref = spaced.scheduler.sampler(spaced.model, gen_length=4, block_length=4, commit="threshold", threshold=0.9,
+                                   mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                                   eos_early_stop=True)(spaced.model, pids, mask)
+    assert torch.equal(spaced(audio=clips, instruction=instructions, read="ctc_text").sequences, ref.sequences)
+    # the text stages' transcripts are then the CTC targets
+    assert tok(text_after_audio("answer:", "what is two", True), add_special_tokens=False)["input_ids"][:3] == \
+        _token_ids(tok, ["what is two"])[0]
+    spaced.save_pretrained(tmp_path)
+    assert SpokenQAPipeline.from_pretrained(tmp_path).config.spaced_text is True
+    assert ctc_pipe.config.spaced_text is False  # the default: the form pipelines saved before it used

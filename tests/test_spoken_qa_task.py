@@ -225,3 +225,25 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(clips, tmp_path):
     tr.task.init_from(tr.modules, str(tmp_path / "asr"), tr.stages[3])
     saved = load_file(str(latest_checkpoint(tmp_path / "asr" / "checkpoints") / "modules.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in tr.modules.state_dict().items())
+
+
+def test_spaced_text_and_token_slots_reach_the_export(clips, tmp_path):
+    """With prompts.spaced the text stages read each transcript as the CTC targets write it, and the exported
+    pipeline reads text after the audio that way; token slots export the backbone's trained embeddings."""
+    from pipelines.tasks.spoken_qa import Prompts, _token_ids, make_examples
+
+    over = tiny(clips, tmp_path / "a", steps=(2, 0, 1, 1, 0)) + ["prompts.spaced=true",
+                                                                  "adapter.semantic_token_embeddings=true"]
+    tr = Trainer(load_config(REPO / "configs/audio_spoken_qa.yaml", over))
+    res = tr.fit()
+    pipe = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
+    tok, sem = pipe.tokenizer, pipe.audio_adapter.semantic
+    assert pipe.config.spaced_text is True and sem.config.token_embeddings
+    assert torch.equal(sem.token_embedding, pipe.model.embed.weight[: sem.config.vocab_size])
+    rows = [{"transcript": "say two", "instruction": "table: a b.", "answer": "two"}]
+    for spaced in (True, False):
+        prompts, _, _ = make_examples("text_answer", rows, Prompts(spaced=spaced))
+        ids = tok(prompts, add_special_tokens=False)["input_ids"][0]
+        assert (ids[:2] == _token_ids(tok, ["say two"])[0]) is spaced
+        audio_prompt, _, _ = make_examples("answer", rows, Prompts(spaced=spaced))
+        assert audio_prompt[0].startswith(" ") is spaced

@@ -20,7 +20,7 @@ and an alignment loss weight (``align_weight``, see :func:`alignment_loss`). The
 - ``transcribe`` (stage 1): speech -> transcript; ``answer`` (stage 2): spoken question (+ text instruction)
   -> answer; the backbone stays frozen.
 
-Sequences are [audio prefix (left-padded) | prompt (left-padded) | target + EOS padding to its length]; the
+Sequences are [audio prefix and prompt, joined and left-padded | target + EOS padding to its length]; the
 loss is the SFT masked-diffusion loss (``latent.losses.sft_loss``) of the target, the prefix and prompt never
 masked, with the ``prefix`` layout so that training matches exact-cache decoding. Features are computed once
 when the task is built; each step draws its task, rows, SpecAugment masks and noise for the global batch from
@@ -91,6 +91,9 @@ class Prompts:
     transcribe: str = "transcribe:"
     answer_length: int = 4  # target tokens (EOS-padded; at least one EOS kept)
     transcribe_length: int = 16
+    # the text after the audio, and the transcript in its place, start with a space: every word is then the
+    # token the CTC head writes (pipelines.spoken_qa.text_after_audio); saved with the pipelines
+    spaced: bool = False
 
 
 @dataclass
@@ -194,14 +197,18 @@ def fit_transcript_lm(tok, transcripts: list[str], vocab_size: int, order: int =
 
 
 def make_examples(task: str, rows: list[dict], prompts) -> tuple[list[str], list[str], int]:
-    """(prompts, targets, target length) of rows for one of the sequence tasks (all but ``ctc``)."""
-    from pipelines.spoken_qa import format_prompt
+    """(prompts, targets, target length) of rows for one of the sequence tasks (all but ``ctc``), in the text
+    form the pipelines read (``text_after_audio``)."""
+    from pipelines.spoken_qa import format_prompt, text_after_audio
 
     answer = task.endswith("answer")
     texts = [format_prompt("answer" if answer else "transcribe", r.get("instruction"), prompts.answer,
                            prompts.transcribe) for r in rows]
+    spaced = bool(prompts.spaced)
     if task.startswith("text_"):  # the transcript stands where the audio will be
-        texts = [f"{r['transcript']} {q}" for r, q in zip(rows, texts, strict=True)]
+        texts = [text_after_audio(q, r["transcript"], spaced) for r, q in zip(rows, texts, strict=True)]
+    else:
+        texts = [text_after_audio(q, spaced=spaced) for q in texts]
     targets = [r["answer"] if answer else r["transcript"] for r in rows]
     return texts, targets, int(prompts.answer_length if answer else prompts.transcribe_length)
 
@@ -296,11 +303,13 @@ class SequenceLoss:
 
 def sequence_loss(model, adapter, audio, prompt_ids, prompt_mask, targets, mask_token_id: int, t=None, noise=None,
                   parts=None, ctc_proj=None, ctc_targets=None, generator=None) -> SequenceLoss:
-    """SFT masked-diffusion loss of ``targets`` [B, G] after [audio prefix | left-padded prompts [B, L]] (no
-    prefix when ``audio`` is None: a text task). ``t`` [B] and ``noise`` [B, L + G] are the pre-drawn noise
-    levels and mask draws; ``parts`` the adapters forming the prefix. With ``ctc_proj``, also the encoder's CTC
-    loss on ``ctc_targets``."""
+    """SFT masked-diffusion loss of ``targets`` [B, G] after [audio prefix | prompts [B, L]] (no prefix when
+    ``audio`` is None: a text task), laid out as the pipeline decodes: the left-padded prompts join the prefix
+    (``pipelines.base.join_prompt``). ``t`` [B] and ``noise`` [B, L + G] are the pre-drawn noise levels and
+    mask draws; ``parts`` the adapters forming the prefix. With ``ctc_proj``, also the encoder's CTC loss on
+    ``ctc_targets``."""
     from latent.losses import sft_loss
+    from pipelines.base import join_prompt
 
     b, plen = prompt_ids.shape
     seq = torch.cat([prompt_ids, targets], dim=1)
@@ -311,8 +320,11 @@ def sequence_loss(model, adapter, audio, prompt_ids, prompt_mask, targets, mask_
         if ctc_proj is not None:
             ctc = ctc_loss(ctc_proj, states[-1], frames, ctc_targets)
         prefix = adapter.prefix(states, frames, parts)
-        embeds, n_prefix = prefix.embeds, prefix.length
-        full = torch.cat([prefix.mask.long(), prompt_mask, ones], dim=1)
+        embeds, joined = join_prompt(getattr(model, "module", model).embed, prefix.embeds, prefix.mask, prompt_ids,
+                                     prompt_mask)
+        n_prefix, seq, plen = embeds.shape[1], targets, 0
+        noise = None if noise is None else noise[:, prompt_ids.shape[1] :]  # the targets' draws, as before
+        full = torch.cat([joined, ones], dim=1)
     else:
         full = torch.cat([prompt_mask, ones], dim=1)
     full = None if bool(full.all()) else full
@@ -506,6 +518,11 @@ class SpokenQATask(Task):
             if adapter.config.hidden_size != width:
                 raise ConfigError(f"adapter.init_from={init!r} projects to {adapter.config.hidden_size}; the backbone "
                                   f"is {width} wide")
+            if acfg.get("semantic_token_embeddings") and not adapter.config.semantic_token_embeddings:
+                if adapter.config.semantic_pooling != "ctc":
+                    raise ConfigError(f"adapter.semantic_token_embeddings needs a CTC head; the adapter in {init!r} "
+                                      f"pools with {adapter.config.semantic_pooling!r}")
+                adapter.set_token_embeddings(model.embed.weight)  # the slots start from the backbone's text
             return adapter
         if acfg.get("hidden_size", width) != width:
             raise ConfigError(f"adapter.hidden_size={acfg['hidden_size']} must be the backbone's width ({width}); "
@@ -556,6 +573,8 @@ class SpokenQATask(Task):
             loss = ctc_loss(self._ctc_proj(modules), states[-1], frames, batch["transcripts"])
             return StepLoss(loss, {"ctc_loss": float(loss.detach())})
         ctc_weight = float(stage.ctc_weight) if audio is not None else 0.0
+        if audio is not None:
+            self._sync_token_embeddings(modules)
         b = {k: batch[k].to(dev) for k in ("prompt_ids", "prompt_mask", "targets", "t", "noise")}
         res = sequence_loss(model, adapter, audio, b["prompt_ids"], b["prompt_mask"], b["targets"], self.mask_id,
                             t=b["t"], noise=b["noise"], parts=self._parts(stage),
@@ -570,6 +589,15 @@ class SpokenQATask(Task):
             loss = loss + float(stage.align_weight) * align
             metrics["align_loss"] = float(align.detach())
         return StepLoss(loss, metrics)
+
+    @staticmethod
+    def _sync_token_embeddings(modules):
+        """Semantic slots with token embeddings read the backbone's current input embeddings (stages that train
+        the backbone change them; the copy is what the exported adapter keeps)."""
+        semantic = modules.adapter.semantic
+        if semantic.config.token_embeddings:
+            with torch.no_grad():
+                semantic.set_token_embeddings(modules.model.embed.weight)
 
     def ctc_decoder(self, adapter):
         """The ``ctc_decoder`` section's beam search for an adapter with a CTC head (None: greedy). Its LM is
@@ -591,13 +619,14 @@ class SpokenQATask(Task):
         from pipelines.spoken_qa import SpokenQAPipeline
 
         p, adapter = self.cfg.prompts, modules.adapter
+        self._sync_token_embeddings(modules)
         before = list(adapter.config.prefix_parts)
         adapter.set_prefix_parts(self._parts(stage))
         try:
             pipe = SpokenQAPipeline(adapter, modules.model, self.tokenizer, self.scheduler,
                                     gen_length=int(p.answer_length), transcribe_length=int(p.transcribe_length),
                                     answer_prompt=p.answer, transcribe_prompt=p.transcribe,
-                                    read=self.cfg.ctc_decoder.read)
+                                    read=self.cfg.ctc_decoder.read, spaced_text=bool(p.spaced))
             pipe.ctc_decoder = self.ctc_decoder(adapter)
             pipe.save_pretrained(str(folder))
         finally:
