@@ -61,7 +61,8 @@ def same(a, b) -> bool:
 
 
 def test_stages_train_only_their_parts_and_the_export_is_the_trained_model(clips, tmp_path):
-    over = tiny(clips, tmp_path / "a") + ["stages.3.align_weight=1.0"]
+    over = tiny(clips, tmp_path / "a") + ["stages.3.align_weight=1.0", "stages.4.train=[semantic,acoustic]",
+                                         "stages.4.parts=[semantic,acoustic]"]  # DIFFA's dual adapters
     tr = Trainer(load_config(REPO / "configs/audio_spoken_qa.yaml", over))
     assert "ctc_head" not in dict(tr.modules.named_children())  # CTC pooling: the semantic adapter owns the head
     start = tr.modules.model.state_dict()
@@ -106,7 +107,7 @@ def test_stages_train_only_their_parts_and_the_export_is_the_trained_model(clips
     final = SpokenQAPipeline.from_pretrained(res.pipeline_dir)
     assert same(final.audio_adapter, tr.modules.adapter) and same(final.model, tr.modules.model)
     live = SpokenQAPipeline(tr.modules.adapter, tr.modules.model, final.tokenizer, final.scheduler,
-                            gen_length=2, transcribe_length=4)
+                            gen_length=2, transcribe_length=4, spaced_text=final.config.spaced_text)
     clip = str(clips.parent / "3.wav")
     for p in (final, live):
         p.set_progress_bar_config(disable=True)
@@ -151,7 +152,6 @@ def test_config_errors_name_the_field(capsys):
         "adapter.encoder_dimm=8": "did you mean adapter.encoder_dim",
         "stages.1.train=[decoder]": r"stages.1.train \(text2\): 'decoder' is neither an alias",
         "stages.2.train=[semantic]": r"stages.2.train \(encoder\): CTC .* add 'encoder'",
-        "stages.4.align_weight=1.0": r"stages.4.align_weight \(sqa\) needs stages.4.parts: \[semantic\]",
         "stages.1.tasks={translate: 1}": r"stages.1.tasks \(text2\) must map",
         "stages.3.parts=[lexical]": r"stages.3.parts \(asr\)",
         "stages.3.ctc_weight=-1": r"stages.3.ctc_weight \(asr\) must be >= 0",
@@ -166,6 +166,8 @@ def test_config_errors_name_the_field(capsys):
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             load_config(recipe, [override])
+    with pytest.raises(ConfigError, match=r"stages.4.align_weight \(sqa\) needs stages.4.parts: \[semantic\]"):
+        load_config(recipe, ["stages.4.align_weight=1.0", "stages.4.parts=[semantic,acoustic]"])
     with pytest.raises(ConfigError, match="data.kind=jsonl needs data.train"):
         load_config(recipe, ["data.kind=jsonl"])
     # a stage with CTC may name the encoder by a glob too
@@ -183,6 +185,7 @@ def test_exact_resume_across_a_stage_boundary(clips, tmp_path):
     """4 steps: text, then two ASR steps with a CTC head of its own (killed while checkpoint 3 is written,
     resumed mid-stage from checkpoint 2) and one SQA step after the stage boundary."""
     over = tiny(clips, steps=(1, 0, 0, 2, 1)) + ["adapter.semantic_pooling=stack", "ctc_decoder.read=prefix",
+                                                 "adapter.semantic_token_embeddings=false",
                                                  "stages.3.ctc_weight=0.5",
                                                  "stages.3.train=[encoder,semantic]"]
     losses = check_exact_resume(REPO / "configs/audio_spoken_qa.yaml", over, tmp_path, n=2)

@@ -528,6 +528,9 @@ class SpokenQATask(Task):
             raise ConfigError(f"adapter.hidden_size={acfg['hidden_size']} must be the backbone's width ({width}); "
                               "leave it out")
         acfg["hidden_size"] = width
+        if acfg.get("semantic_token_embeddings") and acfg.get("semantic_pooling") != "ctc":
+            raise ConfigError("adapter.semantic_token_embeddings needs adapter.semantic_pooling=ctc (the slots' tokens "
+                              "come from the CTC head); set adapter.semantic_token_embeddings=false")
         if acfg.get("semantic_pooling") == "ctc" and not acfg.get("ctc_vocab_size"):
             acfg["ctc_vocab_size"] = len(self.tokenizer)
         return create_adapter(acfg)
