@@ -11,6 +11,7 @@ Reports, on the training voices (test_seen: new questions) and on voices never t
 - the text oracle: the same frozen backbone given the TRUE transcript as text (the ceiling of stage 2);
 - with a CTC head, the same through the cascade (`read="ctc_text"`: the pipeline's saved transcript decoder,
   greedy without one; the transcript read as text);
+- with --also, the audio-prefix reading of other pipeline folders (other runs, other prefix parts);
 - decoding cost: one token per step (LLaDA schedule, steps = gen_length) vs threshold decoding (0.9), as model
   forwards and wall-clock latency per answer (median of single-clip calls) and per clip in batches.
 Writes experiments/results/audio_spoken_qa.json. CPU-sized: the figures are small-scale.
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-clips", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "audio_spoken_qa.json"))
+    ap.add_argument("--also", nargs="*", default=[], metavar="NAME=FOLDER[:PARTS]",
+                    help="more pipeline folders whose audio-prefix reading is measured (WER and accuracy, threshold "
+                         "0.9), e.g. other runs' stages; PARTS (e.g. semantic or acoustic,semantic) sets the prefix")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -132,6 +136,17 @@ def main(argv=None) -> int:
         report["stage2_answer"] = {s: run_eval(pipe, "answer", rows, a.latency_clips if s == "test_seen" else 0)
                                    for s, rows in splits.items()}
         report["text_oracle"] = {s: text_oracle(pipe, rows) for s, rows in splits.items()}
+    for spec in a.also:
+        name, _, folder = spec.partition("=")
+        folder, _, parts = folder.partition(":")
+        pipe = SpokenQAPipeline.from_pretrained(folder)
+        if parts:
+            pipe.audio_adapter.set_prefix_parts(parts.split(","))
+        report.setdefault("also", {})[name] = {"folder": folder, "parts": list(pipe.audio_adapter.config.prefix_parts),
+                                              **{s: {task: evaluate_spoken_qa(pipe, rows, task, threshold=0.9,
+                                                                              read="prefix")
+                                                     for task in ("transcribe", "answer")}
+                                                 for s, rows in splits.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(summary(report))
@@ -150,6 +165,10 @@ def summary(r: dict) -> str:
                              f"fwd/batch{extra}")
     for split, v in r.get("text_oracle", {}).items():
         lines.append(f"text_oracle    {split:13s} accuracy {v['accuracy']:.3f} {v['accuracy_by_kind']}")
+    for name, v in r.get("also", {}).items():
+        for split in ("test_seen", "test_heldout"):
+            lines.append(f"{name} [{','.join(v['parts'])}] {split}: wer {v[split]['transcribe']['wer']:.3f} "
+                         f"accuracy {v[split]['answer']['accuracy']:.3f}")
     return "\n".join(lines)
 
 
