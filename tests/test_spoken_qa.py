@@ -1,4 +1,4 @@
-"""Spoken QA pipeline (batching, padding, tasks, errors, callbacks, save/load) and the task's alignment loss."""
+"""Spoken QA pipeline (batching, padding, tasks, errors, callbacks, save/load, the prompt joined to the prefix) and the task's alignment loss."""
 
 import json
 
@@ -10,6 +10,7 @@ from latent import DiffusionTransformer
 from latent.scheduler import MaskedDiffusionScheduler
 from modalities.audio import AudioAdapter, AudioError, ctc_best_path
 from modalities.data import speech
+from pipelines.base import encode_prompts, join_prompt
 from pipelines.spoken_qa import SpokenQAPipeline, format_prompt
 
 SR = 16000
@@ -408,3 +409,87 @@ def test_spaced_text_reads_words_as_the_ctc_head_writes_them(ctc_pipe, tmp_path)
     spaced.save_pretrained(tmp_path)
     assert SpokenQAPipeline.from_pretrained(tmp_path).config.spaced_text is True
     assert ctc_pipe.config.spaced_text is False  # the default: the form pipelines saved before it used
+
+
+# ---- the prompt after the audio prefix: joined to it with no padding between (decoding and training) ----
+INSTRUCTIONS = [None, "table: anna red four. bob blue two.", "table: cid green one."]
+
+
+def test_join_prompt_against_rows_put_together_by_hand():
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(11, 4)
+    prefix = torch.randn(3, 5, 4)
+    pmask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]).bool()
+    ids = torch.tensor([[0, 0, 3, 4], [0, 5, 6, 7], [8, 9, 10, 1]])
+    amask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    embeds, mask = join_prompt(embed, prefix, pmask, ids, amask)
+    assert embeds.shape == (3, 9, 4) and mask.dtype == torch.long
+    for b in range(3):
+        want = torch.cat([prefix[b][pmask[b]], embed(ids[b][amask[b].bool()])])
+        n = len(want)
+        assert torch.allclose(embeds[b, 9 - n :], want) and not embeds[b, : 9 - n].any()
+        assert mask[b].tolist() == [0] * (9 - n) + [1] * n
+
+
+def first_step_confidence(pipe, clips, instructions):
+    seen = []
+
+    def keep(p, step, block, kw):
+        if step == 0:
+            seen.append(kw["confidence"].clone())
+
+    pipe(audio=clips, instruction=instructions, callback_on_step_end=keep,
+         callback_on_step_end_tensor_inputs=["confidence"], cache="none")
+    return seen[0]
+
+
+def test_a_clip_reads_the_same_beside_longer_prompts(pipe):
+    """A row's probabilities do not depend on how long the other rows' prompts are; with the prompt kept apart
+    from the prefix (its padding between them) they do."""
+    clips = [tone(0.5, seed=1), tone(1.2, 500, seed=2), tone(0.8, 420, seed=3)]
+    batch = first_step_confidence(pipe, clips, INSTRUCTIONS)
+    for i, clip in enumerate(clips):
+        alone = first_step_confidence(pipe, [clip], [INSTRUCTIONS[i]])
+        assert torch.allclose(batch[i], alone[0], atol=1e-5), i
+    # the layout this replaces, [prefix | left-padded prompt], leaves a gap in the shorter prompts' rows
+    def logits(rows, join):
+        a = pipe.audio_adapter
+        prefix, pmask = pipe.encode_prefix(a, a.preprocess([clips[i] for i in rows]))
+        ids, amask = pipe.encode_prompt([pipe.prompt_text("answer", INSTRUCTIONS[i]) for i in rows])
+        masks = torch.full((len(rows), 4), pipe.tokenizer.mask_token_id)
+        if join:
+            embeds, m = join_prompt(pipe.model.embed, prefix, pmask, ids, amask)
+            return pipe.model(masks, prefix_embeds=embeds, attention_mask=torch.cat([m, torch.ones_like(masks)], 1),
+                              prefix_length=embeds.shape[1]).logits
+        return pipe.model(torch.cat([ids, masks], 1), prefix_embeds=prefix,
+                          attention_mask=torch.cat([pmask, amask, torch.ones_like(masks)], 1),
+                          prefix_length=prefix.shape[1] + ids.shape[1]).logits[:, -4:]
+
+    alone = logits([0], join=True)[0]
+    assert torch.allclose(logits([0, 1, 2], join=True)[0], alone, atol=1e-5)
+    assert torch.allclose(logits([0], join=False)[0], alone, atol=1e-5)  # alone, no padding: the same layout
+    assert (logits([0, 1, 2], join=False)[0] - alone).abs().max() > 1e-4  # the untrained model's logits are flat
+
+
+def test_training_loss_uses_the_decoding_layout(pipe):
+    """The loss of a batch whose rows have prompts of different lengths is the mean of the rows' losses alone
+    (each row's loss is normalised by its own target length), so no row sees another's padding."""
+    from pipelines.tasks.spoken_qa import sequence_loss
+
+    tok, a = pipe.tokenizer, pipe.audio_adapter
+    clips = [tone(0.5, seed=4), tone(1.0, 600, seed=5), tone(0.7, 380, seed=6)]
+    targets = torch.tensor([[5, 6, tok.eos_token_id, tok.eos_token_id]] * 3)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    g = torch.Generator().manual_seed(0)
+    prompts = [pipe.prompt_text("answer", s) for s in INSTRUCTIONS]
+    ids, amask = encode_prompts(tok, prompts)
+    noise = torch.rand(3, ids.shape[1] + 4, generator=g)
+    both = sequence_loss(pipe.model, a, a.preprocess(clips), ids, amask, targets, tok.mask_token_id, t=t,
+                         noise=noise).sft.loss
+    alone = []
+    for i in range(3):
+        ids_i, mask_i = encode_prompts(tok, [prompts[i]])
+        noise_i = torch.cat([torch.zeros(1, ids_i.shape[1]), noise[i : i + 1, ids.shape[1] :]], 1)
+        alone.append(sequence_loss(pipe.model, a, a.preprocess(clips[i]), ids_i, mask_i, targets[i : i + 1],
+                                   tok.mask_token_id, t=t[i : i + 1], noise=noise_i).sft.loss)
+    assert torch.allclose(both, torch.stack(alone).mean(), atol=1e-5)
