@@ -443,6 +443,7 @@ class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
         input_ids, attention_mask = self.encode_prompt(prompts)
         canvas, canvas_mask = input_ids, attention_mask
         if prefix_embeds is not None and input_ids.shape[1]:  # the prompt joins the prefix: no gap between them
+            self._check_prompt_ids(input_ids, attention_mask, self._token_ids()["mask_token_id"])
             prefix_embeds, prefix_mask = join_prompt(self.model.embed, prefix_embeds, prefix_mask, input_ids,
                                                      attention_mask)
             canvas, canvas_mask = input_ids[:, :0], attention_mask[:, :0]
