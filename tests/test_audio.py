@@ -405,5 +405,9 @@ def test_espeak_clip_through_the_adapter(adapter, tmp_path):
     assert len(rows) == 2 and rows[0]["voice"] in speech.HELD_OUT_VOICES
     again = speech.build_split(tmp_path / "again", "test_heldout", 2, progress=False)
     assert (tmp_path / rows[0]["path"]).read_bytes() == (again.parent / "test_heldout" / "000000.flac").read_bytes()
+    clip = (tmp_path / rows[0]["path"]).read_bytes()
+    with pytest.raises(FileExistsError, match="would overwrite"):  # another seed never overwrites a build
+        speech.build_split(tmp_path, "test_heldout", 2, seed=1, progress=False)
+    assert (tmp_path / rows[0]["path"]).read_bytes() == clip and speech.read_split(index) == rows
     batch = adapter.preprocess([r["path"] for r in rows])
     assert adapter(batch).embeds.shape[0] == 2

@@ -250,3 +250,16 @@ def test_spaced_text_and_token_slots_reach_the_export(clips, tmp_path):
         assert (ids[:2] == _token_ids(tok, ["say two"])[0]) is spaced
         audio_prompt, _, _ = make_examples("answer", rows, Prompts(spaced=spaced))
         assert audio_prompt[0].startswith(" ") is spaced
+
+
+def test_a_data_folder_built_for_other_settings_is_a_config_error(monkeypatch):
+    from modalities.data import speech
+    from pipelines.tasks.spoken_qa import load_rows
+
+    def built_elsewhere(*args, **kwargs):
+        raise FileExistsError("data/x already holds a complete 'train' split built with {\"seed\": 0}")
+
+    monkeypatch.setattr(speech, "build_dataset", built_elsewhere)
+    cfg = load_config(REPO / "configs/audio_spoken_qa.yaml", ["data.dir=data/x", "run.seed=1"])
+    with pytest.raises(ConfigError, match=r"data.dir='data/x' was built for other settings .*run.seed"):
+        load_rows(cfg, "train", progress=False)

@@ -213,7 +213,8 @@ def render(ex: Example) -> tuple[np.ndarray, int]:
 def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, workers: int = 2,
                 progress: bool = True, voices: str = "six") -> Path:
     """Synthesise `n` examples of `split` into <out>/<split>/ and write <out>/<split>.jsonl; existing
-    complete builds (same n, seed and voice set) are kept. Returns the index path."""
+    complete builds (same n, seed and voice set) are kept, and a complete build with other settings is
+    refused (FileExistsError) rather than overwritten. Returns the index path."""
     import soundfile as sf
     from tqdm.auto import tqdm
 
@@ -221,8 +222,12 @@ def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, worke
     index = out / f"{split}.jsonl"
     stamp = out / f".{split}.built"
     key = json.dumps({"n": n, "seed": seed} | ({} if voices == "six" else {"voices": voices}))
-    if index.exists() and stamp.exists() and stamp.read_text() == key:
-        return index
+    if index.exists() and stamp.exists():
+        if stamp.read_text() == key:
+            return index
+        raise FileExistsError(f"{out} already holds a complete {split!r} split built with {stamp.read_text()}; "
+                              f"building it with {key} would overwrite its clips. Use another folder, or delete "
+                              f"{out / split} and {index} first.")
     (out / split).mkdir(parents=True, exist_ok=True)
     examples = make_split(split, n, seed, voices)
 

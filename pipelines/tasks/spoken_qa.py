@@ -153,8 +153,12 @@ def load_rows(cfg, split: str = "train", progress: bool = True) -> list[dict]:
     if d.kind == "espeak":
         from modalities.data.speech import build_dataset
 
-        paths = build_dataset(d.dir, int(d.n_train), int(d.n_test), int(cfg.run.seed), int(d.workers), progress,
-                              voices=d.voices)
+        try:
+            paths = build_dataset(d.dir, int(d.n_train), int(d.n_test), int(cfg.run.seed), int(d.workers), progress,
+                                  voices=d.voices)
+        except FileExistsError as err:  # e.g. another run.seed over the same folder: it seeds the data too
+            raise ConfigError(f"data.dir={str(d.dir)!r} was built for other settings (the data follow run.seed, "
+                              f"data.n_train, data.n_test and data.voices): {err}") from err
         return _read_index(paths[split], limit)
     files = d.get(split)
     if not files:
