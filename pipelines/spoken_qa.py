@@ -308,7 +308,7 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         """read="prefix": the base class's prefix decode. read="ctc_text": the CTC transcript of each clip becomes
         text before its prompt and the backbone decodes from text alone; without `backbone` (transcribe) the
         transcript is the result."""
-        spaced = bool(self.config.get("spaced_text", False))
+        spaced = self.config.spaced_text
         if read == "prefix":
             return super()._decode_chunk(batch, [text_after_audio(p, spaced=spaced) for p in prompts], gen_length,
                                          output_type, **decode)

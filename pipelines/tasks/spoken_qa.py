@@ -507,34 +507,40 @@ class SpokenQATask(Task):
 
     def _adapter(self, model):
         """Built from the ``adapter`` section, or loaded from ``adapter.init_from`` (an adapter folder or a
-        pipeline folder holding one, e.g. the stage-1 pipeline that stage 2 starts from)."""
-        from modalities.audio import AudioAdapter
-        from modalities.base import create_adapter
-
+        pipeline folder holding one, e.g. the stage-1 pipeline that stage 2 starts from); either way with
+        token-embedding slots when ``adapter.semantic_token_embeddings`` asks for them."""
         acfg = OmegaConf.to_container(self.cfg.adapter)
         init = acfg.pop("init_from", None)
+        token_slots = bool(acfg.pop("semantic_token_embeddings", False))
+        adapter = self._load_adapter(init, model) if init else self._new_adapter(acfg, model)
+        if token_slots and not adapter.config.semantic_token_embeddings:
+            if adapter.config.semantic_pooling != "ctc":
+                raise ConfigError("adapter.semantic_token_embeddings needs adapter.semantic_pooling=ctc (the slots' "
+                                  "tokens come from the CTC head); set adapter.semantic_token_embeddings=false")
+            adapter.set_token_embeddings(model.embed.weight)  # the slots start from the backbone's text
+        return adapter
+
+    @staticmethod
+    def _load_adapter(init: str, model):
+        from modalities.audio import AudioAdapter
+
+        folder = Path(init) / "audio_adapter" if (Path(init) / "audio_adapter").is_dir() else Path(init)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"adapter.init_from={init!r} holds no audio adapter (config.json)")
+        adapter = AudioAdapter.from_pretrained(str(folder))
+        if adapter.config.hidden_size != model.config.hidden_size:
+            raise ConfigError(f"adapter.init_from={init!r} projects to {adapter.config.hidden_size}; the backbone "
+                              f"is {model.config.hidden_size} wide")
+        return adapter
+
+    def _new_adapter(self, acfg: dict, model):
+        from modalities.base import create_adapter
+
         width = model.config.hidden_size
-        if init:
-            folder = Path(init) / "audio_adapter" if (Path(init) / "audio_adapter").is_dir() else Path(init)
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"adapter.init_from={init!r} holds no audio adapter (config.json)")
-            adapter = AudioAdapter.from_pretrained(str(folder))
-            if adapter.config.hidden_size != width:
-                raise ConfigError(f"adapter.init_from={init!r} projects to {adapter.config.hidden_size}; the backbone "
-                                  f"is {width} wide")
-            if acfg.get("semantic_token_embeddings") and not adapter.config.semantic_token_embeddings:
-                if adapter.config.semantic_pooling != "ctc":
-                    raise ConfigError(f"adapter.semantic_token_embeddings needs a CTC head; the adapter in {init!r} "
-                                      f"pools with {adapter.config.semantic_pooling!r}")
-                adapter.set_token_embeddings(model.embed.weight)  # the slots start from the backbone's text
-            return adapter
         if acfg.get("hidden_size", width) != width:
             raise ConfigError(f"adapter.hidden_size={acfg['hidden_size']} must be the backbone's width ({width}); "
                               "leave it out")
         acfg["hidden_size"] = width
-        if acfg.get("semantic_token_embeddings") and acfg.get("semantic_pooling") != "ctc":
-            raise ConfigError("adapter.semantic_token_embeddings needs adapter.semantic_pooling=ctc (the slots' tokens "
-                              "come from the CTC head); set adapter.semantic_token_embeddings=false")
         if acfg.get("semantic_pooling") == "ctc" and not acfg.get("ctc_vocab_size"):
             acfg["ctc_vocab_size"] = len(self.tokenizer)
         return create_adapter(acfg)
