@@ -7,10 +7,13 @@ a driver: it trains recipes, loads what they export and writes tables.
 
 from __future__ import annotations
 
+import copy
 import csv
+import statistics
+import tempfile
 from pathlib import Path
 
-__all__ = ["add_common_args", "train_recipe", "read_log", "markdown_table"]
+__all__ = ["add_common_args", "train_recipe", "step_seconds", "read_log", "markdown_table"]
 
 
 def add_common_args(ap) -> None:
@@ -37,6 +40,25 @@ def train_recipe(recipe: str, overrides=(), args=None):
             over += [f"trainer.max_steps={args.steps}", f"optim.warmup_steps={max(1, args.steps // 20)}"]
         over.append(f"run.output_dir={Path(args.runs) / load_config(path, over).run.name}")
     return train(load_config(path, over))
+
+
+def step_seconds(recipe: str, runs: dict[str, list[str]], args, steps: int, rounds: int = 3,
+                 warmup: int = 20) -> dict[str, float]:
+    """Seconds per training step of each named list of overrides of ``configs/<recipe>.yaml``, timed side by
+    side: ``rounds`` alternating runs of ``warmup + steps`` steps in this process, in a temporary folder (the
+    time between the two steps' rows of ``train.csv``, so start-up, warm-up, evaluation and export are left
+    out); the median per name. The compute of a training budget is its steps times this."""
+    times = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, over in runs.items():
+                a = copy.copy(args)
+                a.steps, a.runs = warmup + steps, f"{tmp}/{r}"
+                res = train_recipe(recipe, [*over, "trainer.log_every=1", "trainer.save_every=0", "trainer.eval_every=0",
+                                            "eval.problems=4"], a)
+                elapsed = {int(row["step"]): row["elapsed_s"] for row in read_log(res.run_dir)}
+                times[name].append((elapsed[warmup + steps] - elapsed[warmup]) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def read_log(run_dir, name: str = "train.csv") -> list[dict]:

@@ -269,3 +269,99 @@ def test_minilm_states_cache_gives_the_same_latents(tmp_path):
     torch.testing.assert_close(b1["components"], basis["components"])
     minilm_latents(texts[:2], 4, 8, cache_dir=tmp_path)  # other texts: another file
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_pooled_states_are_the_mean_of_each_run_of_kept_states():
+    from pipelines.tasks.joint import pool_states
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 5, generator=g)
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]).bool()
+    pooled, slots = pool_states(h, keep, 3)
+    assert pooled.shape == (3, 3, 5)
+    for b in range(3):
+        for j in range(3):
+            rows = [i for i in range(3 * j, min(3 * j + 3, 7)) if keep[b, i]]
+            assert bool(slots[b, j]) == bool(rows)
+            want = h[b, rows].mean(0) if rows else torch.zeros(5)
+            torch.testing.assert_close(pooled[b, j], want)
+    same, kept = pool_states(h, keep, 1)
+    torch.testing.assert_close(same, h * keep[..., None])
+    assert torch.equal(kept, keep)
+    with pytest.raises(ValueError, match="pool"):
+        pool_states(h, keep, 0)
+
+
+def test_pooled_minilm_latents_train_export_and_encode_alike(tmp_path):
+    from pipelines.tasks.joint import JointGenerator, minilm_latents, pool_states
+
+    texts = ["4+5=9", "12-3*2=6", "7=7"]
+    full, _ = minilm_latents(texts, 4, 8)
+    z, basis = minilm_latents(texts, 4, 8, pool=4)
+    assert z.shape == (3, 2, 4)
+    # the basis is fitted on the pooled states, so projecting a plain pooling of the raw states gives the latents
+    from transformers import AutoModel, AutoTokenizer
+
+    from autoencoders.compressor import default_encoder_path
+
+    path = default_encoder_path()
+    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    b = tok(texts, padding="max_length", max_length=8, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = enc(**b).last_hidden_state.float()
+    ph, slots = pool_states(h, b["attention_mask"].bool(), 4)
+    want = ((ph - basis["mean"]) @ basis["components"]) / basis["std"] * slots[..., None]
+    torch.testing.assert_close(z, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(z, full[:, ::4])
+
+    trainer = build("latent_joint.yaml", [*BACKBONE_TINY, "latents.pool=4", "trainer.max_steps=2"], tmp_path)
+    assert trainer.task.latents.shape[1] == 4  # 16 MiniLM tokens, 4 slots
+    res = trainer.fit()
+    loaded = JointGenerator.from_pretrained(res.pipeline_dir)
+    assert loaded.settings["latent_shape"][0] == 4 and loaded.settings["latent_pool"] == 4
+    torch.testing.assert_close(loaded.encode_latents(["4+5=9"]),
+                               trainer.task.generator(trainer.modules).encode_latents(["4+5=9"]))
+    from latent.data.arithmetic import equation_text
+
+    texts = [equation_text(p) for p in trainer.task.train_set[:3]]
+    torch.testing.assert_close(loaded.encode_latents(texts), trainer.task.latents[:3], atol=1e-5, rtol=1e-5)
+    for bad in ("latents.pool=0", "latents.pool=2 latents.source=compressor"):
+        with pytest.raises(ConfigError, match="latents.pool"):
+            build("latent_joint.yaml", [*BACKBONE_TINY, *bad.split()], tmp_path / "e")
+
+
+def test_joint_tokens_decoded_next_to_latents_left_at_noise(tmp_path):
+    """``latent_stream="noise"`` against a plain loop: the latents stay the given noise at the pure-noise level
+    and, one token a step, the most confident masked position takes its argmax."""
+    from latent.joint import pure_noise_timestep
+    from pipelines.tasks.joint import JointGenerator
+
+    trainer = build("latent_joint.yaml", [*BACKBONE_TINY, "objective.latent_dropout=0.5", "latents.pool=4",
+                                          "trainer.max_steps=6", "optim.lr=3e-3"], tmp_path)
+    res = trainer.fit()
+    gen = JointGenerator.from_pretrained(res.pipeline_dir)
+    qs = ["4+5*2", "7-3", "12+3-5"]
+    noise = torch.randn(3, *gen.settings["latent_shape"], generator=torch.Generator().manual_seed(1))
+    out = gen(questions=qs, latent_stream="noise", latents=noise)
+    assert out.latents is None
+
+    d, mask = gen.diffusion, gen.tokenizer.mask_token_id
+    level = torch.full((3,), pure_noise_timestep(d) / d.num_train_timesteps)
+    prompt = gen.encode_questions(qs)
+    L = gen.settings["target_length"]
+    seq = torch.cat([prompt, torch.full((3, L), mask)], 1)
+    with torch.no_grad():
+        for _ in range(L):
+            logits = gen.model(seq, latents=noise, timestep=level).logits[:, -L:].float()
+            logits[..., mask] = -torch.inf
+            p, tok = logits.softmax(-1).max(-1)
+            for b in range(3):
+                open_ = [i for i in range(L) if seq[b, -L + i] == mask]
+                best = max(open_, key=lambda i: p[b, i])
+                seq[b, -L + best] = tok[b, best]
+    assert torch.equal(out.sequences, seq)
+    # the same noise drawn from the generator gives the same answers
+    drawn = gen(questions=qs, latent_stream="noise", generator=torch.Generator().manual_seed(1))
+    assert drawn.texts == out.texts
+    with pytest.raises(ValueError, match="latent_stream"):
+        gen(questions=qs, latent_stream="clean")

@@ -106,6 +106,9 @@ class JointObjective:
 class JointLatents:
     source: str = "minilm"  # minilm | compressor
     tokens: int = 16  # minilm: token states per text (padded/truncated)
+    # minilm: mean of each run of this many consecutive token states, one latent slot each: the latent stream
+    # costs the backbone tokens / pool positions instead of tokens
+    pool: int = 1
     encoder_path: str | None = None  # minilm: the encoder's local folder; null: the installed MiniLM
     cache_dir: str | None = None  # minilm: keep the encoder states of the training texts here (safetensors)
 
@@ -123,6 +126,9 @@ class SamplingEval:
 @dataclass
 class JointEval(SamplingEval):
     samples: int = 100  # equation target: unconditional samples scored
+    # joint mode: joint (denoise the latents with the tokens) | noise (leave them at pure noise, decode the
+    # tokens alone); saved as the export's default
+    latent_stream: str = "joint"
 
 
 @dataclass
@@ -174,14 +180,28 @@ def check_sampling_eval(cfg) -> None:
     choose(cfg, "eval.scheduler", ("ddim", "dpm"))
 
 
+def pool_states(h: torch.Tensor, keep: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each run of ``pool`` consecutive states ``[B, N, D]`` over the kept ones (``keep`` ``[B, N]``),
+    ``[B, ceil(N / pool), D]``, and which slots hold any kept state; a slot with none is 0."""
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    B, N, D = h.shape
+    pad = -N % pool
+    w = torch.nn.functional.pad(keep.to(h.dtype), (0, pad)).view(B, -1, pool, 1)
+    total = (torch.nn.functional.pad(h, (0, 0, 0, pad)).view(B, -1, pool, D) * w).sum(2)
+    count = w.sum(2)
+    return total / count.clamp(min=1), count[..., 0] > 0
+
+
 @torch.no_grad()
 def minilm_latents(texts, dim: int, max_tokens: int, basis: dict | None = None, encoder_path: str | None = None,
-                   device="cpu", batch_size: int = 256, cache_dir: str | None = None):
-    """Frozen MiniLM token states of each text -> ``[B, max_tokens, dim]``, projected on the top ``dim``
-    principal directions of the states (fitted here, exactly, when ``basis`` is None) and standardised;
-    padding slots are 0. Returns ``(latents, basis)``. With ``cache_dir`` the encoder states are kept there,
-    named by a hash of the encoder folder, ``max_tokens`` and the texts (the encoder is frozen, so runs on
-    the same texts share them)."""
+                   device="cpu", batch_size: int = 256, cache_dir: str | None = None, pool: int = 1):
+    """Frozen MiniLM token states of each text -> ``[B, ceil(max_tokens / pool), dim]``: with ``pool > 1`` each
+    slot is the mean of ``pool`` consecutive token states (:func:`pool_states`); projected on the top ``dim``
+    principal directions of the (pooled) states (fitted here, exactly, when ``basis`` is None) and
+    standardised; padding slots are 0. Returns ``(latents, basis)``. With ``cache_dir`` the encoder states are
+    kept there, named by a hash of the encoder folder, ``max_tokens`` and the texts (the encoder is frozen, so
+    runs on the same texts share them)."""
     from transformers import AutoModel, AutoTokenizer
 
     from autoencoders.compressor import default_encoder_path
@@ -212,6 +232,8 @@ def minilm_latents(texts, dim: int, max_tokens: int, basis: dict | None = None, 
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"states": h.contiguous(), "keep": keep.to(torch.uint8)}, str(cache))
+    if pool > 1:
+        h, keep = pool_states(h, keep, pool)
     if basis is None:
         flat = h[keep].double()
         mean = flat.mean(0)
@@ -265,8 +287,10 @@ class JointGenerator:
         """Clean latents of texts, as the model was trained with (e.g. the oracle diagnostic)."""
         if self.basis is not None:
             s = self.settings
-            return minilm_latents(texts, s["latent_shape"][1], s["latent_shape"][0], self.basis,
-                                  s.get("encoder_path"), self.model.device)[0].to(self.model.device)
+            pool = s.get("latent_pool", 1)  # folders saved before pooling existed hold one slot per token
+            tokens = s.get("latent_tokens", s["latent_shape"][0] * pool)
+            return minilm_latents(texts, s["latent_shape"][1], tokens, self.basis, s.get("encoder_path"),
+                                  self.model.device, pool=pool)[0].to(self.model.device)
         if self.compressor is not None:
             return self.compressor.encode_text(list(texts))
         raise ValueError("this generator holds neither a MiniLM basis nor a compressor")
@@ -275,12 +299,22 @@ class JointGenerator:
     def __call__(self, questions=None, num_samples: int | None = None, steps: int | None = None,
                  generator: torch.Generator | None = None, temperature: float = 0.0, order: str = "confidence",
                  latents: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None,
-                 token_schedule: str = "linear") -> JointGeneration:
+                 token_schedule: str = "linear", latent_stream: str | None = None) -> JointGeneration:
         """Answers to ``questions`` (answer / cot targets), or ``num_samples`` texts (equation target).
         ``steps``: sampling steps (default one token a step); ``latents``: the latent stream's initial noise;
         ``clean_latents``: decode the tokens next to these clean latents (noise level 0) instead;
         ``token_schedule``: ``linear`` or ``aligned`` (joint mode: tokens committed along the latent noise
-        levels, :func:`latent.joint.aligned_transfer_schedule`)."""
+        levels, :func:`latent.joint.aligned_transfer_schedule`).
+
+        ``latent_stream`` (joint mode): ``joint`` denoises the latents beside the tokens; ``noise`` leaves them
+        at pure noise, at the stream's pure-noise level, and decodes the tokens alone (the rows that
+        ``objective.latent_dropout`` trains): the latent stream then serves training only, and a step costs
+        what the discrete mode's does plus the latent slots; ``latents`` in the output is None. Default: the
+        folder's ``latent_stream`` setting (the recipe's ``eval.latent_stream``), else ``joint``."""
+        latent_stream = latent_stream or self.settings.get("latent_stream") or "joint"
+        if latent_stream not in ("joint", "noise"):
+            raise ValueError(f"latent_stream={latent_stream!r}; use 'joint' (denoise the latents with the tokens) "
+                             "or 'noise' (leave them at pure noise)")
         s, dev = self.settings, self.model.device
         L = s["target_length"]
         steps = steps or L
@@ -307,6 +341,13 @@ class JointGenerator:
 
             def model(ids, **_):
                 return self.model(ids, latents=clean, timestep=torch.zeros(len(clean), device=dev))
+        elif self.mode == "joint" and latent_stream == "noise":
+            noise = latents if latents is not None else torch.randn((B, *shape), generator=generator)
+            noise = noise.to(dev)
+            level = self.diffusion.model_time(torch.full((B,), pure_noise_timestep(self.diffusion))).to(dev)
+
+            def model(ids, **_):
+                return self.model(ids, latents=noise, timestep=level)
         elif self.mode == "joint":
             kw = dict(latent_shape=shape, diffusion=self.diffusion, scheduler=self.scheduler, latents=latents,
                       token_schedule=token_schedule)
@@ -399,6 +440,7 @@ class JointTask(Task):
         choose(cfg, "objective.mode", MODES)
         choose(cfg, "data.target", TARGETS)
         choose(cfg, "latents.source", ("minilm", "compressor"))
+        choose(cfg, "eval.latent_stream", ("joint", "noise"))
         mode, target = cfg.objective.mode, cfg.data.target
         if cfg.objective.lam < 0:
             raise ConfigError(f"objective.lam must be >= 0, got {cfg.objective.lam}")
@@ -412,6 +454,11 @@ class JointTask(Task):
                               f"{cfg.latents.source!r})")
         if cfg.eval.samples < 1:
             raise ConfigError(f"eval.samples must be >= 1, got {cfg.eval.samples}")
+        if int(cfg.latents.pool) < 1:
+            raise ConfigError(f"latents.pool must be >= 1 (1: one latent slot per MiniLM token), got {cfg.latents.pool}")
+        if int(cfg.latents.pool) > 1 and cfg.latents.source != "minilm":
+            raise ConfigError("latents.pool pools MiniLM token states: it needs latents.source=minilm "
+                              f"(got {cfg.latents.source!r})")
 
     # ---- what a subclass changes ------------------------------------------------------------------
     @property
@@ -466,7 +513,8 @@ class JointTask(Task):
         texts = [equation_text(p) for p in self.train_set]
         if cfg.latents.source == "minilm":
             z, self.basis = minilm_latents(texts, C, cfg.latents.tokens, encoder_path=cfg.latents.encoder_path,
-                                           device=self.ctx.device, cache_dir=cfg.latents.get("cache_dir"))
+                                           device=self.ctx.device, cache_dir=cfg.latents.get("cache_dir"),
+                                           pool=int(cfg.latents.get("pool", 1)))
             return z
         from autoencoders.compressor import TextCompressor
 
@@ -536,6 +584,9 @@ class JointTask(Task):
                 "latent_shape": [int(z.shape[1]), int(mc.latent_dim)] if joint else None,
                 "latent_source": OmegaConf.select(self.cfg, "latents.source") if joint else None,
                 "encoder_path": OmegaConf.select(self.cfg, "latents.encoder_path"),
+                "latent_tokens": OmegaConf.select(self.cfg, "latents.tokens"),
+                "latent_pool": int(OmegaConf.select(self.cfg, "latents.pool", default=1)),
+                "latent_stream": OmegaConf.select(self.cfg, "eval.latent_stream", default="joint") if joint else None,
                 "diffusion": self.diffusion.config() if joint else None}
 
     def generator(self, modules) -> JointGenerator:
