@@ -337,9 +337,10 @@ def test_joint_tokens_decoded_next_to_latents_left_at_noise(tmp_path):
     from pipelines.tasks.joint import JointGenerator
 
     trainer = build("latent_joint.yaml", [*BACKBONE_TINY, "objective.latent_dropout=0.5", "latents.pool=4",
-                                          "trainer.max_steps=6", "optim.lr=3e-3"], tmp_path)
+                                          "eval.latent_stream=noise", "trainer.max_steps=6", "optim.lr=3e-3"], tmp_path)
     res = trainer.fit()
     gen = JointGenerator.from_pretrained(res.pipeline_dir)
+    assert gen.settings["latent_stream"] == "noise"  # the recipe's eval.latent_stream is the export's default
     qs = ["4+5*2", "7-3", "12+3-5"]
     noise = torch.randn(3, *gen.settings["latent_shape"], generator=torch.Generator().manual_seed(1))
     out = gen(questions=qs, latent_stream="noise", latents=noise)
@@ -360,8 +361,12 @@ def test_joint_tokens_decoded_next_to_latents_left_at_noise(tmp_path):
                 best = max(open_, key=lambda i: p[b, i])
                 seq[b, -L + best] = tok[b, best]
     assert torch.equal(out.sequences, seq)
-    # the same noise drawn from the generator gives the same answers
-    drawn = gen(questions=qs, latent_stream="noise", generator=torch.Generator().manual_seed(1))
-    assert drawn.texts == out.texts
+    # the same noise drawn from the generator gives the same answers, and the saved default is that reading
+    drawn = gen(questions=qs, generator=torch.Generator().manual_seed(1))
+    assert drawn.texts == out.texts and drawn.latents is None
+    joint = gen(questions=qs, latent_stream="joint", generator=torch.Generator().manual_seed(1))
+    assert joint.latents is not None
     with pytest.raises(ValueError, match="latent_stream"):
         gen(questions=qs, latent_stream="clean")
+    with pytest.raises(ConfigError, match="eval.latent_stream"):
+        build("latent_joint.yaml", [*BACKBONE_TINY, "eval.latent_stream=clean"], tmp_path / "e")
