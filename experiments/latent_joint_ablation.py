@@ -37,7 +37,6 @@ Writes ``experiments/results/latent_joint_ablation.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 
@@ -45,7 +44,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.latent_joint_diagnosis import latent_errors, noised_oracle, write_report
-from experiments.latent_tasks import add_common_args, markdown_table, step_seconds, train_recipe
+from experiments.latent_tasks import add_common_args, equal_compute, markdown_table, train_recipe
 from latent.data.arithmetic import equation_text
 from pipelines.tasks.autoencoders import arithmetic_split
 from pipelines.tasks.joint import JointGenerator, answer_scores
@@ -87,11 +86,8 @@ def main(argv=None):
     cost = {}
     if args.equal_compute:
         timed = list(dict.fromkeys(["discrete", args.equal_compute, *args.variants]))
-        cost = step_seconds("latent_joint", {v: [*VARIANTS[v], f"run.name={run_name(v)}"] for v in timed}, args,
-                            args.cost_steps, args.cost_rounds)
-        print("seconds per step:", cost, flush=True)
-        matched = copy.copy(args)
-        matched.steps = round(args.steps * cost[args.equal_compute] / cost["discrete"])
+        cost, matched = equal_compute("latent_joint", {v: [*VARIANTS[v], f"run.name={run_name(v)}"] for v in timed},
+                                      args, args.equal_compute, "discrete")
         runs.append((f"discrete, compute of {args.equal_compute}", "discrete", matched))
 
     results, diffs, steps = {}, [], None
@@ -102,14 +98,12 @@ def main(argv=None):
         train_s = time.time() - t0
         cfg = OmegaConf.load(res.run_dir / "config.yaml")
         steps = cfg.trainer.max_steps
-        if cost:
-            diag_cost = dict(steps=steps, s_per_step=cost[variant],
-                             compute_discrete_steps=steps * cost[variant] / cost["discrete"])
+        diag = (dict(steps=steps, s_per_step=cost[variant], compute_discrete_steps=steps * cost[variant] / cost["discrete"])
+                if cost else {})
         test = arithmetic_split(cfg)[1]
         diffs = sorted({p.difficulty for p in test})
         gen = JointGenerator.from_pretrained(res.pipeline_dir)
         joint = gen.mode == "joint"
-        diag = diag_cost if cost else {}
         if joint:
             clean = gen.encode_latents([equation_text(p) for p in test]).float().cpu()
             diag["tokens_alone"] = noised_oracle(gen, test, clean, (1.0,))[1.0]["acc"]

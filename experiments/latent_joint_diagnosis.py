@@ -77,7 +77,8 @@ def sampler_quality(gen: JointGenerator, test, clean: torch.Tensor, steps=(2, 4,
         for kind in schedulers:
             gen.scheduler = gen.diffusion.make_scheduler(kind)
             for ns in steps:
-                out = gen(questions=qs, steps=ns, generator=torch.Generator().manual_seed(0), **{"latent_stream": "joint", **gen_kw})
+                out = gen(questions=qs, steps=ns, generator=torch.Generator().manual_seed(0),
+                          **(dict(latent_stream="joint") | gen_kw))
                 lat = out.latents.float()
                 read = tokens_next_to(gen, qs, lat, torch.zeros(len(qs)), gen.settings["target_length"])
                 res[f"{kind}/{ns}"] = {"acc": accuracy_by_difficulty(test, out.texts)["all"],

@@ -29,7 +29,6 @@ every held-out problem and writes ``experiments/results/latent_reasoning.{md,jso
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.latent_tasks import add_common_args, markdown_table, read_log, step_seconds, train_recipe
+from experiments.latent_tasks import add_common_args, equal_compute, markdown_table, read_log, train_recipe
 from pipelines.latent_reasoning import LatentReasoningPipeline
 from pipelines.tasks.autoencoders import arithmetic_split
 from pipelines.tasks.joint import JointGenerator, answer_scores
@@ -72,11 +71,8 @@ def main(argv=None):
     cost = {}
     if args.equal_compute:
         timed = list(dict.fromkeys(["answer", args.equal_compute, *args.methods]))
-        cost = step_seconds("latent_reasoning", {m: overrides(m, run_name(m)) for m in timed}, args,
-                            args.cost_steps, args.cost_rounds)
-        print("seconds per step:", cost, flush=True)
-        matched = copy.copy(args)
-        matched.steps = round(args.steps * cost[args.equal_compute] / cost["answer"])
+        cost, matched = equal_compute("latent_reasoning", {m: overrides(m, run_name(m)) for m in timed}, args,
+                                      args.equal_compute, "answer")
         runs.append((f"answer, compute of {args.equal_compute}", "answer", "latent_reasoning_answer_equal_compute",
                      matched))
     results, curves, examples = {}, {}, {}

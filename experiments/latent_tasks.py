@@ -13,7 +13,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-__all__ = ["add_common_args", "train_recipe", "step_seconds", "read_log", "markdown_table"]
+__all__ = ["add_common_args", "train_recipe", "step_seconds", "equal_compute", "read_log", "markdown_table"]
 
 
 def add_common_args(ap) -> None:
@@ -59,6 +59,17 @@ def step_seconds(recipe: str, runs: dict[str, list[str]], args, steps: int, roun
                 elapsed = {int(row["step"]): row["elapsed_s"] for row in read_log(res.run_dir)}
                 times[name].append((elapsed[warmup + steps] - elapsed[warmup]) / steps)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def equal_compute(recipe: str, runs: dict[str, list[str]], args, variant: str, baseline: str):
+    """Time every named run (:func:`step_seconds`, ``args.cost_steps`` x ``args.cost_rounds``) and return
+    ``(seconds per step by name, a copy of args whose --steps are the baseline steps that cost what --steps of
+    variant cost)``."""
+    cost = step_seconds(recipe, runs, args, args.cost_steps, args.cost_rounds)
+    print("seconds per step:", cost, flush=True)
+    matched = copy.copy(args)
+    matched.steps = round(args.steps * cost[variant] / cost[baseline])
+    return cost, matched
 
 
 def read_log(run_dir, name: str = "train.csv") -> list[dict]:

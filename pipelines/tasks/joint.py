@@ -335,22 +335,18 @@ class JointGenerator:
             lat = sample_latents(denoise, self.scheduler, shape=(B, *shape), num_inference_steps=steps,
                                  diffusion=self.diffusion, latents=latents, generator=generator, device=dev)
             return JointGeneration(texts=self.compressor.decode_text(lat), latents=lat)
-        model, kw = self.model, {}
+        model, kw, fixed = self.model, {}, None  # fixed: (latents, level) the latent stream is held at
         if clean_latents is not None:
-            clean = clean_latents.to(dev)
-
-            def model(ids, **_):
-                return self.model(ids, latents=clean, timestep=torch.zeros(len(clean), device=dev))
+            fixed = clean_latents.to(dev), torch.zeros(len(clean_latents), device=dev)
         elif self.mode == "joint" and latent_stream == "noise":
             noise = latents if latents is not None else torch.randn((B, *shape), generator=generator)
-            noise = noise.to(dev)
-            level = self.diffusion.model_time(torch.full((B,), pure_noise_timestep(self.diffusion))).to(dev)
-
-            def model(ids, **_):
-                return self.model(ids, latents=noise, timestep=level)
+            fixed = noise.to(dev), self.diffusion.model_time(torch.full((B,), pure_noise_timestep(self.diffusion))).to(dev)
         elif self.mode == "joint":
             kw = dict(latent_shape=shape, diffusion=self.diffusion, scheduler=self.scheduler, latents=latents,
                       token_schedule=token_schedule)
+        if fixed is not None:
+            def model(ids, **_):
+                return self.model(ids, latents=fixed[0], timestep=fixed[1])
         out = joint_sample(model, prompt, L, self.tokenizer.mask_token_id, steps, temperature=temperature,
                            order=order, generator=generator, **kw)
         P = prompt.shape[1]
@@ -514,7 +510,7 @@ class JointTask(Task):
         if cfg.latents.source == "minilm":
             z, self.basis = minilm_latents(texts, C, cfg.latents.tokens, encoder_path=cfg.latents.encoder_path,
                                            device=self.ctx.device, cache_dir=cfg.latents.get("cache_dir"),
-                                           pool=int(cfg.latents.get("pool", 1)))
+                                           pool=int(cfg.latents.pool))
             return z
         from autoencoders.compressor import TextCompressor
 
@@ -584,6 +580,7 @@ class JointTask(Task):
                 "latent_shape": [int(z.shape[1]), int(mc.latent_dim)] if joint else None,
                 "latent_source": OmegaConf.select(self.cfg, "latents.source") if joint else None,
                 "encoder_path": OmegaConf.select(self.cfg, "latents.encoder_path"),
+                # subclasses (the latent-reasoning task) have no latents section nor eval.latent_stream
                 "latent_tokens": OmegaConf.select(self.cfg, "latents.tokens"),
                 "latent_pool": int(OmegaConf.select(self.cfg, "latents.pool", default=1)),
                 "latent_stream": OmegaConf.select(self.cfg, "eval.latent_stream", default="joint") if joint else None,
