@@ -10,7 +10,8 @@ Reports, on the training voices (test_seen: new questions) and on voices never t
 - stage 2: answer accuracy of the spoken-QA pipeline, overall and per question kind;
 - the text oracle: the same frozen backbone given the TRUE transcript as text (the ceiling of stage 2);
 - with a CTC head, the same through the cascade (`read="ctc_text"`: the pipeline's saved transcript decoder,
-  greedy without one; the transcript read as text);
+  greedy without one; the transcript read as text), and through the audio prefix with its slots on that decoder's
+  transcript (`read="aligned_prefix"`);
 - with --also, the audio-prefix reading of other pipeline folders (other runs, other prefix parts);
 - decoding cost: one token per step (LLaDA schedule, steps = gen_length) vs threshold decoding (0.9), as model
   forwards and wall-clock latency per answer (median of single-clip calls) and per clip in batches.
@@ -109,12 +110,13 @@ def main(argv=None) -> int:
         "threshold_0.9": {"threshold": 0.9, "read": "prefix"},
         "one_token_per_step": {"steps": None, "threshold": None, "commit": "schedule", "read": "prefix"},
         "ctc_text_threshold_0.9": {"threshold": 0.9, "read": "ctc_text"},
+        "aligned_prefix_threshold_0.9": {"threshold": 0.9, "read": "aligned_prefix"},
     }
 
     def run_eval(pipe, task, rows, latency):
         res = {}
         for name, kw in decodings.items():
-            if kw["read"] == "ctc_text" and pipe.audio_adapter.config.semantic_pooling != "ctc":
+            if kw["read"] != "prefix" and pipe.audio_adapter.config.semantic_pooling != "ctc":
                 continue
             kw = dict(kw)
             if name == "one_token_per_step":

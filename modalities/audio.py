@@ -50,6 +50,7 @@ from latent.config_checks import FINITE_NON_NEGATIVE, FINITE_POSITIVE, POSITIVE
 from latent.loading import SafeModelMixin, load_hf_model
 
 from .base import ModalityAdapter, PrefixEmbeds, left_align, register_adapter
+from .ctc_alignment import align_batch
 
 __all__ = [
     "SAMPLE_RATE", "AUDIO_EXTENSIONS", "AudioError", "AudioBatch", "AudioPreprocessor", "load_audio",
@@ -566,6 +567,16 @@ class HFSpeechEncoder(nn.Module):
         return states, mask
 
 
+def _warps(decoder, batch: AudioBatch) -> tuple:
+    """A transcript decoder's test-time frequency warps, checked against the inputs they stretch."""
+    warps = tuple(getattr(decoder, "warps", ()) or ())
+    if warps and batch.values.ndim != 3:
+        raise ValueError("test-time frequency warps (decoder.warps) stretch the features' frequency axis "
+                         f"[B, T, F]; these inputs are {list(batch.values.shape)} (a waveform). Use a decoder "
+                         "with warps=().")
+    return warps
+
+
 def ctc_best_path(logits: torch.Tensor, mask: torch.Tensor, blank: int) -> list[list[int]]:
     """Greedy CTC decoding of frame logits [B, T, V] with valid-frame mask [B, T]: the argmax label of every valid
     frame, runs of one label collapsed, blanks dropped. Padded frames are skipped, so a run split by padding is
@@ -659,11 +670,17 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
                              f"{self.config.pooling!r}.")
         return ctc_best_path(self.ctc_logits(states), mask, self.blank)
 
-    def forward(self, states: list[torch.Tensor] | torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
+    def forward(self, states: list[torch.Tensor] | torch.Tensor, mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> PrefixEmbeds:
+        """The slots of encoder ``states``. ``labels`` [B, T] (pooling="ctc"): frame labels to pool by instead of
+        the head's argmax, e.g. a decoded transcript force-aligned to the frames (`modalities.ctc_alignment`);
+        the token part then embeds each slot's aligned token."""
         h = states[-1] if isinstance(states, (list, tuple)) else states
         h = h * mask[..., None].to(h.dtype)
         if self.config.pooling == "ctc":
-            return self._ctc_pool(h, mask)
+            return self._ctc_pool(h, mask, labels)
+        if labels is not None:
+            raise ValueError("frame `labels` choose CTC slots; this adapter's pooling is 'stack'.")
         k = self.config.downsample
         b, t, c = h.shape
         pad = (-t) % k
@@ -674,10 +691,12 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         out_mask = torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]
         return PrefixEmbeds(self.net(h), out_mask)
 
-    def _ctc_pool(self, h: torch.Tensor, mask: torch.Tensor) -> PrefixEmbeds:
+    def _ctc_pool(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> PrefixEmbeds:
         with torch.no_grad():
             logits = self.ctc_logits(h)
-            label = logits.argmax(-1)  # [B, T]
+            label = logits.argmax(-1) if labels is None else labels.to(logits.device)  # [B, T]
+        if label.shape != mask.shape:
+            raise ValueError(f"frame labels must be [B, T] = {list(mask.shape)}, got {list(label.shape)}.")
         b, t, c = h.shape
         prev = F.pad(label, (1, 0), value=-1)[:, :-1]
         start = (label != prev) & mask  # a new run of one label
@@ -701,13 +720,15 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         out_mask = torch.arange(width, device=h.device)[None] < n[:, None]
         slots = self.net(pooled)
         if self.config.token_embeddings:
-            slots = slots + self._slot_tokens(logits, index, keep, width) @ self.token_embedding.to(slots.dtype)
+            post = logits.float().softmax(-1) if labels is None else F.one_hot(label, logits.shape[-1]).float()
+            slots = slots + self._slot_tokens(post, index, keep, width) @ self.token_embedding.to(slots.dtype)
         return PrefixEmbeds(slots * out_mask[..., None].to(h.dtype), out_mask)
 
     @torch.no_grad()
-    def _slot_tokens(self, logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
-        """[B, width, vocab_size] token posteriors of each slot: the mean of its frames', blank left out."""
-        post = logits.float().softmax(-1)[..., : self.config.vocab_size] * keep[..., None]
+    def _slot_tokens(self, post: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width, vocab_size] token posteriors of each slot: the mean of its frames' ``post`` [B, T, V + 1],
+        blank left out."""
+        post = post[..., : self.config.vocab_size] * keep[..., None]
         sums = post.new_zeros(post.shape[0], width + 1, post.shape[-1])
         sums.scatter_add_(1, index[..., None].expand(-1, -1, post.shape[-1]), post)
         sums = sums[:, :width]
@@ -894,17 +915,35 @@ class AudioAdapter(ModalityAdapter):
                 return self.speech_encoder(batch)
         return self.speech_encoder(batch)
 
-    def forward(self, batch: AudioBatch, parts: list[str] | tuple[str, ...] | None = None) -> PrefixEmbeds:
-        """[semantic | acoustic] prefix (or the `parts` asked for), valid slots at the end of each row."""
-        states, mask = self.encode(batch)
-        return self.prefix(states, mask, parts)
+    def forward(self, batch: AudioBatch, parts: list[str] | tuple[str, ...] | None = None,
+                ctc_decoder=None) -> PrefixEmbeds:
+        """[semantic | acoustic] prefix (or the `parts` asked for), valid slots at the end of each row.
 
-    def prefix(self, states: list[torch.Tensor], mask: torch.Tensor, parts=None) -> PrefixEmbeds:
-        """The adapters on encoder outputs from `encode` (training reuses them, e.g. for an encoder-side loss)."""
+        With a `ctc_decoder` (e.g. a `modalities.ctc_decoding.CTCBeamSearch` with an LM; needs
+        semantic_pooling="ctc") the semantic slots follow the transcript it decodes: its tokens are force-aligned
+        to the CTC head's frames (`modalities.ctc_alignment.ctc_align`) and each aligned token's frames make one
+        slot, instead of each run of the head's greedy labels. A clip whose transcript does not fit its frames
+        keeps its greedy slots."""
+        if ctc_decoder is not None:
+            _warps(ctc_decoder, batch)
+        states, mask = self.encode(batch)
+        labels = None
+        if ctc_decoder is not None:
+            with torch.no_grad():
+                logits, mask = self._ctc_logits(states, mask)
+                ids = self._decode_logits(batch, ctc_decoder, logits, mask)
+                labels = align_batch(logits, mask, ids, self.semantic.blank, fallback=logits.argmax(-1))
+        return self.prefix(states, mask, parts, labels)
+
+    def prefix(self, states: list[torch.Tensor], mask: torch.Tensor, parts=None,
+               labels: torch.Tensor | None = None) -> PrefixEmbeds:
+        """The adapters on encoder outputs from `encode` (training reuses them, e.g. for an encoder-side loss);
+        `labels`: the semantic slots' frame labels (see `forward`), None for the CTC head's greedy ones."""
         parts = list(self.config.prefix_parts if parts is None else parts)
         dtype = next(self.semantic.parameters()).dtype
         states = [s.to(dtype) for s in states]
-        out = [getattr(self, name)(states, mask) for name in parts]
+        out = [self.semantic(states, mask, labels) if name == "semantic" else getattr(self, name)(states, mask)
+               for name in parts]
         return left_align(PrefixEmbeds.cat(out, dim=1))
 
     @torch.no_grad()
@@ -922,27 +961,27 @@ class AudioAdapter(ModalityAdapter):
         per clip, the hypothesis with the highest score (`decode_scored`), unwarped included."""
         if decoder is None:
             return self.ctc_best_path(batch)
+        _warps(decoder, batch)
+        return self._decode_logits(batch, decoder, *self._ctc_logits(*self.encode(batch)))
+
+    def _ctc_logits(self, states: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.semantic_pooling != "ctc":
             raise ValueError("CTC decoding needs semantic_pooling='ctc' (a CTC head); this adapter's pooling is "
                              f"{self.config.semantic_pooling!r}.")
-        dtype = next(self.semantic.parameters()).dtype
+        return self.semantic.ctc_logits(states[-1].to(next(self.semantic.parameters()).dtype)), mask
 
-        def logits(b: AudioBatch):
-            states, mask = self.encode(b)
-            return self.semantic.ctc_logits(states[-1].to(dtype)), mask
-
-        warps = tuple(getattr(decoder, "warps", ()) or ())
+    @torch.no_grad()
+    def _decode_logits(self, batch: AudioBatch, decoder, logits: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """`ctc_decode` given the CTC logits of `batch` itself (the warped copies are encoded here)."""
+        warps = _warps(decoder, batch)
         if not warps:
-            return decoder.decode(*logits(batch), self.semantic.blank)
+            return decoder.decode(logits, mask, self.semantic.blank)
         # maximum-likelihood warp selection (as in VTLN): each clip keeps the hypothesis of its best-scoring warp
-        if batch.values.ndim != 3:
-            raise ValueError("test-time frequency warps (decoder.warps) stretch the features' frequency axis "
-                             f"[B, T, F]; these inputs are {list(batch.values.shape)} (a waveform). Use a decoder "
-                             "with warps=().")
-        best = decoder.decode_scored(*logits(batch), self.semantic.blank)
+        best = decoder.decode_scored(logits, mask, self.semantic.blank)
         for factor in warps:
             warped = AudioBatch(warp_frequencies(batch.values, torch.full((len(batch),), float(factor))), batch.lengths)
-            for i, cand in enumerate(decoder.decode_scored(*logits(warped), self.semantic.blank)):
+            warped_logits = self._ctc_logits(*self.encode(warped))
+            for i, cand in enumerate(decoder.decode_scored(*warped_logits, self.semantic.blank)):
                 if cand[1] > best[i][1]:
                     best[i] = cand
         return [ids for ids, _ in best]

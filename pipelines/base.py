@@ -284,9 +284,9 @@ class MaskedDiffusionPipeline(LocalPipelineMixin, DiffusionPipeline):
         if "__call__" in cls.__dict__:  # every task pipeline's call takes trajectory=True
             cls.__call__ = _with_trajectory(cls.__dict__["__call__"])
 
-    def encode_prefix(self, adapter, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prefix(self, adapter, inputs, **adapter_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """An adapter's prefix embeddings [B, P, D] (on the model's device, in its dtype) and mask [B, P]."""
-        prefix = adapter(inputs)
+        prefix = adapter(inputs, **adapter_kwargs)
         dtype = next(self.model.parameters()).dtype
         device = self._execution_device
         return prefix.embeds.to(device=device, dtype=dtype), prefix.mask.long().to(device)
@@ -432,14 +432,16 @@ class PrefixDiffusionPipeline(MaskedDiffusionPipeline):
         return {"mask_token_id": getattr(tok, "mask_token_id", None), "eos_token_id": getattr(tok, "eos_token_id", None)}
 
     # ---- decoding -----------------------------------------------------------------------------------
-    def _prefix(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _prefix(self, batch, **adapter_kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Prefix embeddings and mask of a chunk's adapter input (None, None without an adapter input)."""
-        return (None, None) if batch is None else self.encode_prefix(self.adapter, batch)
+        return (None, None) if batch is None else self.encode_prefix(self.adapter, batch, **adapter_kwargs)
 
-    def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, **decode):
-        """Decode one chunk: the adapter's prefix for `batch` (None: no adapter input), then the prompts,
-        then `gen_length` masked positions. Returns (sequences on the CPU, texts or None, nfe)."""
-        prefix_embeds, prefix_mask = self._prefix(batch)
+    def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str,
+                      adapter_kwargs: dict | None = None, **decode):
+        """Decode one chunk: the adapter's prefix for `batch` (None: no adapter input; `adapter_kwargs` go to the
+        adapter's call), then the prompts, then `gen_length` masked positions. Returns (sequences on the CPU,
+        texts or None, nfe)."""
+        prefix_embeds, prefix_mask = self._prefix(batch, **(adapter_kwargs or {}))
         input_ids, attention_mask = self.encode_prompt(prompts)
         canvas, canvas_mask = input_ids, attention_mask
         if prefix_embeds is not None and input_ids.shape[1]:  # the prompt joins the prefix: no gap between them

@@ -10,6 +10,7 @@ out = pipe(audio=clips, task="transcribe")                          # transcript
 out = pipe(audio=clips, on_error="record")                          # bad clips -> out.errors, the rest decode
 out = pipe(audio=clips, read="ctc_text")                            # cascade: CTC transcript as text
 out = pipe(audio=clips, read="prefix")                              # the adapters' embeddings as a prefix
+out = pipe(audio=clips, read="aligned_prefix")                      # the prefix, its slots on the decoder's transcript
 print(out.texts, pipe.config.read)                                  # a call without read= uses pipe.config.read
 ```
 
@@ -28,6 +29,11 @@ the backbone answers from the text prompt "<transcript> <prompt>" with no audio 
 settings. With task="transcribe" the CTC transcript is the output (no backbone). The pipeline's own decoder,
 `pipe.ctc_decoder` (None: greedy), is saved with it in `ctc_decoder/` (the speech recipe writes one with
 `ctc_decoder.beam_width > 0`) and used unless a call gives `ctc_decoder=` (a decoder, or "greedy").
+
+`read="aligned_prefix"` keeps the audio prefix but lets the same decoder choose what its semantic slots say: the
+decoder's transcript is force-aligned to the CTC head's frames (`modalities.ctc_alignment`), and each aligned
+token's frames make one slot, carrying that token's embedding (`AudioAdapter(..., ctc_decoder=)`), where
+`read="prefix"` pools the runs of the head's greedy labels. With a greedy decoder the two readings are the same.
 """
 
 from __future__ import annotations
@@ -48,7 +54,10 @@ from .base import PipelineOutput, PrefixDiffusionPipeline, check_tokenizer
 __all__ = ["SpokenQAPipeline", "SpokenQAPipelineOutput", "TASKS", "format_prompt", "text_after_audio"]
 
 TASKS = ("answer", "transcribe")
-READS = ("prefix", "ctc_text")  # how the backbone reads a clip: prefix embeddings, or its CTC transcript as text
+# how the backbone reads a clip: prefix embeddings (slots on the greedy CTC labels, or on the decoder's transcript),
+# or its CTC transcript as text
+READS = ("prefix", "aligned_prefix", "ctc_text")
+CTC_READS = ("aligned_prefix", "ctc_text")  # the readings that decode a transcript with the CTC head
 DECODER_FOLDER = "ctc_decoder"  # beside model_index.json: the pipeline's CTC transcript decoder, when it has one
 
 
@@ -116,8 +125,8 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
         self._check_adapter_width(audio_adapter, model)
         if read not in READS:
             raise ValueError(f"`read` (the calls' default) must be one of {READS}, got {read!r}.")
-        if read == "ctc_text" and audio_adapter.config.semantic_pooling != "ctc":
-            raise ValueError("read='ctc_text' as the default needs an audio_adapter with semantic_pooling='ctc' (a "
+        if read in CTC_READS and audio_adapter.config.semantic_pooling != "ctc":
+            raise ValueError(f"read={read!r} as the default needs an audio_adapter with semantic_pooling='ctc' (a "
                              f"CTC head); this one has {audio_adapter.config.semantic_pooling!r}. Use read='prefix'.")
         self.register_modules(audio_adapter=audio_adapter, model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(gen_length=gen_length, transcribe_length=transcribe_length,
@@ -164,19 +173,21 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
             raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
         if read not in READS:
             raise ValueError(f"`read` must be one of {READS}, got {read!r}.")
-        if ctc_decoder is not None and read != "ctc_text":
-            raise ValueError("`ctc_decoder` sets how read='ctc_text' transcribes; with read='prefix' the backbone "
-                             "reads the adapter's embeddings and no transcript is decoded. Pass read='ctc_text'.")
+        if ctc_decoder is not None and read not in CTC_READS:
+            raise ValueError("`ctc_decoder` sets how read='ctc_text' / 'aligned_prefix' transcribe; with read='prefix' "
+                             "the slots follow the CTC head's greedy labels and no transcript is decoded. Pass "
+                             "read='aligned_prefix' (the prefix on the decoder's transcript) or read='ctc_text'.")
         if ctc_decoder is not None and ctc_decoder != "greedy" and not callable(getattr(ctc_decoder, "decode", None)):
             raise ValueError(f"`ctc_decoder` must have decode(logits, mask, blank) (e.g. "
                              f"modalities.ctc_decoding.CTCBeamSearch) or be 'greedy', got {ctc_decoder!r}.")
-        if read == "ctc_text":
+        if read in CTC_READS:
             pooling = self.audio_adapter.config.semantic_pooling
             if pooling != "ctc":
                 raise ValueError(
-                    f"read='ctc_text' transcribes with the semantic adapter's CTC head, but this audio_adapter has "
+                    f"read={read!r} transcribes with the semantic adapter's CTC head, but this audio_adapter has "
                     f"semantic_pooling={pooling!r} (no CTC head). Use read='prefix', or an adapter built with "
                     "semantic_pooling='ctc' and ctc_vocab_size=len(tokenizer).")
+        if read == "ctc_text":
             if self.audio_adapter.config.ctc_vocab_size > len(self.tokenizer):
                 raise ValueError(
                     f"read='ctc_text': the CTC head labels {self.audio_adapter.config.ctc_vocab_size} tokens but the "
@@ -234,8 +245,10 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
                 it was built with another). "prefix": the adapter's prefix embeddings before
                 the prompt. "ctc_text": a cascade; the CTC transcript (see `ctc_decoder`) goes in as text,
                 "<transcript> <prompt>", with no audio prefix (task="transcribe" returns that transcript without
-                the backbone). Needs an adapter with semantic_pooling="ctc".
-            ctc_decoder: with read="ctc_text", how the transcript is decoded: None (default) uses the pipeline's
+                the backbone). "aligned_prefix": the prefix, its semantic slots on the transcript of `ctc_decoder`
+                force-aligned to the frames (equal to "prefix" with the greedy decoder). The last two need an
+                adapter with semantic_pooling="ctc".
+            ctc_decoder: with read="ctc_text" or "aligned_prefix", how the transcript is decoded: None (default) uses the pipeline's
                 `ctc_decoder` (greedy best path when it has none), "greedy" the greedy best path, or a
                 `modalities.ctc_decoding.CTCBeamSearch` (prefix beam search, optionally with an n-gram LM).
             gen_length: tokens to decode (default: the pipeline's gen_length, or transcribe_length for transcripts).
@@ -305,13 +318,16 @@ class SpokenQAPipeline(PrefixDiffusionPipeline):
 
     def _decode_chunk(self, batch, prompts: list[str], gen_length: int, output_type: str, read: str = "prefix",
                       backbone: bool = True, ctc_decoder=None, **decode):
-        """read="prefix": the base class's prefix decode. read="ctc_text": the CTC transcript of each clip becomes
+        """read="prefix" / "aligned_prefix": the base class's prefix decode (the adapter given `ctc_decoder` for
+        aligned slots). read="ctc_text": the CTC transcript of each clip becomes
         text before its prompt and the backbone decodes from text alone; without `backbone` (transcribe) the
         transcript is the result."""
         spaced = self.config.spaced_text
-        if read == "prefix":
+        if read != "ctc_text":
+            aligned = read == "aligned_prefix" and ctc_decoder is not None  # greedy: the head's own labels
             return super()._decode_chunk(batch, [text_after_audio(p, spaced=spaced) for p in prompts], gen_length,
-                                         output_type, **decode)
+                                         output_type, adapter_kwargs=dict(ctc_decoder=ctc_decoder) if aligned else None,
+                                         **decode)
         ids = self.audio_adapter.ctc_decode(batch, ctc_decoder)
         transcripts = [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         if not backbone:

@@ -98,7 +98,7 @@ class TextDiffusionPipeline(PrefixDiffusionPipeline):
             convs = [[{"role": "user", "content": p}] for p in ([prompt] if isinstance(prompt, str) else prompt)]
         return [tok.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in convs]
 
-    def _prefix(self, batch):
+    def _prefix(self, batch, **adapter_kwargs):
         return (None, None) if batch is None else batch  # the caller's own prefix rows, already embedded
 
     # ---- call -----------------------------------------------------------------------------------

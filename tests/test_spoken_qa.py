@@ -267,7 +267,7 @@ def test_ctc_text_reads_the_transcript_of_a_ctc_decoder(ctc_pipe):
     prompts = [f"{t} {pipe.prompt_text('answer')}".strip() for t in out.texts]
     ids, pmask = pipe.encode_prompt(prompts)
     assert torch.equal(answers.sequences[:, : ids.shape[1]], ids)
-    with pytest.raises(ValueError, match="Pass read='ctc_text'"):
+    with pytest.raises(ValueError, match="Pass read='aligned_prefix'.* or read='ctc_text'"):
         pipe(audio=clips, ctc_decoder=decoder)
     with pytest.raises(ValueError, match="`ctc_decoder` must have decode"):
         pipe(audio=clips, read="ctc_text", ctc_decoder="beam")

@@ -160,7 +160,7 @@ def test_config_errors_name_the_field(capsys):
         "augment.freq_warp=1.5": r"augment.freq_warp must be in \[0, 1\)",
         "ctc_decoder.beam_width=-1": "ctc_decoder.beam_width must be >= 0",
         "ctc_decoder.lm_weight=-0.5": "ctc_decoder.lm_weight must be >= 0",
-        "ctc_decoder.read=text": "ctc_decoder.read must be 'prefix' or 'ctc_text'",
+        "ctc_decoder.read=text": "ctc_decoder.read must be 'prefix', 'aligned_prefix' or 'ctc_text'",
         "ctc_decoder.warps=[0.9,3]": r"ctc_decoder.warps are frequency stretch factors in \(0, 2\)",
     }
     for override, message in bad.items():

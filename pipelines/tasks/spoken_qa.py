@@ -108,8 +108,8 @@ class Augment:  # SpecAugment-style masks on the features (0 = off)
 
 @dataclass
 class CTCDecoderSettings:
-    """The transcript decoder exported with the pipelines of an adapter with a CTC head (read="ctc_text"):
-    a prefix beam search with a token n-gram LM fitted on the training transcripts
+    """The transcript decoder exported with the pipelines of an adapter with a CTC head (for read="ctc_text" and
+    "aligned_prefix"): a prefix beam search with a token n-gram LM fitted on the training transcripts
     (`modalities.ctc_decoding`). beam_width 0 exports none (greedy); lm_order 0 a beam without LM."""
 
     beam_width: int = 0
@@ -117,7 +117,8 @@ class CTCDecoderSettings:
     lm_weight: float = 1.0
     length_bonus: float = 1.0
     warps: list[float] = field(default_factory=list)  # test-time frequency warps (CTCBeamSearch.warps)
-    read: str = "prefix"  # the exported pipelines' default `read`: "ctc_text" makes the cascade their default
+    read: str = "prefix"  # the exported pipelines' default `read`: "ctc_text" makes the cascade their default,
+    # "aligned_prefix" the audio prefix with its slots on this decoder's transcript
 
 
 @dataclass
@@ -413,7 +414,8 @@ class SpokenQATask(Task):
             if dec[key] < 0:
                 raise ConfigError(f"ctc_decoder.{key} must be >= 0, got {dec[key]}")
         if dec.read not in READS:
-            raise ConfigError(f"ctc_decoder.read must be {' or '.join(map(repr, READS))}, got {dec.read!r}")
+            raise ConfigError(f"ctc_decoder.read must be {', '.join(map(repr, READS[:-1]))} or {READS[-1]!r}, "
+                              f"got {dec.read!r}")
         if any(not 0 < float(w) < 2 for w in dec.warps):
             raise ConfigError(f"ctc_decoder.warps are frequency stretch factors in (0, 2), e.g. [0.9, 1.1]; got "
                               f"{list(dec.warps)}")
@@ -463,8 +465,10 @@ class SpokenQATask(Task):
         modules = {"model": model, "adapter": adapter}
         if any(_uses_ctc(st) for st in cfg.stages) and adapter.config.semantic_pooling != "ctc":
             modules["ctc_head"] = CTCHead(adapter.speech_encoder.hidden_dim, len(tok))
-        if cfg.ctc_decoder.read == "ctc_text" and adapter.config.semantic_pooling != "ctc":
-            raise ConfigError("ctc_decoder.read=ctc_text exports pipelines that read the CTC transcript, but "
+        from pipelines.spoken_qa import CTC_READS
+
+        if cfg.ctc_decoder.read in CTC_READS and adapter.config.semantic_pooling != "ctc":
+            raise ConfigError(f"ctc_decoder.read={cfg.ctc_decoder.read} exports pipelines that read the CTC transcript, but "
                               f"adapter.semantic_pooling is {adapter.config.semantic_pooling!r}; set it to ctc, or "
                               "ctc_decoder.read=prefix")
         self.default_parts = list(adapter.config.prefix_parts)
