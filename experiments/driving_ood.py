@@ -10,13 +10,20 @@ into the output (``excluded``). Every policy drives the same seeds (10000 + e) i
 (policy, condition): collision rate with the Wilson 95 % interval, mean speed and return with bootstrap 95 %
 intervals, and whether the collision rate is within 1.5x the demonstrator's (the target; where the
 demonstrator never crashed, only 0 collisions meets it). A planner executes the first action of each plan and
-replans every decision. Writes the JSON and a markdown table beside it (.md).
+replans every decision. Each cell also gives its collision rate as a multiple of the demonstrator's in the same
+condition, with the Katz 95 % interval of that ratio (`modalities.data.metrics.rate_ratio_interval`). Writes the
+JSON and a markdown table beside it (.md).
 
     python experiments/driving_ood.py --policies demonstrator --planner gap=runs/driving_gap/pipeline --prior-tau 0 1
 
 ``--planner NAME=PATH`` adds recipe variants, ``NAME=PATH1,PATH2,...`` an ensemble of planners that decode as
 one (`pipelines.planning_ensemble`); ``--prior-tau`` decodes each of them also with the label-prior
 correction (`PlanningPipeline.prior_correction`).
+
+    python experiments/driving_ood.py --pool runs/standard.json runs/fresh.json --out runs/pooled.json
+
+``--pool`` drives nothing: it joins the episodes of earlier outputs, cell by cell (policy, condition), and writes
+the table of the joined cells; outputs that drove one condition on overlapping seeds (``--seed``) are refused.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ def _fmt_ci(r, key, digits=2):
 
 
 def main(argv=None):
-    from modalities.data.driving_closed_loop import CONDITIONS, EXCLUDED
+    from modalities.data.driving_closed_loop import CONDITIONS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bc", default="runs/driving_bc/pipeline", help="behaviour-cloned diffusion planner")
@@ -93,8 +100,14 @@ def main(argv=None):
                          "PlanningPipeline.prior_correction); a planner at TAU > 0 is named 'NAME, prior TAU'")
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier outputs whose cells of the policies not run now "
                     "are kept (policies evaluated at different times, on the same seeds)")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="OUTPUT",
+                    help="drive nothing: join the episodes of these outputs (on disjoint seeds) per (policy, "
+                         "condition) and tabulate them")
     ap.add_argument("--out", default="experiments/results/driving_ood.json")
     args = ap.parse_args(argv)
+    if args.pool:
+        cells, policies, conditions = _pooled(args.pool, ap)
+        return _report(args, cells, policies, conditions, 0.0, sorted(r for p in args.pool for r in _seed_ranges(p)))
 
     if any(tau < 0 for tau in args.prior_tau):
         ap.error(f"--prior-tau {args.prior_tau}: every TAU must be >= 0")
@@ -129,25 +142,79 @@ def main(argv=None):
         cells += [c for c in prev["cells"] if (c["policy"], c["condition"]) not in done
                   and c["condition"] in args.conditions]
         policies += [(n, p) for n, p in prev["policies"].items() if n not in dict(policies)]
-    policies.sort(key=lambda np_: np_[0] != demo_name)
-    cells.sort(key=lambda c: (args.conditions.index(c["condition"]), [n for n, _ in policies].index(c["policy"])))
-    demo = {c["condition"]: c["collision_rate"] for c in cells if c["policy"] == demo_name}
+    seeds = [[args.seed, args.seed + args.episodes - 1]]
+    return _report(args, cells, policies, args.conditions, round(time.perf_counter() - t, 1), seeds, argv)
+
+
+def _seed_ranges(path) -> list[list[int]]:
+    """The [first, last] episode seeds an output drove (older outputs: read off their command line)."""
+    results = json.loads(Path(path).read_text())
+    if results.get("seeds"):
+        return [list(r) for r in results["seeds"]]
+    words = shlex.split(results["command"])
+    get = {"--seed": 10_000, "--episodes": 30}
+    for i, w in enumerate(words[:-1]):
+        if w in get:
+            get[w] = int(words[i + 1])
+    return [[get["--seed"], get["--seed"] + get["--episodes"] - 1]]
+
+
+def _pooled(paths: list[str], ap) -> tuple[list[dict], list, list[str]]:
+    """The cells of several outputs joined per (policy, condition): their episodes concatenated and summarised
+    again. Outputs whose seed ranges overlap are refused (their episodes would count twice)."""
+    from modalities.data.driving_closed_loop import summarize
+
+    outputs = [json.loads(Path(p).read_text()) for p in paths]
+    for cond in {c["condition"] for o in outputs for c in o["cells"]}:
+        ranges = sorted((lo, hi, p) for p, o in zip(paths, outputs, strict=True)
+                        if any(c["condition"] == cond for c in o["cells"]) for lo, hi in _seed_ranges(p))
+        for (_, hi, p), (lo, _, q) in zip(ranges[:-1], ranges[1:], strict=True):
+            if lo <= hi:
+                ap.error(f"--pool: {p} and {q} drove overlapping seeds in {cond}; pool outputs of disjoint "
+                         "--seed ranges")
+    joined, policies, conditions = {}, {}, []
+    for out in outputs:
+        policies.update(out["policies"])
+        for c in out["cells"]:
+            key = (c["policy"], c["condition"])
+            joined.setdefault(key, []).extend(c["per_episode"])
+            if c["condition"] not in conditions:
+                conditions.append(c["condition"])
+    cells = [{"policy": name, "condition": cond, "prior_tau": 0.0, **summarize(rows), "per_episode": rows}
+             for (name, cond), rows in joined.items()]
+    return cells, list(policies.items()), conditions
+
+
+def _report(args, cells, policies, conditions, seconds, seeds, argv=None):
+    from modalities.data.driving_closed_loop import CONDITIONS, EXCLUDED
+    from modalities.data.metrics import rate_ratio_interval
+
+    demo_name = "demonstrator (IDM+MOBIL)"
+    policies = sorted(policies, key=lambda np_: np_[0] != demo_name)
+    cells.sort(key=lambda c: (conditions.index(c["condition"]), [n for n, _ in policies].index(c["policy"])))
+    demo = {c["condition"]: c for c in cells if c["policy"] == demo_name}
     for c in cells:
         ref = demo.get(c["condition"])  # None: the demonstrator was not evaluated there
-        c["within_target"] = None if ref is None else c["collision_rate"] <= args.target * ref
-    lines = ["| condition | policy | episodes | collision rate [95% CI] | mean speed m/s [95% CI] | return [95% CI] | "
-             f"within {args.target:g}x demonstrator |", "|---|---|---|---|---|---|---|"]
+        c["within_target"] = None if ref is None else c["collision_rate"] <= args.target * ref["collision_rate"]
+        if ref is not None and c["policy"] != demo_name:
+            ratio, lo, hi = rate_ratio_interval(c["collisions"], c["episodes"], ref["collisions"], ref["episodes"])
+            c["collision_ratio"], c["collision_ratio_ci95"] = ratio, [lo, hi]
+    lines = ["| condition | policy | episodes | collision rate [95% CI] | x demonstrator [95% CI] | mean speed m/s "
+             f"[95% CI] | return [95% CI] | within {args.target:g}x demonstrator |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['condition']} | {c['policy']} | {c['episodes']} | {_fmt_ci(c, 'collision_rate')} | "
+        ratio = _fmt_ci(c, "collision_ratio") if "collision_ratio" in c else "-"
+        if "collision_ratio" in c and c["collisions"] == demo[c["condition"]]["collisions"] == 0:
+            ratio = "no crash in either"  # the ratio of two zero counts says nothing
+        lines.append(f"| {c['condition']} | {c['policy']} | {c['episodes']} | {_fmt_ci(c, 'collision_rate')} | {ratio} | "
                      f"{_fmt_ci(c, 'mean_speed', 1)} | {_fmt_ci(c, 'return', 1)} | { {True: 'yes', False: 'no', None: '-'}[c['within_target']] } |")
     table = "\n".join(lines)
     print(table)
     results = {"command": "python experiments/driving_ood.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-               "policies": dict(policies), "seconds": round(time.perf_counter() - t, 1),
+               "policies": dict(policies), "seconds": seconds, "seeds": seeds,
                "conditions": {c: {"env": CONDITIONS[c].env_id, "density": CONDITIONS[c].density,
                                   "config": CONDITIONS[c].config, "lane_frame": CONDITIONS[c].lane_frame,
                                   "in_distribution": CONDITIONS[c].in_distribution, "note": CONDITIONS[c].note}
-                              for c in args.conditions},
+                              for c in conditions},
                "excluded": EXCLUDED, "target": args.target,
                "target_met_everywhere": {name: all(c["within_target"] is True for c in cells if c["policy"] == name)
                                          for name, _ in policies if name != demo_name},

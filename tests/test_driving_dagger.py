@@ -1,6 +1,7 @@
 """DAgger for the driving planner: the aggregation rule of modalities.data.driving.record with a policy
 (states visited by the mixture, labels from the demonstrator, computed here by replaying the simulator), the
-task's rounds on the one trainer with exact resume, and the confidence intervals of the closed-loop table."""
+task's rounds on the one trainer with exact resume, and the confidence intervals of the closed-loop table (and its
+pooling of outputs on other seeds)."""
 
 import copy
 
@@ -19,7 +20,7 @@ from modalities.data.driving import (
     observe,
     record,
 )
-from modalities.data.metrics import bootstrap_mean_interval, wilson_interval
+from modalities.data.metrics import bootstrap_mean_interval, rate_ratio_interval, wilson_interval
 
 torch.set_num_threads(1)
 
@@ -144,3 +145,64 @@ def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
     assert hi == pytest.approx(x.mean() + 1.96 * se, abs=0.25 * se)
     assert bootstrap_mean_interval(x, seed=1) == (lo, hi)
     assert bootstrap_mean_interval([3.0, 3.0], seed=0) == (3.0, 3.0)
+
+
+def test_rate_ratio_interval_against_scipy_and_the_zero_count_rule():
+    contingency = pytest.importorskip("scipy.stats.contingency")
+    for events, n, ref, ref_n in ((35, 100, 28, 100), (12, 30, 7, 30), (3, 80, 9, 50)):
+        want = contingency.relative_risk(events, n, ref, ref_n)
+        lo, hi = want.confidence_interval(0.95)
+        assert rate_ratio_interval(events, n, ref, ref_n) == pytest.approx((want.relative_risk, lo, hi), rel=1e-9)
+    # a zero count: 0.5 added to every cell of the 2 x 2 table (1 crash of 30 against none of 30)
+    ratio, lo, hi = rate_ratio_interval(1, 30, 0, 30)
+    half = 1.959963984540054 * np.sqrt(1 / 1.5 - 1 / 31 + 1 / 0.5 - 1 / 31)
+    assert ratio == pytest.approx(3.0) and (lo, hi) == pytest.approx((3 * np.exp(-half), 3 * np.exp(half)))
+    with pytest.raises(ValueError, match="ref_events"):
+        rate_ratio_interval(1, 10, 11, 10)
+
+
+def _output(path, seed, episodes, cells):
+    """A driving_ood output with the given (policy, condition) -> crash flags, as the script writes it."""
+    import json
+
+    from modalities.data.driving_closed_loop import summarize
+
+    rows = {key: [{"crashed": bool(c), "completed": not c, "decisions": 30, "mean_speed": 15.0 + i % 3,
+                   "return": 20.0 - 5 * c, "distance": 400.0} for i, c in enumerate(flags)]
+            for key, flags in cells.items()}
+    path.write_text(json.dumps({
+        "command": f"python experiments/driving_ood.py --seed {seed} --episodes {episodes}",
+        "policies": {p: None for p, _ in cells}, "cells": [
+            {"policy": p, "condition": c, "prior_tau": 0.0, **summarize(r), "per_episode": r}
+            for (p, c), r in rows.items()]}))
+    return rows
+
+
+def test_pooling_outputs_joins_their_episodes_and_refuses_overlapping_seeds(tmp_path):
+    import json
+
+    from experiments.driving_ood import main
+    from modalities.data.driving_closed_loop import summarize
+
+    demo, planner = "demonstrator (IDM+MOBIL)", "planner"
+    a = _output(tmp_path / "a.json", 10_000, 4, {(demo, "highway-dense"): [1, 0, 0, 0],
+                                                  (planner, "highway-dense"): [1, 1, 0, 0]})
+    b = _output(tmp_path / "b.json", 20_000, 6, {(demo, "highway-dense"): [0, 1, 1, 0, 0, 0],
+                                                  (planner, "highway-dense"): [0, 0, 1, 0, 0, 0]})
+    main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "pooled.json")])
+    out = json.loads((tmp_path / "pooled.json").read_text())
+    cells = {c["policy"]: c for c in out["cells"]}
+    for name in (demo, planner):
+        rows = a[(name, "highway-dense")] + b[(name, "highway-dense")]
+        want = summarize(rows)
+        assert all(cells[name][k] == pytest.approx(v) for k, v in want.items())
+    assert cells[planner]["collisions"] == 3 and cells[demo]["collisions"] == 3
+    assert cells[planner]["collision_ratio"] == pytest.approx(1.0)
+    assert cells[planner]["collision_ratio_ci95"] == pytest.approx(list(rate_ratio_interval(3, 10, 3, 10)[1:]))
+    assert out["seeds"] == [[10_000, 10_003], [20_000, 20_005]]
+    assert "1.00 [" in (tmp_path / "pooled.md").read_text()
+    _output(tmp_path / "c.json", 20_003, 4, {(demo, "highway-dense"): [0, 0, 0, 0]})
+    with pytest.raises(SystemExit):
+        main(["--pool", str(tmp_path / "b.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x.json")])
+    _output(tmp_path / "d.json", 20_003, 4, {(demo, "roundabout"): [0, 0, 0, 0]})  # another condition: no overlap
+    main(["--pool", str(tmp_path / "b.json"), str(tmp_path / "d.json"), "--out", str(tmp_path / "y.json")])

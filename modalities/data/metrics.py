@@ -14,7 +14,7 @@ import re
 from modalities.data.scenes import parse_caption
 
 __all__ = ["tokenize", "caption_scores", "attribute_accuracy", "normalize_text", "word_error_rate", "answer_accuracy",
-           "wilson_interval", "bootstrap_mean_interval"]
+           "wilson_interval", "rate_ratio_interval", "bootstrap_mean_interval"]
 
 
 def tokenize(text: str) -> str:
@@ -107,6 +107,21 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_ratio_interval(events: int, n: int, ref_events: int, ref_n: int, z: float = Z95) -> tuple[float, float, float]:
+    """(ratio, low, high): the ratio of two binomial rates, (events / n) / (ref_events / ref_n), with the Katz
+    log interval (95 % by default; scipy's `relative_risk` gives the same). With a zero count every cell of the
+    2 x 2 table gets 0.5 (Haldane-Anscombe), so the ratio and interval stay finite."""
+    for k, m, name in ((events, n, "events"), (ref_events, ref_n, "ref_events")):
+        if m < 1 or not 0 <= k <= m:
+            raise ValueError(f"need 0 <= {name} <= its n and n >= 1, got {name}={k}, n={m}.")
+    a, b, c, d = float(events), float(n - events), float(ref_events), float(ref_n - ref_events)
+    if 0 in (a, c):
+        a, b, c, d = a + 0.5, b + 0.5, c + 0.5, d + 0.5
+    ratio = (a / (a + b)) / (c / (c + d))
+    half = z * math.sqrt(1 / a - 1 / (a + b) + 1 / c - 1 / (c + d))
+    return ratio, ratio * math.exp(-half), ratio * math.exp(half)
 
 
 def bootstrap_mean_interval(values, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
