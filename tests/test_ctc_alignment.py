@@ -8,17 +8,13 @@ import torch
 from modalities.audio import SemanticAdapter
 from modalities.ctc_alignment import CTCAlignmentError, align_batch, ctc_align
 from pipelines.base import join_prompt
+from tests.test_ctc_decoding import collapse as collapse_path
 from tests.test_semantic_token_embeddings import runs_of
 from tests.test_spoken_qa import build, tokenizer, tone  # noqa: F401 (tokenizer: the module fixture)
 
 
 def collapse(labels, blank):
-    out, prev = [], None
-    for lab in labels:
-        if lab != blank and lab != prev:
-            out.append(lab)
-        prev = lab
-    return out
+    return list(collapse_path(labels, blank))
 
 
 def path_score(lp, labels):
