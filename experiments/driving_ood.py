@@ -79,7 +79,7 @@ def _fmt_ci(r, key, digits=2):
 
 
 def main(argv=None):
-    from modalities.data.driving_closed_loop import CONDITIONS
+    from modalities.data.driving_closed_loop import CONDITIONS, seed_ranges
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bc", default="runs/driving_bc/pipeline", help="behaviour-cloned diffusion planner")
@@ -107,7 +107,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.pool:
         cells, policies, conditions = _pooled(args.pool, ap)
-        return _report(args, cells, policies, conditions, 0.0, sorted(r for p in args.pool for r in _seed_ranges(p)))
+        seeds = sorted(r for p in args.pool for r in seed_ranges(json.loads(Path(p).read_text())))
+        return _report(args, cells, policies, conditions, 0.0, seeds)
 
     if any(tau < 0 for tau in args.prior_tau):
         ap.error(f"--prior-tau {args.prior_tau}: every TAU must be >= 0")
@@ -146,43 +147,13 @@ def main(argv=None):
     return _report(args, cells, policies, args.conditions, round(time.perf_counter() - t, 1), seeds, argv)
 
 
-def _seed_ranges(path) -> list[list[int]]:
-    """The [first, last] episode seeds an output drove (older outputs: read off their command line)."""
-    results = json.loads(Path(path).read_text())
-    if results.get("seeds"):
-        return [list(r) for r in results["seeds"]]
-    words = shlex.split(results["command"])
-    get = {"--seed": 10_000, "--episodes": 30}
-    for i, w in enumerate(words[:-1]):
-        if w in get:
-            get[w] = int(words[i + 1])
-    return [[get["--seed"], get["--seed"] + get["--episodes"] - 1]]
-
-
 def _pooled(paths: list[str], ap) -> tuple[list[dict], list, list[str]]:
-    """The cells of several outputs joined per (policy, condition): their episodes concatenated and summarised
-    again. Outputs whose seed ranges overlap are refused (their episodes would count twice)."""
-    from modalities.data.driving_closed_loop import summarize
+    from modalities.data.driving_closed_loop import pool_outputs
 
-    outputs = [json.loads(Path(p).read_text()) for p in paths]
-    for cond in {c["condition"] for o in outputs for c in o["cells"]}:
-        ranges = sorted((lo, hi, p) for p, o in zip(paths, outputs, strict=True)
-                        if any(c["condition"] == cond for c in o["cells"]) for lo, hi in _seed_ranges(p))
-        for (_, hi, p), (lo, _, q) in zip(ranges[:-1], ranges[1:], strict=True):
-            if lo <= hi:
-                ap.error(f"--pool: {p} and {q} drove overlapping seeds in {cond}; pool outputs of disjoint "
-                         "--seed ranges")
-    joined, policies, conditions = {}, {}, []
-    for out in outputs:
-        policies.update(out["policies"])
-        for c in out["cells"]:
-            key = (c["policy"], c["condition"])
-            joined.setdefault(key, []).extend(c["per_episode"])
-            if c["condition"] not in conditions:
-                conditions.append(c["condition"])
-    cells = [{"policy": name, "condition": cond, "prior_tau": 0.0, **summarize(rows), "per_episode": rows}
-             for (name, cond), rows in joined.items()]
-    return cells, list(policies.items()), conditions
+    try:
+        return pool_outputs({p: json.loads(Path(p).read_text()) for p in paths})
+    except ValueError as err:
+        ap.error(f"--pool: {err}")
 
 
 def _report(args, cells, policies, conditions, seconds, seeds, argv=None):

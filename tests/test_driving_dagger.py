@@ -161,48 +161,39 @@ def test_rate_ratio_interval_against_scipy_and_the_zero_count_rule():
         rate_ratio_interval(1, 10, 11, 10)
 
 
-def _output(path, seed, episodes, cells):
-    """A driving_ood output with the given (policy, condition) -> crash flags, as the script writes it."""
-    import json
-
+def _output(seed, episodes, cells):
+    """A closed-loop output (as experiments/driving_ood.py writes it) with the given (policy, condition) -> crash
+    flags, and its rows."""
     from modalities.data.driving_closed_loop import summarize
 
     rows = {key: [{"crashed": bool(c), "completed": not c, "decisions": 30, "mean_speed": 15.0 + i % 3,
                    "return": 20.0 - 5 * c, "distance": 400.0} for i, c in enumerate(flags)]
             for key, flags in cells.items()}
-    path.write_text(json.dumps({
-        "command": f"python experiments/driving_ood.py --seed {seed} --episodes {episodes}",
-        "policies": {p: None for p, _ in cells}, "cells": [
-            {"policy": p, "condition": c, "prior_tau": 0.0, **summarize(r), "per_episode": r}
-            for (p, c), r in rows.items()]}))
-    return rows
+    out = {"command": f"python experiments/driving_ood.py --seed {seed} --episodes {episodes}",
+           "policies": {p: None for p, _ in cells},
+           "cells": [{"policy": p, "condition": c, "prior_tau": 0.0, **summarize(r), "per_episode": r}
+                     for (p, c), r in rows.items()]}
+    return out, rows
 
 
-def test_pooling_outputs_joins_their_episodes_and_refuses_overlapping_seeds(tmp_path):
-    import json
-
-    from experiments.driving_ood import main
-    from modalities.data.driving_closed_loop import summarize
+def test_pooling_outputs_joins_their_episodes_and_refuses_overlapping_seeds():
+    from modalities.data.driving_closed_loop import pool_outputs, seed_ranges, summarize
 
     demo, planner = "demonstrator (IDM+MOBIL)", "planner"
-    a = _output(tmp_path / "a.json", 10_000, 4, {(demo, "highway-dense"): [1, 0, 0, 0],
-                                                  (planner, "highway-dense"): [1, 1, 0, 0]})
-    b = _output(tmp_path / "b.json", 20_000, 6, {(demo, "highway-dense"): [0, 1, 1, 0, 0, 0],
-                                                  (planner, "highway-dense"): [0, 0, 1, 0, 0, 0]})
-    main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "pooled.json")])
-    out = json.loads((tmp_path / "pooled.json").read_text())
-    cells = {c["policy"]: c for c in out["cells"]}
+    a, rows_a = _output(10_000, 4, {(demo, "highway-dense"): [1, 0, 0, 0], (planner, "highway-dense"): [1, 1, 0, 0]})
+    b, rows_b = _output(20_000, 6, {(demo, "highway-dense"): [0, 1, 1, 0, 0, 0],
+                                    (planner, "highway-dense"): [0, 0, 1, 0, 0, 0]})
+    assert seed_ranges(a) == [[10_000, 10_003]] and seed_ranges({"seeds": [[5, 9]]}) == [[5, 9]]
+    cells, policies, conditions = pool_outputs({"a": a, "b": b})
+    assert conditions == ["highway-dense"] and dict(policies) == {demo: None, planner: None}
+    by = {c["policy"]: c for c in cells}
     for name in (demo, planner):
-        rows = a[(name, "highway-dense")] + b[(name, "highway-dense")]
-        want = summarize(rows)
-        assert all(cells[name][k] == pytest.approx(v) for k, v in want.items())
-    assert cells[planner]["collisions"] == 3 and cells[demo]["collisions"] == 3
-    assert cells[planner]["collision_ratio"] == pytest.approx(1.0)
-    assert cells[planner]["collision_ratio_ci95"] == pytest.approx(list(rate_ratio_interval(3, 10, 3, 10)[1:]))
-    assert out["seeds"] == [[10_000, 10_003], [20_000, 20_005]]
-    assert "1.00 [" in (tmp_path / "pooled.md").read_text()
-    _output(tmp_path / "c.json", 20_003, 4, {(demo, "highway-dense"): [0, 0, 0, 0]})
-    with pytest.raises(SystemExit):
-        main(["--pool", str(tmp_path / "b.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x.json")])
-    _output(tmp_path / "d.json", 20_003, 4, {(demo, "roundabout"): [0, 0, 0, 0]})  # another condition: no overlap
-    main(["--pool", str(tmp_path / "b.json"), str(tmp_path / "d.json"), "--out", str(tmp_path / "y.json")])
+        rows = rows_a[(name, "highway-dense")] + rows_b[(name, "highway-dense")]
+        assert by[name]["per_episode"] == rows
+        assert all(by[name][k] == pytest.approx(v) for k, v in summarize(rows).items())
+    assert by[planner]["collisions"] == by[demo]["collisions"] == 3 and by[planner]["episodes"] == 10
+    c, _ = _output(20_003, 4, {(demo, "highway-dense"): [0, 0, 0, 0]})
+    with pytest.raises(ValueError, match="b and c drove overlapping seeds in highway-dense"):
+        pool_outputs({"b": b, "c": c})
+    d, _ = _output(20_003, 4, {(demo, "roundabout"): [0, 0, 0, 0]})  # another condition: no overlap
+    assert len(pool_outputs({"b": b, "d": d})[0]) == 3

@@ -25,6 +25,7 @@ traffic.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ import numpy as np
 from modalities.data.driving import ENV_ID, make_env, run_episode
 from modalities.data.metrics import bootstrap_mean_interval, wilson_interval
 
-__all__ = ["Condition", "CONDITIONS", "EXCLUDED", "drive", "summarize"]
+__all__ = ["Condition", "CONDITIONS", "EXCLUDED", "drive", "summarize", "seed_ranges", "pool_outputs"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,39 @@ def summarize(rows: list[dict], seed: int = 0) -> dict:
         out[key] = float(np.mean(values))
         out[f"{key}_ci95"] = list(bootstrap_mean_interval(values, seed=seed))
     return out
+
+
+def seed_ranges(output: dict) -> list[list[int]]:
+    """The [first, last] episode seeds a closed-loop output (`experiments/driving_ood.py`'s JSON) drove; older
+    outputs without a "seeds" field are read off their command line."""
+    if output.get("seeds"):
+        return [list(r) for r in output["seeds"]]
+    words = shlex.split(output["command"])
+    get = {"--seed": 10_000, "--episodes": 30}
+    for i, w in enumerate(words[:-1]):
+        if w in get:
+            get[w] = int(words[i + 1])
+    return [[get["--seed"], get["--seed"] + get["--episodes"] - 1]]
+
+
+def pool_outputs(outputs: dict[str, dict]) -> tuple[list[dict], list[tuple[str, str | None]], list[str]]:
+    """(cells, policies, conditions) of several closed-loop outputs (name -> output) joined per (policy,
+    condition): their episodes concatenated and summarised again. Raises ValueError when two outputs drove one
+    condition on overlapping seeds (those episodes would count twice)."""
+    for cond in {c["condition"] for o in outputs.values() for c in o["cells"]}:
+        ranges = sorted((lo, hi, name) for name, o in outputs.items()
+                        if any(c["condition"] == cond for c in o["cells"]) for lo, hi in seed_ranges(o))
+        for (_, hi, a), (lo, _, b) in zip(ranges[:-1], ranges[1:], strict=True):
+            if lo <= hi:
+                raise ValueError(f"{a} and {b} drove overlapping seeds in {cond}; pool outputs of disjoint --seed "
+                                 "ranges")
+    joined, policies, conditions = {}, {}, []
+    for out in outputs.values():
+        policies.update(out["policies"])
+        for c in out["cells"]:
+            joined.setdefault((c["policy"], c["condition"]), []).extend(c["per_episode"])
+            if c["condition"] not in conditions:
+                conditions.append(c["condition"])
+    cells = [{"policy": name, "condition": cond, "prior_tau": 0.0, **summarize(rows), "per_episode": rows}
+             for (name, cond), rows in joined.items()]
+    return cells, list(policies.items()), conditions
