@@ -106,9 +106,9 @@ def main(argv=None):
     ap.add_argument("--out", default="experiments/results/driving_ood.json")
     args = ap.parse_args(argv)
     if args.pool:
-        cells, policies, conditions = _pooled(args.pool, ap)
-        seeds = sorted(r for p in args.pool for r in seed_ranges(json.loads(Path(p).read_text())))
-        return _report(args, cells, policies, conditions, 0.0, seeds)
+        outputs = {p: json.loads(Path(p).read_text()) for p in args.pool}
+        cells, policies, conditions = _pooled(outputs, ap)
+        return _report(args, cells, policies, conditions, 0.0, sorted(r for o in outputs.values() for r in seed_ranges(o)))
 
     if any(tau < 0 for tau in args.prior_tau):
         ap.error(f"--prior-tau {args.prior_tau}: every TAU must be >= 0")
@@ -147,11 +147,11 @@ def main(argv=None):
     return _report(args, cells, policies, args.conditions, round(time.perf_counter() - t, 1), seeds, argv)
 
 
-def _pooled(paths: list[str], ap) -> tuple[list[dict], list, list[str]]:
+def _pooled(outputs: dict[str, dict], ap) -> tuple[list[dict], list, list[str]]:
     from modalities.data.driving_closed_loop import pool_outputs
 
     try:
-        return pool_outputs({p: json.loads(Path(p).read_text()) for p in paths})
+        return pool_outputs(outputs)
     except ValueError as err:
         ap.error(f"--pool: {err}")
 

@@ -692,9 +692,12 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         return PrefixEmbeds(self.net(h), out_mask)
 
     def _ctc_pool(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> PrefixEmbeds:
-        with torch.no_grad():
-            logits = self.ctc_logits(h)
-            label = logits.argmax(-1) if labels is None else labels.to(logits.device)  # [B, T]
+        if labels is None:
+            with torch.no_grad():
+                logits = self.ctc_logits(h)
+                label = logits.argmax(-1)  # [B, T]
+        else:  # the caller's labels: the head's logits are not needed
+            label = labels.to(h.device)
         if label.shape != mask.shape:
             raise ValueError(f"frame labels must be [B, T] = {list(mask.shape)}, got {list(label.shape)}.")
         b, t, c = h.shape
@@ -720,7 +723,7 @@ class SemanticAdapter(SafeModelMixin, ConfigMixin):
         out_mask = torch.arange(width, device=h.device)[None] < n[:, None]
         slots = self.net(pooled)
         if self.config.token_embeddings:
-            post = logits.float().softmax(-1) if labels is None else F.one_hot(label, logits.shape[-1]).float()
+            post = logits.float().softmax(-1) if labels is None else F.one_hot(label, self.blank + 1).float()
             slots = slots + self._slot_tokens(post, index, keep, width) @ self.token_embedding.to(slots.dtype)
         return PrefixEmbeds(slots * out_mask[..., None].to(h.dtype), out_mask)
 
@@ -924,14 +927,13 @@ class AudioAdapter(ModalityAdapter):
         to the CTC head's frames (`modalities.ctc_alignment.ctc_align`) and each aligned token's frames make one
         slot, instead of each run of the head's greedy labels. A clip whose transcript does not fit its frames
         keeps its greedy slots."""
-        if ctc_decoder is not None:
-            _warps(ctc_decoder, batch)
+        warps = None if ctc_decoder is None else _warps(ctc_decoder, batch)
         states, mask = self.encode(batch)
         labels = None
         if ctc_decoder is not None:
             with torch.no_grad():
-                logits, mask = self._ctc_logits(states, mask)
-                ids = self._decode_logits(batch, ctc_decoder, logits, mask)
+                logits = self._ctc_logits(states)
+                ids = self._decode_logits(batch, ctc_decoder, warps, logits, mask)
                 labels = align_batch(logits, mask, ids, self.semantic.blank, fallback=logits.argmax(-1))
         return self.prefix(states, mask, parts, labels)
 
@@ -961,27 +963,30 @@ class AudioAdapter(ModalityAdapter):
         per clip, the hypothesis with the highest score (`decode_scored`), unwarped included."""
         if decoder is None:
             return self.ctc_best_path(batch)
-        _warps(decoder, batch)
-        return self._decode_logits(batch, decoder, *self._ctc_logits(*self.encode(batch)))
+        warps = _warps(decoder, batch)
+        states, mask = self.encode(batch)
+        return self._decode_logits(batch, decoder, warps, self._ctc_logits(states), mask)
 
-    def _ctc_logits(self, states: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ctc_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         if self.config.semantic_pooling != "ctc":
             raise ValueError("CTC decoding needs semantic_pooling='ctc' (a CTC head); this adapter's pooling is "
                              f"{self.config.semantic_pooling!r}.")
-        return self.semantic.ctc_logits(states[-1].to(next(self.semantic.parameters()).dtype)), mask
+        return self.semantic.ctc_logits(states[-1].to(next(self.semantic.parameters()).dtype))
 
     @torch.no_grad()
-    def _decode_logits(self, batch: AudioBatch, decoder, logits: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-        """`ctc_decode` given the CTC logits of `batch` itself (the warped copies are encoded here)."""
-        warps = _warps(decoder, batch)
+    def _decode_logits(self, batch: AudioBatch, decoder, warps: tuple, logits: torch.Tensor,
+                       mask: torch.Tensor) -> list[list[int]]:
+        """`ctc_decode` given the CTC logits of `batch` itself and the decoder's checked `warps` (the warped copies
+        are encoded here)."""
         if not warps:
             return decoder.decode(logits, mask, self.semantic.blank)
         # maximum-likelihood warp selection (as in VTLN): each clip keeps the hypothesis of its best-scoring warp
         best = decoder.decode_scored(logits, mask, self.semantic.blank)
         for factor in warps:
             warped = AudioBatch(warp_frequencies(batch.values, torch.full((len(batch),), float(factor))), batch.lengths)
-            warped_logits = self._ctc_logits(*self.encode(warped))
-            for i, cand in enumerate(decoder.decode_scored(*warped_logits, self.semantic.blank)):
+            warped_states, warped_mask = self.encode(warped)
+            for i, cand in enumerate(decoder.decode_scored(self._ctc_logits(warped_states), warped_mask,
+                                                           self.semantic.blank)):
                 if cand[1] > best[i][1]:
                     best[i] = cand
         return [ids for ids, _ in best]

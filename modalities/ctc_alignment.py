@@ -57,9 +57,7 @@ def ctc_align(log_probs: torch.Tensor, targets: Sequence[int], blank: int) -> to
         skip[s] = states[s] != states[s - 2]
     neg = torch.tensor(float("-inf"))
     score = torch.full((s_len,), float("-inf"))
-    score[0] = lp[0, blank]
-    if s_len > 1:
-        score[1] = lp[0, states[1]]
+    score[0], score[1] = lp[0, blank], lp[0, states[1]]
     back = torch.zeros(t_len, s_len, dtype=torch.long)  # 0: stayed, 1: from s-1, 2: from s-2
     for t in range(1, t_len):
         one = torch.cat([neg[None], score[:-1]])
