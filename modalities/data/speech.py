@@ -11,8 +11,9 @@ short answer (the target of stage 2), sometimes with a text instruction that the
 Voices: espeak-ng English voices and variants, each clip at a random rate and pitch with white noise at a
 random SNR. `HELD_OUT_VOICES` never appear in the training split: the `test_heldout` split uses only them,
 `test_seen` uses the training voices on new questions. The training voice set is "six" (`TRAIN_VOICES`,
-the default) or "wide" (`VOICE_SETS["wide"]`: 6 accents x 12 variants, none of them held out), which only
-changes each clip's voice. Everything is a pure function of (split, index,
+the default), "wide" (`VOICE_SETS["wide"]`: 6 accents x 12 variants, none of them held out) or
+"wide_foreign" (those and, for a quarter of the clips, other languages' voices reading the English text),
+which only changes each clip's voice. Everything is a pure function of (split, index,
 seed), and the build is reproducible byte for byte (espeak-ng is deterministic; the noise comes from a
 seeded generator):
 
@@ -57,7 +58,14 @@ HELD_OUT_VOICES = ("en-gb-scotland+m4", "en-gb-x-gbcwmd+f4")
 # where "six" has 6, so the encoder hears many speakers; the held-out accents and variants stay unheard.
 _WIDE_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
 _WIDE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f5", "+klatt")
+# "wide_foreign": "wide" plus other languages' voices reading the English text by their own letter-to-sound
+# rules (German "what" is "vat", Swedish "vhat", Polish "fxat"), a quarter of the clips: pronunciations the
+# English accents never give, so the encoder learns to hear a word through variation in its sounds. The
+# Celtic languages of Britain and Ireland are left out: they are the nearest kin of the held-out accents.
+_FOREIGN_LANGUAGES = ("de", "nl", "sv", "da", "nb", "es", "it", "pt", "pl", "cs", "fi", "hu")
+_FOREIGN_VARIANTS = ("+m1", "+f2")
 VOICE_SETS = {"six": TRAIN_VOICES, "wide": tuple(a + v for a in _WIDE_ACCENTS for v in _WIDE_VARIANTS)}
+VOICE_SETS["wide_foreign"] = VOICE_SETS["wide"] + tuple(a + v for a in _FOREIGN_LANGUAGES for v in _FOREIGN_VARIANTS)
 # "dev_unseen": trained accents with the held-out variants (m4, f4), for tuning decoding knobs on voices no
 # training set has, without touching the held-out test voices (their accents are never trained on either)
 DEV_VOICES = ("en-us+m4", "en-gb+f4", "en-029+m4", "en-gb-x-rp+f4", "en-us-nyc+f4", "en-gb-x-gbclan+m4")
@@ -252,8 +260,8 @@ def build_split(out: str | os.PathLike, split: str, n: int, seed: int = 0, worke
 
 def build_dataset(out: str | os.PathLike, n_train: int = 2400, n_test: int = 200, seed: int = 0,
                   workers: int = 2, progress: bool = True, voices: str = "six", n_dev: int = 0) -> dict[str, Path]:
-    """All three splits (and the two dev splits, `dev_unseen` and `dev_accents`, when n_dev > 0); `voices` ("six"
-    or "wide", :data:`VOICE_SETS`) is the training and seen-test voice set (the held-out and dev splits are the
+    """All three splits (and the two dev splits, `dev_unseen` and `dev_accents`, when n_dev > 0); `voices` (a
+    name in :data:`VOICE_SETS`) is the training and seen-test voice set (the held-out and dev splits are the
     same for both)."""
     dev = {"dev_unseen": n_dev, "dev_accents": n_dev} if n_dev else {}
     sizes = {"train": n_train, "test_seen": n_test, "test_heldout": n_test} | dev
