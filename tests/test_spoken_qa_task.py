@@ -181,6 +181,21 @@ def test_config_errors_name_the_field(capsys):
         assert "task: spoken_qa" in out and f"name: {name}" in out
 
 
+def test_the_split_recipes_keep_the_combined_recipes_settings():
+    """configs/audio_asr.yaml is the first four stages of configs/audio_spoken_qa.yaml and audio_sqa.yaml its
+    last, with the same data, prompts, optimiser, trainer and decoders: running the two gives the same recipe."""
+    full, asr, sqa = (load_config(REPO / "configs" / f"{n}.yaml") for n in ("audio_spoken_qa", "audio_asr", "audio_sqa"))
+    assert asr.stages == full.stages[:4] and sqa.stages == full.stages[4:]
+    for cfg in (full, asr, sqa):
+        del cfg.trainer["max_steps"]  # the sum of the stages' steps
+    for section in full:
+        if section not in ("run", "stages"):
+            assert asr[section] == full[section], section
+    for section in ("data", "prompts", "augment", "optim", "trainer", "decoding", "ctc_decoder"):
+        assert sqa[section] == full[section], section
+    assert sqa.model.init_from == sqa.adapter.init_from == f"{asr.run.output_dir}/pipeline"
+
+
 def test_exact_resume_across_a_stage_boundary(clips, tmp_path):
     """4 steps: text, then two ASR steps with a CTC head of its own (killed while checkpoint 3 is written,
     resumed mid-stage from checkpoint 2) and one SQA step after the stage boundary."""
@@ -212,7 +227,7 @@ def test_stage2_recipe_starts_from_a_stage1_pipeline(clips, tmp_path):
     sqa = SpokenQAPipeline.from_pretrained(stage2.pipeline_dir)
     assert sqa.tokenizer.get_vocab() == asr.tokenizer.get_vocab()
     assert same(asr.model, sqa.model) and same(asr.audio_adapter.speech_encoder, sqa.audio_adapter.speech_encoder)
-    assert not same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)
+    assert same(asr.audio_adapter.acoustic, sqa.audio_adapter.acoustic)  # the recipe trains the semantic side only
     assert not same(asr.audio_adapter.semantic.net, sqa.audio_adapter.semantic.net)
 
     # a stage's own init_from: a fresh run whose only (ASR) stage starts from the stage-1 pipeline

@@ -12,8 +12,8 @@ Voices: espeak-ng English voices and variants, each clip at a random rate and pi
 random SNR. `HELD_OUT_VOICES` never appear in the training split: the `test_heldout` split uses only them,
 `test_seen` uses the training voices on new questions. The training voice set is "six" (`TRAIN_VOICES`,
 the default), "wide" (`VOICE_SETS["wide"]`: 6 accents x 12 variants, none of them held out) or
-"wide_foreign" (those and, for a quarter of the clips, other languages' voices reading the English text),
-which only changes each clip's voice. Everything is a pure function of (split, index,
+"wide_foreign" / "wide_foreign_half" (those and, for a quarter / half of the clips, other languages' voices
+reading the English text), which only changes each clip's voice. Everything is a pure function of (split, index,
 seed), and the build is reproducible byte for byte (espeak-ng is deterministic; the noise comes from a
 seeded generator):
 
@@ -66,6 +66,10 @@ _FOREIGN_LANGUAGES = ("de", "nl", "sv", "da", "nb", "es", "it", "pt", "pl", "cs"
 _FOREIGN_VARIANTS = ("+m1", "+f2")
 VOICE_SETS = {"six": TRAIN_VOICES, "wide": tuple(a + v for a in _WIDE_ACCENTS for v in _WIDE_VARIANTS)}
 VOICE_SETS["wide_foreign"] = VOICE_SETS["wide"] + tuple(a + v for a in _FOREIGN_LANGUAGES for v in _FOREIGN_VARIANTS)
+# "wide_foreign_half": twice the languages, three variants each: half of the clips
+_MORE_FOREIGN_LANGUAGES = ("af", "ca", "eo", "et", "hr", "id", "lt", "lv", "ro", "sk", "sl", "tr")
+VOICE_SETS["wide_foreign_half"] = VOICE_SETS["wide"] + tuple(
+    a + v for a in _FOREIGN_LANGUAGES + _MORE_FOREIGN_LANGUAGES for v in (*_FOREIGN_VARIANTS, "+m3"))
 # "dev_unseen": trained accents with the held-out variants (m4, f4), for tuning decoding knobs on voices no
 # training set has, without touching the held-out test voices (their accents are never trained on either)
 DEV_VOICES = ("en-us+m4", "en-gb+f4", "en-029+m4", "en-gb-x-rp+f4", "en-us-nyc+f4", "en-gb-x-gbclan+m4")

@@ -68,7 +68,7 @@ class SpokenQAData:
     n_train: int = 2400
     n_test: int = 200
     workers: int = 2
-    voices: str = "six"  # espeak: the training voice set, "six", "wide" (72 voices) or "wide_foreign" (modalities.data.speech)
+    voices: str = "six"  # espeak: the training voice set, a name in modalities.data.speech.VOICE_SETS
     # jsonl: index file(s) of {"path", "transcript", "answer", "instruction"?} lines (paths relative to the index)
     train: Any = None
     test_seen: Any = None  # jsonl: evaluation splits (experiments/audio_spoken_qa.py)
