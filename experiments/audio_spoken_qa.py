@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def text_oracle(pipe, rows, batch_size=50) -> dict:
-    """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be."""
+def text_oracle(pipe, rows, batch_size=50, predictions: bool = False) -> dict:
+    """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be (and
+    each clip's answer with ``predictions``)."""
     from modalities.data.metrics import answer_accuracy
     from pipelines.spoken_qa import text_after_audio
 
@@ -54,7 +55,7 @@ def text_oracle(pipe, rows, batch_size=50) -> dict:
     kinds = sorted({r["kind"] for r in rows})
     by_kind = {k: answer_accuracy([r["answer"] for r in rows if r["kind"] == k],
                                   [p for r, p in zip(rows, preds, strict=True) if r["kind"] == k]) for k in kinds}
-    return {"accuracy": acc, "accuracy_by_kind": by_kind}
+    return {"accuracy": acc, "accuracy_by_kind": by_kind} | ({"predictions": preds} if predictions else {})
 
 
 def stage_folder(run: Path, cfg, name: str) -> Path:
