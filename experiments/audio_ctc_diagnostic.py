@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 "examples": [dict(ref=r, ctc=h) for r, h in list(zip(refs, hyps, strict=True))[:4]],
                 **word_errors(rows, hyps)}
             print(f"{stage:8s} {split:13s} CTC greedy WER {wer:.3f}", flush=True)
-    from experiments.audio_spoken_qa import text_oracle
+    from experiments.audio_spoken_qa import answer_report, text_answers, text_oracle
 
     pipe = SpokenQAPipeline.from_pretrained(str(Path(a.run) / "pipelines" / "sqa"))
     pipe.set_progress_bar_config(disable=True)
@@ -96,13 +96,13 @@ def main(argv=None) -> int:
         # the same cascade through the pipeline; block_length as text_oracle decodes
         preds = pipe(audio=[r["path"] for r in rows], instruction=[r.get("instruction") for r in rows],
                      read="ctc_text", block_length=pipe.config.gen_length, batch_size=50).texts
-        ceiling = text_oracle(pipe, rows, predictions=True)
+        true_preds = text_answers(pipe, rows)
         right = [[normalize_text(r["answer"]) == normalize_text(p) for r, p in zip(rows, ps, strict=True)]
-                 for ps in (preds, ceiling.pop("predictions"))]
+                 for ps in (preds, true_preds)]
         result.setdefault("cascade", {})[split] = {
             "ctc_transcript_as_text": text_oracle(pipe, ctc_rows),
             "pipeline_read_ctc_text": {"accuracy": answer_accuracy([r["answer"] for r in rows], preds)},
-            "true_transcript_as_text": ceiling,
+            "true_transcript_as_text": answer_report(rows, true_preds),
             # answers the true transcript gets and the pipeline's cascade misses (and the reverse), by kind
             "lost_to_the_transcript": dict(Counter(r["kind"] for r, c, t in zip(rows, *right, strict=True)
                                                    if t and not c)),

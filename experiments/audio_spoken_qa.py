@@ -33,10 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def text_oracle(pipe, rows, batch_size=50, predictions: bool = False) -> dict:
-    """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be (and
-    each clip's answer with ``predictions``)."""
-    from modalities.data.metrics import answer_accuracy
+def text_answers(pipe, rows, batch_size=50) -> list[str]:
+    """Each clip's answer from the backbone alone, with the true transcript as text where the audio would be."""
     from pipelines.spoken_qa import text_after_audio
 
     preds = []
@@ -51,11 +49,22 @@ def text_oracle(pipe, rows, batch_size=50, predictions: bool = False) -> dict:
                                          mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id)
         out = sampler(pipe.model, ids, mask)
         preds += pipe.decode(out.sequences[:, ids.shape[1] :])
-    acc = answer_accuracy([r["answer"] for r in rows], preds)
+    return preds
+
+
+def answer_report(rows, preds) -> dict:
+    """Answer accuracy of `preds` against the rows' answers, overall and per question kind."""
+    from modalities.data.metrics import answer_accuracy
+
     kinds = sorted({r["kind"] for r in rows})
     by_kind = {k: answer_accuracy([r["answer"] for r in rows if r["kind"] == k],
                                   [p for r, p in zip(rows, preds, strict=True) if r["kind"] == k]) for k in kinds}
-    return {"accuracy": acc, "accuracy_by_kind": by_kind} | ({"predictions": preds} if predictions else {})
+    return {"accuracy": answer_accuracy([r["answer"] for r in rows], preds), "accuracy_by_kind": by_kind}
+
+
+def text_oracle(pipe, rows, batch_size=50) -> dict:
+    """Answer accuracy of the backbone alone, with the true transcript as text where the audio would be."""
+    return answer_report(rows, text_answers(pipe, rows, batch_size))
 
 
 def stage_folder(run: Path, cfg, name: str) -> Path:
